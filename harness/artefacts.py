@@ -1,0 +1,96 @@
+"""The artefact cache: fitted statistics and predictors, stored as safetensors + JSON metadata.
+
+Each artefact lives in `<cache>/<kind>/<key>/` where key hashes everything it depends on (model
+identity, data, budget, criterion, hyper-parameters). A corrupt or half-written artefact is reported
+and rebuilt; a finished one is reused (the `builds` counter tells tests how many were made).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from harness.data import REPO_ROOT, sha256_file
+
+DEFAULT_CACHE_DIR = REPO_ROOT / "results" / "cache"
+
+
+def content_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@dataclass
+class Artefact:
+    tensors: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+
+
+class CorruptArtefact(Exception):
+    pass
+
+
+class ArtefactCache:
+    def __init__(self, root: str | Path | None = None, log=print):
+        self.root = Path(root or os.environ.get("HARNESS_CACHE_DIR") or DEFAULT_CACHE_DIR)
+        self.log = log
+        self.builds = 0
+        self.hits = 0
+
+    def folder(self, kind: str, inputs: dict) -> Path:
+        return self.root / kind / content_key(inputs)
+
+    def get_or_build(self, kind: str, inputs: dict, build) -> Artefact:
+        """Load the artefact for `inputs`, or call `build() -> (tensors, meta)` and store its result."""
+        folder = self.folder(kind, inputs)
+        if folder.exists():
+            try:
+                artefact = self.load(folder)
+                self.hits += 1
+                return artefact
+            except CorruptArtefact as exc:
+                self.log(f"[warn] corrupt artefact {folder}: {exc}; rebuilding it")
+                shutil.rmtree(folder, ignore_errors=True)
+        started = time.time()
+        tensors, meta = build()
+        meta = {**meta, "kind": kind, "key": folder.name, "inputs": inputs, "build_seconds": round(time.time() - started, 3)}
+        self.builds += 1
+        return self.store(folder, tensors, meta)
+
+    def store(self, folder: Path, tensors: dict, meta: dict) -> Artefact:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        save_file(tensors, str(staging / "tensors.safetensors"))
+        meta = {**meta, "tensors_sha256": sha256_file(staging / "tensors.safetensors")}
+        (staging / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+        if folder.exists():  # another worker finished first: keep theirs
+            shutil.rmtree(staging, ignore_errors=True)
+            return self.load(folder)
+        os.replace(staging, folder)
+        return Artefact(tensors, meta, folder)
+
+    @staticmethod
+    def load(folder: Path) -> Artefact:
+        meta_path, tensor_path = folder / "meta.json", folder / "tensors.safetensors"
+        if not meta_path.exists() or not tensor_path.exists():
+            raise CorruptArtefact("meta.json or tensors.safetensors is missing")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CorruptArtefact(f"meta.json is not JSON ({exc})") from exc
+        if meta.get("tensors_sha256") != sha256_file(tensor_path):
+            raise CorruptArtefact("tensors.safetensors does not match the sha256 in meta.json")
+        try:
+            tensors = load_file(str(tensor_path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+            raise CorruptArtefact(f"cannot read tensors ({exc})") from exc
+        return Artefact(tensors, meta, folder)

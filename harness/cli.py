@@ -1,0 +1,280 @@
+"""The `harness` command line (Typer): run, fit, table, list."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from harness.errors import HarnessError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Benchmark contextual sparsity methods on OPT models: perplexity, zero-shot and latency suites.")
+console = Console(stderr=True)
+LISTABLE = ("methods", "suites", "models", "tasks")
+
+
+def handle_errors(command):
+    """Bad input exits with code 2 and the message; nothing written so far is touched."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except HarnessError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _split(text: Optional[str]) -> Optional[list]:
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
+class RunUI:
+    """Rich progress bars: one for the run's jobs, one for the windows/examples of the current job."""
+
+    def __init__(self):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=False)
+        self.jobs = None
+        self.inner = None
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def start(self, total: int, skipped: int) -> None:
+        if skipped:
+            console.print(f"resuming: {skipped} of {total} jobs already done")
+        self.jobs = self.progress.add_task("jobs", total=total, completed=skipped)
+
+    def job_started(self, job):
+        if self.inner is not None:
+            self.progress.remove_task(self.inner)
+        self.inner = self.progress.add_task(f"  {job.method} @ {job.sparsity} · {job.task}", total=None)
+        ui = self
+
+        class JobProgress:
+            def total(self, n):
+                ui.progress.update(ui.inner, total=n)
+
+            def advance(self, n=1):
+                ui.progress.advance(ui.inner, n)
+
+        return JobProgress()
+
+    def job_finished(self, job, result) -> None:
+        self.progress.advance(self.jobs)
+        if result["status"] == "ok":
+            values = ", ".join(f"{r['metric']}={r['value']:.4g}" for r in result["records"])
+            self.progress.console.print(f"[green]done[/] {job.method} @ {job.sparsity} · {job.task}: {values}")
+        else:
+            self.progress.console.print(f"[red]failed[/] {job.method} @ {job.sparsity} · {job.task}: {result['error']}")
+
+
+def build_config(suite_name: str, overrides: dict):
+    from harness.spec import RunConfig
+    from harness.suites import load_suite
+
+    suite = load_suite(suite_name)
+    values = {**suite["defaults"], **{k: v for k, v in overrides.items() if v is not None}}
+    values["suite"] = suite["name"]
+    config = RunConfig.from_mapping(values, f"suite {suite['name']}")
+    config.validate()
+    return config
+
+
+def prepare(config, data_dir, tokenizer):
+    """Check everything a run needs before anything is written: methods, tasks, model, data files."""
+    from harness.artefacts import ArtefactCache
+    from harness.data import DataDir
+    from harness.models import ModelSpec, dtype_name, resolve_device, resolve_dtype
+    from harness.spec import expand_jobs
+    from harness.tasks import get_task
+
+    tasks = [get_task(name) for name in config.tasks]
+    model_spec = ModelSpec(config.model, config.weights)
+    model_spec.kind  # noqa: B018 - raises for an unknown model
+    data = DataDir.resolve(data_dir)
+    for task in tasks:
+        data.check(task.files)
+    if tokenizer is None:
+        data.check(["tokenizer/opt/vocab.json", "tokenizer/opt/merges.txt"])
+    dtype = dtype_name(resolve_dtype(config.dtype, resolve_device(config.device)))
+    identity = config.identity(model_spec.identity(), data.fingerprint, dtype)
+    jobs = expand_jobs(config, identity)
+    return data, identity, jobs, model_spec, ArtefactCache
+
+
+def default_run_dir(config, identity: dict, model_label: str) -> Path:
+    from harness.data import REPO_ROOT
+
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return REPO_ROOT / "results" / f"{config.suite}-{model_label}-{config.weights}-{digest}"
+
+
+@app.command()
+@handle_errors
+def run(
+    suite: str = typer.Option("smoke", help="Suite name (see `harness list suites`) or path to a suite YAML."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods, e.g. dense,random,replace:head."),
+    model: Optional[str] = typer.Option(None, help="opt-125m … opt-66b, a local model directory or a Hugging Face id."),
+    weights: Optional[str] = typer.Option(None, help="pretrained or random (seeded, no download)."),
+    sparsity: Optional[str] = typer.Option(None, help="Comma-separated targets: 0.5 (all units the method sparsifies), "
+                                                      "h0.5 (heads), n0.9 (neurons), h0.5/n0.9."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks (see `harness list tasks`)."),
+    limit: Optional[int] = typer.Option(None, help="Perplexity: number of windows; other tasks: examples."),
+    seed: Optional[int] = typer.Option(None, help="Seed of random weights, random masks and fitting."),
+    executor: Optional[str] = typer.Option(None, help="Where jobs run: local (in-process)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default: results/<suite>-<model>-<weights>-<hash>)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Data directory (else HARNESS_DATA_DIR, else ../shared/data)."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the model's, else OPT's in the data directory)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 …"),
+    dtype: Optional[str] = typer.Option(None, help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16."),
+    seqlen: Optional[int] = typer.Option(None, help="Perplexity window length (default: the model's context, 2048)."),
+    stride: Optional[int] = typer.Option(None, help="Perplexity stride (default: seqlen, non-overlapping windows)."),
+    allocation: Optional[str] = typer.Option(None, help="local (same fraction per layer) or global (one ranking)."),
+    scope: Optional[str] = typer.Option(None, help="Mask scope: token (causal, default) or request (ShadowLLM eval)."),
+    dense_layers: Optional[str] = typer.Option(None, help="Comma-separated layers kept dense, e.g. 0."),
+    calib_samples: Optional[int] = typer.Option(None, help="Calibration samples for methods that fit."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Artefact cache (else HARNESS_CACHE_DIR, else results/cache)."),
+):
+    """Run a suite: expand model × method × sparsity × task into jobs, run them, write records and tables.
+
+    Starting the same command again resumes: finished jobs are skipped. A failing job is recorded with its
+    traceback and the others go on; the exit code is 1 when any job failed, 2 on bad input."""
+    from harness.executors import EXECUTORS
+    from harness.runner import Session
+    from harness.spec import config_dict
+    from harness.store import RunStore
+    from harness.tables import write_tables
+
+    overrides = dict(methods=_split(methods), model=model, weights=weights, sparsity=_split(sparsity),
+                     tasks=_split(tasks), limit=limit, seed=seed, executor=executor, device=device, dtype=dtype,
+                     seqlen=seqlen, stride=stride, allocation=allocation, scope=scope,
+                     dense_layers=[int(x) for x in _split(dense_layers)] if dense_layers else None,
+                     calib_samples=calib_samples)
+    config = build_config(suite, overrides)
+    data, identity, jobs, model_spec, cache_cls = prepare(config, data_dir, tokenizer)
+    run_dir = out or default_run_dir(config, identity, model_spec.label)
+    store = RunStore(run_dir)
+    store.claim(identity, config_dict(config))
+    console.print(f"run folder: {run_dir} · {len(jobs)} jobs · executor {config.executor}")
+    session = Session(config, data, cache_cls(cache_dir, log=console.print), tokenizer, log=console.print)
+    with RunUI() as ui:
+        summary = EXECUTORS[config.executor]().run(jobs, session, store, ui)
+    written = write_tables(run_dir, store.records(), store.failures())
+    console.print(f"{summary.ran} ran, {summary.skipped} already done, {summary.failed} failed")
+    for path in written:
+        console.print(f"wrote {path}")
+    if summary.failed or store.failures():
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def fit(
+    method: str = typer.Option(..., help="Method to fit, e.g. static:plainact or replace:ranked."),
+    model: str = typer.Option("opt-125m", help="Model spec."),
+    weights: str = typer.Option("random", help="pretrained or random."),
+    sparsity: str = typer.Option("0.5", help="Target the fit is for (some methods' labels depend on it)."),
+    seed: int = typer.Option(0), data_dir: Optional[Path] = typer.Option(None),
+    tokenizer: Optional[Path] = typer.Option(None), device: Optional[str] = typer.Option(None),
+    dtype: Optional[str] = typer.Option(None), calib_samples: Optional[int] = typer.Option(None),
+    allocation: str = typer.Option("local"), cache_dir: Optional[Path] = typer.Option(None),
+):
+    """Calibrate or train a method alone and cache the artefact (`harness run` reuses it)."""
+    from harness.artefacts import ArtefactCache
+    from harness.data import DataDir
+    from harness.runner import Session
+    from harness.spec import RunConfig, parse_sparsity
+    from methods import MethodSpec, get_method
+
+    values = dict(model=model, weights=weights, seed=seed, methods=[method], sparsity=[sparsity], allocation=allocation)
+    for name, value in dict(device=device, dtype=dtype, calib_samples=calib_samples).items():
+        if value is not None:
+            values[name] = value
+    config = RunConfig.from_mapping(values, "harness fit")
+    config.validate()
+    plugin = get_method(MethodSpec.parse(method))
+    target = parse_sparsity(sparsity, plugin.units)
+    from harness.engine import Allocation
+
+    alloc = Allocation(heads=target["heads"], neurons=target["neurons"], mode=allocation)
+    session = Session(config, DataDir.resolve(data_dir), ArtefactCache(cache_dir, log=console.print), tokenizer,
+                      log=console.print)
+    artefact = plugin.fit(session.fit_context(plugin.name), alloc)
+    if artefact is None:
+        console.print(f"{plugin.label} has nothing to fit")
+        return
+    print(artefact.path)
+
+
+@app.command()
+@handle_errors
+def table(
+    run_dir: Path = typer.Argument(..., help="A run folder (holds records.jsonl)."),
+    format: str = typer.Option("all", "--format", help="md, latex or all."),
+):
+    """Regenerate table.md / table.tex (and plots) of a run folder from its records, and print it."""
+    from harness.store import RunStore, read_records
+    from harness.tables import FORMATS, latex, markdown, write_tables
+
+    formats = FORMATS if format == "all" else (format,)
+    if format != "all" and format not in FORMATS:
+        raise HarnessError(f"unknown format {format!r}; valid: md, latex, all")
+    records = read_records(run_dir)
+    failures = RunStore(run_dir).failures()
+    write_tables(run_dir, records, failures, formats)
+    print(latex(records) if formats == ("latex",) else markdown(records, failures))
+
+
+@app.command("list")
+@handle_errors
+def list_(what: str = typer.Argument(..., help="methods, suites, models or tasks.")):
+    """List the registered methods, suites, built-in models or tasks."""
+    if what not in LISTABLE:
+        raise HarnessError(f"cannot list {what!r}; valid: {', '.join(LISTABLE)}")
+    out = Table(show_header=True, header_style="bold")
+    if what == "methods":
+        from methods import discover
+
+        out.add_column("method"), out.add_column("variants"), out.add_column("sparsifies"), out.add_column("description")
+        for name, cls in sorted(discover().items()):
+            out.add_row(name, ", ".join(cls.variants) or "-", ", ".join(sorted(cls.units)) or "-", cls.description)
+    elif what == "suites":
+        from harness.suites import available, load_suite
+
+        out.add_column("suite"), out.add_column("description")
+        for name in available():
+            out.add_row(name, load_suite(name)["description"])
+    elif what == "models":
+        from harness.models import OPT_SIZES
+
+        out.add_column("model"), out.add_column("layers"), out.add_column("hidden"), out.add_column("heads"), out.add_column("ffn")
+        for name, size in OPT_SIZES.items():
+            out.add_row(name, str(size["num_hidden_layers"]), str(size["hidden_size"]), str(size["num_attention_heads"]),
+                        str(size["ffn_dim"]))
+    else:
+        from harness.tasks import TASKS
+
+        out.add_column("task"), out.add_column("kind"), out.add_column("description")
+        for name, task in sorted(TASKS.items()):
+            out.add_row(name, task.kind, task.description)
+    Console().print(out)
+
+
+def main():  # pragma: no cover - console entry point
+    sys.exit(app())

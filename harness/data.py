@@ -1,0 +1,120 @@
+"""The data directory: where it is, checking its files against MANIFEST.tsv, and the text loaders.
+
+Resolution order: `--data-dir`, else `HARNESS_DATA_DIR`, else `../shared/data` beside the repository.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import cached_property
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+_VERIFIED: dict[Path, str] = {}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class DataDir:
+    """A data directory and its manifest; `path(rel)` checks existence and sha256 on first use."""
+
+    def __init__(self, root: Path, source: str):
+        self.root = Path(root)
+        self.source = source  # which setting chose it, for error messages
+
+    @classmethod
+    def resolve(cls, explicit: str | Path | None = None) -> "DataDir":
+        if explicit:
+            root, source = Path(explicit), "--data-dir"
+        elif os.environ.get("HARNESS_DATA_DIR"):
+            root, source = Path(os.environ["HARNESS_DATA_DIR"]), "the HARNESS_DATA_DIR environment variable"
+        else:
+            root, source = DEFAULT_DATA_DIR, f"the default ({DEFAULT_DATA_DIR})"
+        if not root.is_dir():
+            raise HarnessError(
+                f"data directory {root} does not exist (chosen by {source}); "
+                "point --data-dir or HARNESS_DATA_DIR at a folder laid out like ../shared/data"
+            )
+        return cls(root.resolve(), source)
+
+    @cached_property
+    def manifest(self) -> dict[str, str]:
+        """path -> sha256 from MANIFEST.tsv (tab-separated: path, source, size, sha256)."""
+        table = self.root / "MANIFEST.tsv"
+        if not table.exists():
+            return {}
+        entries = {}
+        for line in table.read_text().splitlines():
+            fields = line.split("\t")
+            if len(fields) >= 4:
+                entries[fields[0]] = fields[3].strip()
+        return entries
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A content id of the directory (hash of its manifest), used in cache keys instead of its path."""
+        table = self.root / "MANIFEST.tsv"
+        return hashlib.sha256(table.read_bytes()).hexdigest()[:16] if table.exists() else "no-manifest"
+
+    def path(self, rel: str) -> Path:
+        """The file `rel` inside the data directory, verified against the manifest the first time."""
+        full = self.root / rel
+        if not full.exists():
+            raise HarnessError(
+                f"missing data file {full} (data directory chosen by {self.source}); "
+                "set --data-dir or HARNESS_DATA_DIR to a directory that holds it"
+            )
+        expected = self.manifest.get(rel)
+        if expected and _VERIFIED.get(full) != expected:
+            actual = sha256_file(full)
+            if actual != expected:
+                raise HarnessError(
+                    f"data file {full} does not match MANIFEST.tsv (sha256 {actual[:12]}… != {expected[:12]}…); "
+                    "restore the original file"
+                )
+            _VERIFIED[full] = expected
+        return full
+
+    def check(self, files) -> None:
+        for rel in files:
+            self.path(rel)
+
+    # -- texts ---------------------------------------------------------------------------------
+    def wikitext2_test(self) -> str:
+        """WikiText-2 raw test as the Hugging Face dataset rows joined with "\\n\\n" (SparseGPT/Wanda).
+
+        The HF `wikitext-2-raw-v1` rows are the file's lines (newline kept), blank lines as "".
+        """
+        return _hf_wikitext_join(self.path("wikitext-2/wiki.test.raw"))
+
+    def ptb_test(self) -> str:
+        """PTB test as `ptb_text_only` sentences (stripped lines) joined with a space (SparseGPT's ptb_new)."""
+        return _ptb_join(self.path("ptb/ptb.test.txt"))
+
+    def calibration_text(self, name: str = "wikitext2-valid") -> str:
+        """Text for calibration and predictor training; never the evaluation splits."""
+        if name == "wikitext2-valid":
+            return _hf_wikitext_join(self.path("wikitext-2/wiki.valid.tokens"))
+        if name == "ptb-valid":
+            return _ptb_join(self.path("ptb/ptb.valid.txt"))
+        raise HarnessError(f"unknown calibration data {name!r}; valid: ptb-valid, wikitext2-valid")
+
+
+def _hf_wikitext_join(path: Path) -> str:
+    with open(path, encoding="utf-8") as handle:
+        rows = [line if line.strip() else "" for line in handle]
+    return "\n\n".join(rows)
+
+
+def _ptb_join(path: Path) -> str:
+    with open(path, encoding="utf-8") as handle:
+        return " ".join(line.strip() for line in handle if line.strip())

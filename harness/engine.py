@@ -1,0 +1,334 @@
+"""The masked engine: hooks on a Hugging Face OPT model that skip attention heads and FFN neurons per token.
+
+Head masks act on the per-head attention outputs (the input of `out_proj`, viewed as batch × tokens ×
+heads × head dim); neuron masks on fc1's activations after ReLU (the input of fc2). Keys and values of
+every head are kept. A skipped head outputs zero, or a replacement vector when the policy gives one.
+
+A method supplies a `MaskPolicy` that scores heads and neurons (higher = more important); the engine
+turns scores into masks under an `Allocation` (one place for top-k, local/global budgets, dense layers and
+the mask scope), measures the achieved sparsity, and removes every hook when the context exits.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from harness.errors import HarnessError
+
+ALLOCATIONS = ("local", "global")
+SCOPES = ("token", "request")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How a sparsity target becomes masks.
+
+    heads / neurons: the fraction skipped per token (of the heads/neurons of the layers that may be sparse).
+    mode: `local` skips the same count in every layer; `global` ranks all layers' scores together.
+    dense_layers: layers never sparsified (e.g. (0,) as in ShadowLLM).
+    min_keep: with `global`, at least this fraction of each layer's units is kept.
+    scope: `token` (a token's mask depends only on what the model has seen up to it) or `request`
+    (one mask per request: the mask of its last token is used for every token; not causal).
+    """
+
+    heads: float = 0.0
+    neurons: float = 0.0
+    mode: str = "local"
+    dense_layers: tuple[int, ...] = ()
+    min_keep: float = 0.0
+    scope: str = "token"
+
+    def __post_init__(self):
+        for name in ("heads", "neurons"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise HarnessError(f"{name} sparsity {value} is outside [0, 1)")
+        if self.mode not in ALLOCATIONS:
+            raise HarnessError(f"unknown allocation {self.mode!r}; valid: {', '.join(ALLOCATIONS)}")
+        if self.scope not in SCOPES:
+            raise HarnessError(f"unknown mask scope {self.scope!r}; valid: {', '.join(SCOPES)}")
+        if not 0.0 <= self.min_keep <= 1.0:
+            raise HarnessError(f"min_keep {self.min_keep} is outside [0, 1]")
+
+    def fraction(self, unit: str) -> float:
+        return self.heads if unit == "heads" else self.neurons
+
+
+@dataclass
+class ForwardState:
+    """What the hooks know about the forward pass in progress (one call of the decoder)."""
+
+    input_ids: torch.Tensor | None  # (B, T) tokens of this call
+    positions: torch.Tensor  # (B, T) absolute positions (past tokens counted)
+    valid: torch.Tensor  # (B, T) bool: real tokens, not padding
+    captures: dict = field(default_factory=dict)  # (name, layer) -> tensor, see MaskPolicy.needs
+    keep: dict = field(default_factory=dict)  # (unit, layer) -> (B, T, n) bool masks chosen in this call
+    planned: dict = field(default_factory=dict)  # unit -> (B, T, L, n) bool, for global allocation
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.positions.shape)
+
+
+class MaskPolicy:
+    """What a method installs. Override the score functions; higher score = more important = kept.
+
+    `needs` names the activations the engine must capture for the policy, each stored in
+    `state.captures[(name, layer)]` as (B, T, ...) tensors:
+      layer_input: the residual stream entering a decoder layer (the attention input, before its norm),
+      mlp_input: the residual stream entering the MLP block (after attention),
+      attn_output: a layer's attention output (after out_proj, before the residual add).
+    Score functions see `state` (captures of this call up to the current layer) and, for heads, the
+    per-head outputs of the current layer (B, T, H, D), for neurons the post-ReLU activations (B, T, F).
+    Return None to keep every unit of that layer.
+    """
+
+    needs: frozenset = frozenset()
+    #: (L, H, D) values written for skipped heads instead of zero, or None
+    head_replacement: torch.Tensor | None = None
+
+    def begin(self, state: ForwardState) -> None:
+        """Called at the start of every forward call (decode steps included)."""
+
+    def head_scores(self, layer: int, state: ForwardState, head_out: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def neuron_scores(self, layer: int, state: ForwardState, act: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def global_scores(self, unit: str, state: ForwardState) -> torch.Tensor:
+        """(B, T, L, n) scores of every layer at once, known before layer 0 runs (for `global`)."""
+        raise HarnessError(f"{type(self).__name__} cannot allocate globally: its scores are only known layer by layer")
+
+
+class SparsityMeter:
+    """Counts skipped units over valid tokens, per layer, on the tensors' device (no host sync until read)."""
+
+    def __init__(self, num_layers: int, sizes: dict[str, int]):
+        self.sizes = sizes
+        self.num_layers = num_layers
+        self.skipped = {unit: [0] * num_layers for unit in sizes}
+        self.tokens = {unit: [0] * num_layers for unit in sizes}
+
+    def add(self, unit: str, layer: int, keep: torch.Tensor | None, valid: torch.Tensor) -> None:
+        self.tokens[unit][layer] = self.tokens[unit][layer] + valid.sum()
+        if keep is not None:
+            self.skipped[unit][layer] = self.skipped[unit][layer] + ((~keep).sum(-1) * valid).sum()
+
+    def counts(self, unit: str) -> tuple[list[int], list[int]]:
+        """(skipped units, valid tokens) per layer."""
+        return [int(v) for v in self.skipped[unit]], [int(v) for v in self.tokens[unit]]
+
+    def achieved(self, unit: str) -> float | None:
+        skipped, tokens = self.counts(unit)
+        total = sum(tokens) * self.sizes[unit]
+        return sum(skipped) / total if total else None
+
+    def per_layer(self, unit: str) -> list[float]:
+        skipped, tokens = self.counts(unit)
+        return [s / (t * self.sizes[unit]) if t else 0.0 for s, t in zip(skipped, tokens)]
+
+
+def opt_layers(model):
+    """The decoder and its layers of an OPT model (OPTForCausalLM or OPTModel)."""
+    decoder = model.model.decoder if hasattr(model, "model") else model.decoder
+    return decoder, list(decoder.layers)
+
+
+def lowest_k_mask(scores: torch.Tensor, skip: int) -> torch.Tensor:
+    """Bool keep-mask over the last dim with the `skip` lowest scores set False."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if skip > 0:
+        index = torch.topk(scores.float(), skip, dim=-1, largest=False).indices
+        keep.scatter_(-1, index, False)
+    return keep
+
+
+class MaskedEngine:
+    """Installs a policy on an OPT model for the duration of a `with engine.applied():` block."""
+
+    def __init__(self, model, policy: MaskPolicy | None, allocation: Allocation):
+        self.model = model
+        self.policy = policy
+        self.allocation = allocation
+        self.decoder, self.layers = opt_layers(model)
+        config = model.config
+        self.num_layers = len(self.layers)
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.ffn_dim = config.ffn_dim
+        self.pre_ln = config.do_layer_norm_before
+        self.sizes = {"heads": self.num_heads, "neurons": self.ffn_dim}
+        self.meter = SparsityMeter(self.num_layers, self.sizes)
+        self.state: ForwardState | None = None
+        self._replacement_cache: dict = {}
+        for layer in allocation.dense_layers:
+            if not 0 <= layer < self.num_layers:
+                raise HarnessError(f"dense layer {layer} does not exist (the model has {self.num_layers} layers)")
+
+    # -- which layers/units are sparsified ---------------------------------------------------------
+    def skip_count(self, unit: str) -> int:
+        return int(round(self.allocation.fraction(unit) * self.sizes[unit]))
+
+    def active(self, unit: str) -> bool:
+        return self.policy is not None and self.skip_count(unit) > 0
+
+    @contextmanager
+    def applied(self):
+        handles = []
+        try:
+            if self.policy is not None and (self.active("heads") or self.active("neurons") or self.policy.needs):
+                handles.append(self.decoder.register_forward_pre_hook(self._begin, with_kwargs=True))
+                needs = self.policy.needs
+                for index, layer in enumerate(self.layers):
+                    if "layer_input" in needs:
+                        handles.append(layer.register_forward_pre_hook(self._capture_layer_input(index), with_kwargs=True))
+                    if "mlp_input" in needs:
+                        target = layer.final_layer_norm if self.pre_ln else layer.fc1
+                        handles.append(target.register_forward_pre_hook(self._capture("mlp_input", index)))
+                    if "attn_output" in needs:
+                        handles.append(layer.self_attn.register_forward_hook(self._capture_attn_output(index)))
+                    if self.active("heads") or self.policy.needs:
+                        handles.append(layer.self_attn.out_proj.register_forward_pre_hook(self._mask_heads(index)))
+                    if self.active("neurons"):
+                        handles.append(layer.fc2.register_forward_pre_hook(self._mask_neurons(index)))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.state = None
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def _begin(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        batch, seq = (input_ids.shape if input_ids is not None else embeds.shape[:2])
+        device = (input_ids if input_ids is not None else embeds).device
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            positions = (torch.cumsum(mask, dim=1) * mask - 1).long()[:, -seq:]
+            valid = mask[:, -seq:].bool()
+        else:
+            positions = (torch.arange(seq, device=device) + past).expand(batch, seq)
+            valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        self.state = ForwardState(input_ids=input_ids, positions=positions, valid=valid)
+        self.policy.begin(self.state)
+        if self.allocation.mode == "global":
+            for unit in ("heads", "neurons"):
+                if self.active(unit):
+                    self.state.planned[unit] = self._plan_global(unit)
+
+    def _capture_layer_input(self, index):
+        def hook(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            self.state.captures[("layer_input", index)] = hidden
+        return hook
+
+    def _capture(self, name, index):
+        def hook(module, args):
+            batch, seq = self.state.shape
+            self.state.captures[(name, index)] = args[0].view(batch, seq, -1)
+        return hook
+
+    def _capture_attn_output(self, index):
+        def hook(module, args, output):
+            self.state.captures[("attn_output", index)] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def _mask_heads(self, index):
+        def hook(module, args):
+            x = args[0]
+            batch, seq = self.state.shape
+            heads = x.view(batch, seq, self.num_heads, self.head_dim)
+            keep = self._keep("heads", index, lambda: self.policy.head_scores(index, self.state, heads))
+            if keep is None:
+                return None
+            self.state.keep[("heads", index)] = keep
+            out = heads * keep.unsqueeze(-1).to(heads.dtype)
+            replacement = self._replacement(index, heads)
+            if replacement is not None:
+                out = out + (~keep).unsqueeze(-1).to(heads.dtype) * replacement
+            return (out.reshape(x.shape),)
+        return hook
+
+    def _mask_neurons(self, index):
+        def hook(module, args):
+            x = args[0]
+            batch, seq = self.state.shape
+            act = x.view(batch, seq, self.ffn_dim)
+            keep = self._keep("neurons", index, lambda: self.policy.neuron_scores(index, self.state, act))
+            if keep is None:
+                return None
+            self.state.keep[("neurons", index)] = keep
+            return ((act * keep.to(act.dtype)).view(x.shape),)
+        return hook
+
+    # -- scores to masks -----------------------------------------------------------------------------
+    def _keep(self, unit: str, layer: int, scores_fn) -> torch.Tensor | None:
+        """The keep mask of `unit` at `layer`, or None when the layer stays dense."""
+        valid = self.state.valid
+        if not self.active(unit) or layer in self.allocation.dense_layers:
+            self.meter.add(unit, layer, None, valid)
+            return None
+        if unit in self.state.planned:
+            keep = self.state.planned[unit][:, :, layer]
+        else:
+            scores = scores_fn()
+            if scores is None:
+                self.meter.add(unit, layer, None, valid)
+                return None
+            keep = lowest_k_mask(scores, self.skip_count(unit))
+        if self.allocation.scope == "request":
+            keep = request_scope(keep, valid)
+        self.meter.add(unit, layer, keep, valid)
+        return keep
+
+    def _plan_global(self, unit: str) -> torch.Tensor:
+        """One ranking over all sparsifiable layers per token: skip the lowest-scored units overall."""
+        scores = self.policy.global_scores(unit, self.state).float()  # (B, T, L, n)
+        batch, seq, layers, n = scores.shape
+        eligible = [l for l in range(layers) if l not in self.allocation.dense_layers]
+        scores = scores.clone()
+        protect = torch.zeros_like(scores, dtype=torch.bool)
+        protect[:, :, list(self.allocation.dense_layers)] = True
+        floor = int(round(self.allocation.min_keep * n))
+        if floor > 0:  # the top `floor` units of every layer are never skipped
+            top = torch.topk(scores, floor, dim=-1).indices
+            protect.scatter_(-1, top, True)
+        scores[protect] = float("inf")
+        skip = int(round(self.allocation.fraction(unit) * n * len(eligible)))
+        skip = min(skip, int((~protect).sum(dim=(-1, -2)).min()))
+        return lowest_k_mask(scores.view(batch, seq, layers * n), skip).view(batch, seq, layers, n)
+
+    def _replacement(self, layer: int, like: torch.Tensor):
+        table = self.policy.head_replacement
+        if table is None:
+            return None
+        key = (layer, like.device, like.dtype)
+        if key not in self._replacement_cache:
+            self._replacement_cache[key] = table[layer].to(device=like.device, dtype=like.dtype)
+        return self._replacement_cache[key]
+
+    # -- what was achieved ---------------------------------------------------------------------------
+    def achieved(self) -> dict:
+        """Measured fractions skipped over valid tokens; 0 for a unit no hook could skip."""
+        def of(unit):
+            return self.meter.achieved(unit) if self.active(unit) else 0.0
+
+        return {
+            "achieved_heads": of("heads"),
+            "achieved_neurons": of("neurons"),
+            "achieved_heads_per_layer": self.meter.per_layer("heads"),
+            "achieved_neurons_per_layer": self.meter.per_layer("neurons"),
+        }
+
+
+def request_scope(keep: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Use each request's last valid token's mask for all its tokens (ShadowLLM's per-request masks)."""
+    last = (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(dim=1)
+    chosen = keep[torch.arange(keep.shape[0], device=keep.device), last]  # (B, n)
+    return chosen.unsqueeze(1).expand_as(keep)

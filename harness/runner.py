@@ -1,0 +1,162 @@
+"""Running one job: load (or reuse) the model, fit the method, install its policy, evaluate the task,
+and turn the metrics into records that say how they were made."""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cached_property
+
+import torch
+
+from harness.artefacts import ArtefactCache
+from harness.data import DataDir
+from harness.engine import MaskedEngine
+from harness.models import ModelSpec, dtype_name, load_model, load_tokenizer, resolve_device, resolve_dtype
+from harness.perplexity import tokenize_text
+from harness.provenance import provenance
+from harness.spec import JobSpec, RunConfig
+from harness.tasks import get_task
+from methods import MethodSpec, get_method
+
+
+class Session:
+    """What an executor keeps across the jobs of a run: data, the loaded model and tokenizer, token ids."""
+
+    def __init__(self, config: RunConfig, data: DataDir, cache: ArtefactCache, tokenizer_dir=None, log=print):
+        self.config = config
+        self.data = data
+        self.cache = cache
+        self.tokenizer_dir = tokenizer_dir
+        self.log = log
+        self.model_spec = ModelSpec(config.model, config.weights)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self._tokens: dict = {}
+
+    @cached_property
+    def model(self):
+        return load_model(self.model_spec, device=self.device, dtype=self.dtype, seed=self.config.seed,
+                          attn_implementation=self.config.attn)
+
+    @cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.model_spec, self.tokenizer_dir, self.data)
+
+    @cached_property
+    def model_identity(self) -> str:
+        return self.model_spec.identity()
+
+    def token_cache(self, name: str, make):
+        if name not in self._tokens:
+            self._tokens[name] = make()
+        return self._tokens[name]
+
+    def fit_context(self, method_name: str) -> "FitContext":
+        return FitContext(self, self.config.method_settings.get(method_name, {}))
+
+
+@dataclass
+class FitContext:
+    """What a method sees when it fits and builds its policy."""
+
+    session: Session
+    settings: dict
+
+    @property
+    def model(self):
+        return self.session.model
+
+    @property
+    def tokenizer(self):
+        return self.session.tokenizer
+
+    @property
+    def data(self) -> DataDir:
+        return self.session.data
+
+    @property
+    def cache(self) -> ArtefactCache:
+        return self.session.cache
+
+    @property
+    def config(self) -> RunConfig:
+        return self.session.config
+
+    @property
+    def seed(self) -> int:
+        return self.session.config.seed
+
+    def log(self, message: str) -> None:
+        self.session.log(message)
+
+    def calibration_ids(self) -> torch.Tensor:
+        """(samples, calib_seqlen) token ids cut from the calibration text (never the evaluation splits)."""
+        config = self.config
+        ids = self.session.token_cache(f"calib:{config.calib_data}", lambda: tokenize_text(
+            self.tokenizer, self.data.calibration_text(config.calib_data)))
+        count = min(config.calib_samples, len(ids) // config.calib_seqlen)
+        return ids[: count * config.calib_seqlen].view(count, config.calib_seqlen)
+
+    def base_key(self) -> dict:
+        """What every fitted artefact of this model and calibration set depends on."""
+        config = self.config
+        return {"model": self.session.model_identity, "dtype": dtype_name(self.session.dtype),
+                "data": self.data.fingerprint, "calib_data": config.calib_data,
+                "calib_samples": config.calib_samples, "calib_seqlen": config.calib_seqlen, "seed": config.seed}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
+    """Run one job and return its result document (status ok, with records)."""
+    config = session.config
+    started = now()
+    spec = MethodSpec.parse(job.method)
+    task = get_task(job.task)
+    ctx = session.fit_context(spec.name)
+    method = get_method(spec, ctx.settings)
+    allocation = job.allocation(config)
+    timings = {}
+    clock = time.perf_counter()
+    model = session.model
+    timings["load_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    artefact = method.fit(ctx, allocation)
+    timings["fit_s"] = time.perf_counter() - clock
+    policy = method.policy(ctx, allocation, artefact)
+    engine = MaskedEngine(model, policy, allocation)
+    clock = time.perf_counter()
+    with engine.applied():
+        metrics = task.evaluate(session, job, config, progress)
+    timings["eval_s"] = time.perf_counter() - clock
+    achieved = engine.achieved()
+    base = {
+        "job": job.key, "suite": config.suite, "model": session.model_spec.label, "model_id": session.model_identity,
+        "weights": config.weights, "dtype": dtype_name(session.dtype), "device": session.device,
+        "method": spec.name, "variant": method.variant, "method_label": method.label,
+        "scope": config.scope, "allocation": config.allocation, "dense_layers": list(config.dense_layers),
+        "sparsity": job.sparsity, "sparsity_heads": job.heads, "sparsity_neurons": job.neurons,
+        "achieved_heads": achieved["achieved_heads"], "achieved_neurons": achieved["achieved_neurons"],
+        "task": job.task, "seed": config.seed, "limit": config.limit,
+        "timings": {k: round(v, 3) for k, v in timings.items()}, "provenance": provenance(),
+    }
+    if artefact is not None and artefact.path is not None:
+        base["artefact"] = str(artefact.path)
+    records, details = [], []
+    for metric in metrics:
+        metric = dict(metric)
+        window_nll = metric.pop("window_nll", None)  # per-window detail stays in the job file
+        if window_nll is not None:
+            details.append({"metric": metric["metric"], "window_nll": window_nll})
+        records.append({**base, **metric})
+    return {"key": job.key, "status": "ok", "spec": job.describe(), "records": records, "details": details,
+            "achieved": achieved, "started_at": started, "finished_at": now()}
+
+
+def failed_result(job: JobSpec, exc: BaseException, started: str) -> dict:
+    return {"key": job.key, "status": "failed", "spec": job.describe(), "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(), "started_at": started, "finished_at": now()}

@@ -1,0 +1,143 @@
+"""Run configuration, sparsity targets and the expansion of a run into jobs with stable keys."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+from harness.engine import ALLOCATIONS, SCOPES, Allocation
+from harness.errors import HarnessError
+from methods import MethodSpec, get_method
+
+EXECUTORS = ("local",)
+
+
+def parse_sparsity(text: str, units) -> dict:
+    """`0.5` -> every unit the method sparsifies at 0.5; `h0.5`, `n0.9`, `h0.5/n0.9` -> explicit units."""
+    text = str(text).strip()
+    targets = {"heads": 0.0, "neurons": 0.0}
+    try:
+        if re.fullmatch(r"[hn][0-9.eE+-]+(/[hn][0-9.eE+-]+)?", text):
+            for part in text.split("/"):
+                targets["heads" if part[0] == "h" else "neurons"] = float(part[1:])
+        else:
+            value = float(text)
+            for unit in units:
+                targets[unit] = value
+    except ValueError:
+        raise HarnessError(f"cannot read sparsity {text!r}; write a fraction like 0.5, or h0.5/n0.9 for heads/neurons") from None
+    for unit, value in targets.items():
+        if not 0.0 <= value < 1.0:
+            raise HarnessError(f"sparsity {text!r}: {unit} fraction {value} is outside [0, 1)")
+    return targets
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; the fields in IDENTITY decide whether two runs may share a folder."""
+
+    suite: str = "custom"
+    model: str = "opt-125m"
+    weights: str = "random"
+    methods: list = field(default_factory=lambda: ["dense"])
+    sparsity: list = field(default_factory=lambda: ["0.5"])
+    tasks: list = field(default_factory=lambda: ["wikitext2"])
+    limit: int | None = None  # perplexity: windows; other tasks: examples
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    attn: str = "sdpa"
+    seqlen: int | None = None  # default: the model's context length
+    stride: int | None = None  # default: seqlen (non-overlapping windows)
+    allocation: str = "local"
+    scope: str = "token"
+    dense_layers: list = field(default_factory=list)
+    min_keep: float = 0.0
+    calib_data: str = "wikitext2-valid"
+    calib_samples: int = 32
+    calib_seqlen: int = 512
+    method_settings: dict = field(default_factory=dict)
+    executor: str = "local"
+
+    IDENTITY = ("suite", "model", "weights", "limit", "seed", "dtype", "attn", "seqlen", "stride", "allocation",
+                "scope", "dense_layers", "min_keep", "calib_data", "calib_samples", "calib_seqlen", "method_settings")
+
+    @classmethod
+    def from_mapping(cls, values: dict, where: str) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise HarnessError(f"{where}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def validate(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise HarnessError(f"unknown allocation {self.allocation!r}; valid: {', '.join(ALLOCATIONS)}")
+        if self.scope not in SCOPES:
+            raise HarnessError(f"unknown mask scope {self.scope!r}; valid: {', '.join(SCOPES)}")
+        if self.executor not in EXECUTORS:
+            raise HarnessError(f"unknown executor {self.executor!r}; valid: {', '.join(EXECUTORS)}")
+        if self.limit is not None and self.limit < 1:
+            raise HarnessError(f"--limit must be at least 1 (got {self.limit})")
+        for name in ("seqlen", "stride", "calib_samples", "calib_seqlen"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise HarnessError(f"{name} must be at least 1 (got {value})")
+        if not self.methods:
+            raise HarnessError("no methods given")
+
+    def identity(self, model_identity: str, data_fingerprint: str, dtype: str) -> dict:
+        values = {name: getattr(self, name) for name in self.IDENTITY}
+        values.update(model_identity=model_identity, data=data_fingerprint, dtype=dtype)
+        return values
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One (model, method, sparsity, task) unit of a run."""
+
+    method: str  # label: name or name:variant
+    sparsity: str  # the requested target as written (e.g. 0.5, h0.5/n0.9); "0" for dense
+    heads: float
+    neurons: float
+    task: str
+    run: tuple  # sorted items of the run identity
+
+    @property
+    def key(self) -> str:
+        payload = json.dumps(self.describe(), sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def describe(self) -> dict:
+        return {"method": self.method, "sparsity": self.sparsity, "heads": self.heads, "neurons": self.neurons,
+                "task": self.task, "run": dict(self.run)}
+
+    def allocation(self, config: RunConfig) -> Allocation:
+        return Allocation(heads=self.heads, neurons=self.neurons, mode=config.allocation,
+                          dense_layers=tuple(config.dense_layers), min_keep=config.min_keep, scope=config.scope)
+
+
+def expand_jobs(config: RunConfig, identity: dict) -> list[JobSpec]:
+    """model × method × sparsity × task, deduplicated; a method without units (dense) gets one sparsity."""
+    run = tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in identity.items()))
+    jobs, seen = [], set()
+    for method_text in config.methods:
+        spec = MethodSpec.parse(method_text)
+        method = get_method(spec)
+        targets = [("0", {"heads": 0.0, "neurons": 0.0})] if not method.units else [
+            (str(s).strip(), parse_sparsity(s, method.units)) for s in config.sparsity]
+        for label, target in targets:
+            for unit, value in target.items():
+                if value and unit not in method.units:
+                    raise HarnessError(f"method {method.label} does not sparsify {unit} (sparsity {label})")
+            for task in config.tasks:
+                job = JobSpec(method.label, label, target["heads"], target["neurons"], task, run)
+                if job.key not in seen:
+                    seen.add(job.key)
+                    jobs.append(job)
+    return jobs
+
+
+def config_dict(config: RunConfig) -> dict:
+    return asdict(config)

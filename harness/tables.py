@@ -1,0 +1,183 @@
+"""Tables and plots from records: one table per (model, weights, suite), rows = methods (with variant
+and any non-default scope/allocation), columns = (task, sparsity), cells = value ± stderr."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from harness.store import write_atomic
+
+FORMATS = ("md", "latex")
+
+
+def row_label(record: dict) -> str:
+    label = record.get("method_label") or record["method"]
+    tags = []
+    if record.get("scope", "token") != "token":
+        tags.append(f"scope={record['scope']}")
+    if record.get("allocation", "local") != "local" and record.get("method") != "dense":
+        tags.append(record["allocation"])
+    return f"{label} [{', '.join(tags)}]" if tags else label
+
+
+def column_label(record: dict, multi_metric: set) -> str:
+    return f"{record['task']} {record['metric']}" if record["task"] in multi_metric else record["task"]
+
+
+def _number(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    magnitude = abs(value)
+    return f"{value:.4g}" if magnitude >= 1e4 or magnitude < 1e-2 else f"{value:.2f}"
+
+
+def cell(value, stderr) -> str:
+    text = _number(value)
+    return f"{text} ± {_number(stderr)}" if stderr is not None and not (isinstance(stderr, float) and math.isnan(stderr)) else text
+
+
+def _sparsity_key(label: str):
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
+def groups(records: list[dict]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for record in records:
+        out.setdefault((record["model"], record["weights"], record.get("suite", "")), []).append(record)
+    return out
+
+
+def frame(records: list[dict], value_of=lambda r: cell(r["value"], r.get("stderr"))) -> pd.DataFrame:
+    """The pivot: rows method labels (dense first), columns (task, sparsity)."""
+    metrics_per_task: dict[str, set] = {}
+    for r in records:
+        metrics_per_task.setdefault(r["task"], set()).add(r["metric"])
+    multi = {task for task, metrics in metrics_per_task.items() if len(metrics) > 1}
+    rows = {}
+    for r in records:
+        rows[(row_label(r), (column_label(r, multi), str(r["sparsity"])))] = value_of(r)
+    row_order = list(dict.fromkeys(row_label(r) for r in sorted(records, key=lambda r: r["method"] != "dense")))
+    task_order = list(dict.fromkeys(column_label(r, multi) for r in records))
+    columns = sorted({c for _, c in rows}, key=lambda c: (task_order.index(c[0]), _sparsity_key(c[1])))
+    table = pd.DataFrame("", index=pd.Index(row_order, name="method"),
+                         columns=pd.MultiIndex.from_tuples(columns, names=["task", "sparsity"]))
+    for (row, column), value in rows.items():
+        table.loc[row, column] = value
+    return table
+
+
+def header(model: str, weights: str, suite: str, records: list[dict]) -> str:
+    metrics = sorted({r["metric"] for r in records})
+    return f"model: {model} · weights: {weights} · suite: {suite} · metrics: {', '.join(metrics)}"
+
+
+def achieved_cell(record: dict) -> str:
+    parts = []
+    for unit, short in (("heads", "h"), ("neurons", "n")):
+        requested, achieved = record.get(f"sparsity_{unit}") or 0.0, record.get(f"achieved_{unit}")
+        if requested or achieved:
+            parts.append(f"{short} {requested:.2f}→{achieved:.3f}" if achieved is not None else f"{short} {requested:.2f}→–")
+    return " / ".join(parts) or "0"
+
+
+def flat_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """One header row for markdown: `task @ sparsity`."""
+    table = table.copy()
+    table.columns = [f"{task} @ {sparsity}" for task, sparsity in table.columns]
+    return table
+
+
+def markdown(records: list[dict], failures: list[dict] = ()) -> str:
+    blocks = []
+    for (model, weights, suite), rows in groups(records).items():
+        blocks.append(f"## {header(model, weights, suite, rows)}\n")
+        blocks.append(flat_columns(frame(rows)).to_markdown() + "\n")
+        first_per_job = list({r["job"]: r for r in rows}.values())
+        achieved = frame(first_per_job, value_of=achieved_cell)
+        blocks.append("Requested → achieved sparsity (fraction of heads h / neurons n skipped per token):\n")
+        blocks.append(flat_columns(achieved).to_markdown() + "\n")
+    if failures:
+        blocks.append("## Failed jobs\n")
+        for job in failures:
+            spec = job.get("spec", {})
+            blocks.append(f"- {spec.get('method')} sparsity {spec.get('sparsity')} task {spec.get('task')}: "
+                          f"{job.get('error', 'unknown error')}")
+        blocks.append("")
+    return "\n".join(blocks) if blocks else "No records yet.\n"
+
+
+def _latex_escape(text: str) -> str:
+    for old, new in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#")):
+        text = text.replace(old, new)
+    return text.replace("±", r"$\pm$").replace("→", r"$\to$").replace("–", "--").replace("·", r"$\cdot$")
+
+
+def latex(records: list[dict]) -> str:
+    blocks = []
+    for (model, weights, suite), rows in groups(records).items():
+        table = frame(rows)
+        table = table.map(_latex_escape)
+        table.index = [_latex_escape(i) for i in table.index]
+        table.index.name = "method"
+        table.columns = pd.MultiIndex.from_tuples([(_latex_escape(t), s) for t, s in table.columns],
+                                                  names=["task", "sparsity"])
+        caption = _latex_escape(header(model, weights, suite, rows))
+        blocks.append(table.style.to_latex(hrules=True, multicol_align="c", caption=caption,
+                                           position="ht", position_float="centering"))
+    return "\n".join(blocks) if blocks else "% no records yet\n"
+
+
+def plots(records: list[dict], out_dir: Path) -> list[Path]:
+    """Metric vs requested sparsity, one line per method, for every (model, suite, task, metric) with ≥2 levels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for (model, weights, suite), rows in groups(records).items():
+        for (task, metric) in dict.fromkeys((r["task"], r["metric"]) for r in rows):
+            points = [r for r in rows if r["task"] == task and r["metric"] == metric]
+            levels = {r["sparsity"] for r in points if r["method"] != "dense"}
+            numeric = all(_sparsity_key(level)[0] == 0 for level in levels)
+            if len(levels) < 2 or not numeric:
+                continue
+            fig, ax = plt.subplots(figsize=(5.5, 3.8))
+            for label in dict.fromkeys(row_label(r) for r in points):
+                series = sorted((float(r["sparsity"]), r["value"], r.get("stderr")) for r in points if row_label(r) == label)
+                if all(s == 0 for s, _, _ in series) and len(series) == 1:
+                    ax.axhline(series[0][1], linestyle="--", color="black", label=label)
+                    continue
+                xs, ys = [s for s, _, _ in series], [v for _, v, _ in series]
+                errs = [e if e is not None else 0.0 for _, _, e in series]
+                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
+            ax.set_xlabel("requested sparsity")
+            ax.set_ylabel(metric)
+            if metric == "ppl":
+                ax.set_yscale("log")
+            ax.set_title(f"{task} · {model} ({weights})", fontsize=10)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = out_dir / f"plot_{suite}_{model}_{task}_{metric}.png".replace("/", "_")
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def write_tables(run_dir: Path, records: list[dict], failures: list[dict] = (), formats=FORMATS) -> list[Path]:
+    run_dir = Path(run_dir)
+    written = []
+    if "md" in formats:
+        write_atomic(run_dir / "table.md", markdown(records, failures))
+        written.append(run_dir / "table.md")
+    if "latex" in formats:
+        write_atomic(run_dir / "table.tex", latex(records))
+        written.append(run_dir / "table.tex")
+    written += plots(records, run_dir)
+    return written

@@ -1,0 +1,49 @@
+"""The task registry: what each task measures, which data files it reads, and how it is evaluated."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from harness.errors import HarnessError
+from harness.perplexity import perplexity, tokenize_text, windows
+
+
+@dataclass(frozen=True)
+class TaskDef:
+    name: str
+    kind: str
+    description: str
+    files: tuple[str, ...]
+    evaluate: Callable = field(repr=False)
+
+
+def _perplexity_task(text_of):
+    def evaluate(session, job, config, progress):
+        ids = session.token_cache(job.task, lambda: tokenize_text(session.tokenizer, text_of(session.data)))
+        seqlen = config.seqlen or session.model.config.max_position_embeddings
+        stride = config.stride or seqlen
+        if progress is not None:
+            count = len(windows(len(ids), seqlen, stride))
+            progress.total(min(count, config.limit) if config.limit else count)
+        result = perplexity(session.model, ids, seqlen=seqlen, stride=stride, limit=config.limit,
+                            progress=progress.advance if progress is not None else None)
+        protocol = (f"sparsegpt: {'non-overlapping' if stride >= seqlen else f'stride {stride}'} windows of "
+                    f"{seqlen} tokens, mean token NLL, exp")
+        return [{"metric": "ppl", "value": result["value"], "stderr": result["stderr"], "n": result["n"],
+                 "protocol": protocol, "tokens": result["tokens"], "seqlen": seqlen, "stride": stride,
+                 "window_nll": result["window_nll"]}]
+    return evaluate
+
+
+TASKS: dict[str, TaskDef] = {
+    "wikitext2": TaskDef("wikitext2", "perplexity", "WikiText-2 raw test, rows joined with \\n\\n (SparseGPT protocol)",
+                         ("wikitext-2/wiki.test.raw",), _perplexity_task(lambda data: data.wikitext2_test())),
+    "ptb": TaskDef("ptb", "perplexity", "Penn Treebank test, sentences joined with a space (SparseGPT ptb_new)",
+                   ("ptb/ptb.test.txt",), _perplexity_task(lambda data: data.ptb_test())),
+}
+
+
+def get_task(name: str) -> TaskDef:
+    if name not in TASKS:
+        raise HarnessError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]

@@ -1,0 +1,97 @@
+"""Method plugins: a registry and the interface every method implements.
+
+A method is one module in this package that defines a `Method` subclass decorated with `@register`.
+It has two phases: `fit` (calibration statistics or predictor training, cached by a content hash of
+everything it depends on) and `policy` (the `MaskPolicy` the masked engine installs on the model).
+Modules in this package are imported on first use of the registry, so adding a file adds a method.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import ClassVar
+
+from harness.errors import HarnessError
+
+REGISTRY: dict[str, type["Method"]] = {}
+UNITS = ("heads", "neurons")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method as users write it: `name` or `name:variant`."""
+
+    name: str
+    variant: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "MethodSpec":
+        name, _, variant = text.strip().partition(":")
+        return cls(name, variant or None)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.variant}" if self.variant else self.name
+
+
+class Method:
+    """Base class of method plugins.
+
+    Class attributes a plugin sets:
+      name: the registered name users type.
+      variants: the accepted variants; default_variant is used when none is given.
+      units: what a plain sparsity value sparsifies ({"heads"}, {"neurons"} or both).
+      description: one line for `harness list methods`.
+    """
+
+    name: ClassVar[str]
+    variants: ClassVar[tuple[str, ...]] = ()
+    default_variant: ClassVar[str | None] = None
+    units: ClassVar[frozenset] = frozenset(UNITS)
+    description: ClassVar[str] = ""
+
+    def __init__(self, variant: str | None, settings: dict | None = None):
+        self.variant = variant or self.default_variant
+        self.settings = dict(settings or {})
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.variant}" if self.variant else self.name
+
+    def fit(self, ctx, allocation):
+        """Calibrate or train; return an artefact (see harness.artefacts) or None when nothing is fitted.
+
+        `ctx` is a harness.runner.FitContext: model, tokenizer, data, settings and the artefact cache.
+        Implementations go through `ctx.cache.get_or_build(...)` so that work is reused.
+        """
+        return None
+
+    def policy(self, ctx, allocation, artefact):
+        """The MaskPolicy for the masked engine (None: run the model unchanged)."""
+        raise NotImplementedError
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise RuntimeError(f"two methods registered as {cls.name!r}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def discover() -> dict[str, type[Method]]:
+    """Import every module of this package once, so their @register decorators run."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+    return REGISTRY
+
+
+def get_method(spec: MethodSpec, settings: dict | None = None) -> Method:
+    methods = discover()
+    if spec.name not in methods:
+        raise HarnessError(f"unknown method {spec.name!r}; valid methods: {', '.join(sorted(methods))}")
+    cls = methods[spec.name]
+    if spec.variant is not None and spec.variant not in cls.variants:
+        valid = ", ".join(f"{cls.name}:{v}" for v in cls.variants) or f"{cls.name} (it takes no variant)"
+        raise HarnessError(f"unknown variant {spec.label!r}; valid: {valid}")
+    return cls(spec.variant, settings)
