@@ -29,7 +29,8 @@ def handle_errors(command):
         try:
             return command(*args, **kwargs)
         except HarnessError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print("[bold red]error:[/]", end=" ")
+            console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

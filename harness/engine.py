@@ -198,7 +198,8 @@ class MaskedEngine:
         finally:
             for handle in handles:
                 handle.remove()
-            self.state = None
+            if self.state is not None:  # keep the last call's masks for inspection, drop activations
+                self.state.captures = {}
 
     # -- hooks ---------------------------------------------------------------------------------------
     def _begin(self, module, args, kwargs):

@@ -129,7 +129,7 @@ def expand_jobs(config: RunConfig, identity: dict) -> list[JobSpec]:
             (str(s).strip(), parse_sparsity(s, method.units)) for s in config.sparsity]
         for label, target in targets:
             for unit, value in target.items():
-                if value and unit not in method.units:
+                if value and unit not in method.sparsifiable:
                     raise HarnessError(f"method {method.label} does not sparsify {unit} (sparsity {label})")
             for task in config.tasks:
                 job = JobSpec(method.label, label, target["heads"], target["neurons"], task, run)

@@ -47,3 +47,4 @@ def get_task(name: str) -> TaskDef:
     if name not in TASKS:
         raise HarnessError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name]
+import harness.zero_shot  # noqa: E402,F401 - registers the lm-eval tasks (harness/lmeval.py)

@@ -42,6 +42,7 @@ class Method:
       name: the registered name users type.
       variants: the accepted variants; default_variant is used when none is given.
       units: what a plain sparsity value sparsifies ({"heads"}, {"neurons"} or both).
+      supports: what an explicit target (h0.5, n0.9) may sparsify; defaults to `units`.
       description: one line for `harness list methods`.
     """
 
@@ -49,6 +50,7 @@ class Method:
     variants: ClassVar[tuple[str, ...]] = ()
     default_variant: ClassVar[str | None] = None
     units: ClassVar[frozenset] = frozenset(UNITS)
+    supports: ClassVar[frozenset | None] = None
     description: ClassVar[str] = ""
 
     def __init__(self, variant: str | None, settings: dict | None = None):
@@ -58,6 +60,10 @@ class Method:
     @property
     def label(self) -> str:
         return f"{self.name}:{self.variant}" if self.variant else self.name
+
+    @property
+    def sparsifiable(self) -> frozenset:
+        return self.supports if self.supports is not None else self.units
 
     def fit(self, ctx, allocation):
         """Calibrate or train; return an artefact (see harness.artefacts) or None when nothing is fitted.

@@ -1,0 +1,335 @@
+"""Zero-shot evaluation through lm-eval-harness, with the masked engine applied.
+
+* `MaskedHFLM` (registered with lm-eval as `harness-masked`): lm-eval's HFLM built from the already-loaded
+  model and tokenizer. The runner applies the method's masks around the task (`engine.applied()`), so the
+  adapter only makes sure the hooks see which tokens are real: lm-eval right-pads loglikelihood batches and
+  calls the model without an attention mask; the adapter records the true lengths and passes the mask, so
+  padding is never a "token" (the sparsity meter skips it and `request` scope picks the last real token).
+  `generate_until` already passes lm-eval's left-padding mask to `generate`, whose decode steps are
+  single-token forwards with the KV cache (the engine reads positions from the growing mask).
+* No response cache: lm-eval's `use_cache` (sqlite of answers) and `cache_requests` are always off, so two
+  configurations (method, variant, sparsity, scope, seed…) can never share answers.
+* Tasks: `ZERO_SHOT` lists the harness tasks. Where lm-eval's own data set is in the Hugging Face cache,
+  lm-eval's own task runs; otherwise the offline copy in `suites/lm_eval_tasks/` (same templates and
+  functions, data from the harness data directory). The records say which (`data_source`) and how
+  faithful the offline data is (`fidelity`: exact, reconstructed or approximate, with `fidelity_note`).
+* Per job, lm-eval's own results JSON goes to `<run_dir>/lm_eval/<job key>.json` (and per-sample logs to
+  `<job key>.samples.jsonl` when the `log_samples` setting is on).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness.data import REPO_ROOT
+from harness.errors import HarnessError
+
+LOCAL_TASKS_DIR = REPO_ROOT / "suites" / "lm_eval_tasks"
+ADAPTER_NAME = "harness-masked"
+SOURCES = ("auto", "local", "hf")
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_BOOTSTRAP_ITERS = 1000
+
+
+@dataclass(frozen=True)
+class ZeroShotTask:
+    name: str  # harness task name
+    lm_eval_task: str  # lm-eval's own task
+    local_task: str  # the offline task in suites/lm_eval_tasks
+    converter: str  # key in harness.lmeval_data.CONVERTERS
+    hf_dataset: tuple  # (path, config name) of the data set lm-eval's task loads
+    files: tuple  # data files of the offline task
+    metrics: tuple  # (lm-eval metric, our metric name), in table order
+    kind: str = "zero-shot"
+    description: str = ""
+
+
+ZERO_SHOT: dict[str, ZeroShotTask] = {t.name: t for t in (
+    ZeroShotTask("piqa", "piqa", "piqa_local", "piqa", ("baber/piqa", None),
+                 ("piqa/valid.jsonl", "piqa/valid-labels.lst"), (("acc", "acc"), ("acc_norm", "acc_norm")),
+                 description="PIQA validation (lm-eval piqa, 0-shot): acc, acc_norm"),
+    ZeroShotTask("copa", "copa", "copa_local", "copa", ("aps/super_glue", "copa"), ("copa/val.jsonl",),
+                 (("acc", "acc"),), description="COPA, SuperGLUE validation (lm-eval copa): acc"),
+    ZeroShotTask("openbookqa", "openbookqa", "openbookqa_local", "openbookqa", ("allenai/openbookqa", "main"),
+                 ("openbookqa/test.tsv",), (("acc", "acc"), ("acc_norm", "acc_norm")),
+                 description="OpenBookQA main test (lm-eval openbookqa): acc, acc_norm"),
+    ZeroShotTask("winogrande", "winogrande", "winogrande_local", "winogrande", ("allenai/winogrande", "winogrande_xl"),
+                 ("winogrande/dev.jsonl", "winogrande/dev-labels.lst"), (("acc", "acc"),),
+                 description="WinoGrande xl validation (lm-eval winogrande, partial scoring): acc"),
+    ZeroShotTask("rte", "rte", "rte_local", "rte", ("nyu-mll/glue", "rte"), ("rte/val.jsonl",), (("acc", "acc"),),
+                 description="RTE validation (lm-eval rte, GLUE prompt): acc"),
+    ZeroShotTask("hellaswag", "hellaswag", "hellaswag_local", "hellaswag", ("Rowan/hellaswag", None),
+                 ("hellaswag/hellaswag_val_full.txt.bz2",), (("acc", "acc"), ("acc_norm", "acc_norm")),
+                 description="HellaSwag validation (lm-eval hellaswag): acc, acc_norm"),
+    ZeroShotTask("arc_easy", "arc_easy", "arc_easy_local", "arc_easy", ("allenai/ai2_arc", "ARC-Easy"),
+                 ("arc_easy/test.llm_adapters_format.json",), (("acc", "acc"), ("acc_norm", "acc_norm")),
+                 description="ARC-Easy test (lm-eval arc_easy): acc, acc_norm"),
+    ZeroShotTask("lambada_openai", "lambada_openai", "lambada_openai_local", "lambada_openai",
+                 ("EleutherAI/lambada_openai", "default"), ("lambada/lambada_test.jsonl",),
+                 (("acc", "acc"), ("perplexity", "perplexity")),
+                 description="LAMBADA (OpenAI) test (lm-eval lambada_openai): last-word acc, perplexity"),
+    ZeroShotTask("wikitext_lmeval", "wikitext", "wikitext_local", "wikitext",
+                 ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1"), ("wikitext-2/wiki.test.raw",),
+                 (("word_perplexity", "word_ppl"), ("byte_perplexity", "byte_ppl"), ("bits_per_byte", "bits_per_byte")),
+                 kind="perplexity",
+                 description="WikiText-2 test, lm-eval protocol: document-level rolling loglikelihood, word perplexity "
+                             "of the detokenized pages (not comparable to the SparseGPT-protocol wikitext2)"),
+)}
+
+
+# -- the adapter ----------------------------------------------------------------------------------------
+def _hflm_class():
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise HarnessError("zero-shot tasks need lm-eval: pip install 'sparsity-harness[lmeval]'") from exc
+    return HFLM
+
+
+def _build_adapter_class():
+    import lm_eval.models.huggingface as hf_module
+    from lm_eval.api.registry import register_model
+
+    HFLM = _hflm_class()
+
+    class MaskedHFLM(HFLM):
+        """HFLM on an already-loaded (and possibly hooked) model; marks lm-eval's padding in the attention mask."""
+
+        def __init__(self, pretrained, tokenizer=None, batch_size: int = DEFAULT_BATCH_SIZE, max_length=None, **kwargs):
+            if isinstance(pretrained, str):
+                raise HarnessError(f"{ADAPTER_NAME} wraps a loaded model: pass pretrained=<PreTrainedModel>")
+            super().__init__(pretrained=pretrained, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
+                             max_length=max_length, **kwargs)
+            self._lengths: list[int] | None = None
+
+        @contextmanager
+        def _recording_lengths(self):
+            """While lm-eval builds a loglikelihood batch, remember the unpadded length of every row."""
+            original = hf_module.pad_and_concat
+            adapter = self
+
+            def recording(max_length, tensors, padding_side="right"):
+                adapter._lengths = [int(t.shape[0]) for t in tensors]
+                return original(max_length, tensors, padding_side=padding_side)
+
+            hf_module.pad_and_concat = recording
+            try:
+                yield
+            finally:
+                hf_module.pad_and_concat = original
+                self._lengths = None
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            with self._recording_lengths():
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            lengths, self._lengths = self._lengths, None
+            if attn_mask is None and labels is None and lengths is not None and len(lengths) == inps.shape[0]:
+                positions = torch.arange(inps.shape[1], device=inps.device)
+                mask = (positions[None, :] < torch.tensor(lengths, device=inps.device)[:, None]).long()
+                with torch.no_grad():
+                    return self.model(input_ids=inps, attention_mask=mask).logits
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+    try:
+        register_model(ADAPTER_NAME)(MaskedHFLM)
+    except (AssertionError, ValueError):  # already registered (module reloaded)
+        pass
+    return MaskedHFLM
+
+
+_ADAPTER_CLASS = None
+
+
+def adapter_class():
+    global _ADAPTER_CLASS
+    if _ADAPTER_CLASS is None:
+        _ADAPTER_CLASS = _build_adapter_class()
+    return _ADAPTER_CLASS
+
+
+def make_adapter(model, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE, max_length=None):
+    with _quiet():
+        return adapter_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+# -- tasks ----------------------------------------------------------------------------------------------
+def hf_dataset_cached(path: str) -> bool:
+    """Whether the Hugging Face data set `path` (owner/name) is in the local hub or datasets cache."""
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    hub = Path(os.environ.get("HF_HUB_CACHE", os.environ.get("HUGGINGFACE_HUB_CACHE", home / "hub")))
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets"))
+    return (hub / f"datasets--{path.replace('/', '--')}").is_dir() or (datasets_cache / path.replace("/", "___")).is_dir()
+
+
+def choose_source(task: ZeroShotTask, setting: str = "auto") -> str:
+    if setting not in SOURCES:
+        raise HarnessError(f"unknown lm-eval data source {setting!r}; valid: {', '.join(SOURCES)}")
+    if setting == "auto":
+        return "hf" if hf_dataset_cached(task.hf_dataset[0]) else "local"
+    return setting
+
+
+_MANAGERS: dict = {}
+
+
+def task_manager(data_dir) -> "object":
+    """lm-eval's TaskManager with the offline task files, their loaders pointed at `data_dir` (cached)."""
+    key = str(data_dir)
+    if key not in _MANAGERS:
+        from lm_eval.tasks import TaskManager
+
+        with _quiet():
+            _MANAGERS[key] = TaskManager(include_path=str(LOCAL_TASKS_DIR), metadata={"data_dir": key})
+    return _MANAGERS[key]
+
+
+@contextmanager
+def _quiet():
+    """lm-eval and datasets log a lot at INFO/WARNING; keep errors only while they run."""
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval", "datasets")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    previous = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"  # bootstrap stderr in-process: no fork of a process holding a model
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if previous is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = previous
+
+
+def run_lm_eval(lm, task_names: list[str], manager, *, limit=None, num_fewshot: int = 0, log_samples: bool = False,
+                bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS, seed: int | None = None) -> dict:
+    """lm-eval's `simple_evaluate` on an adapter, with every response/request cache off."""
+    from lm_eval import simple_evaluate
+
+    kwargs = {}
+    if seed is not None:  # lm-eval's defaults are 0 / 1234; the harness seed only moves the few-shot sampler
+        kwargs["fewshot_random_seed"] = seed
+    with _quiet():
+        return simple_evaluate(model=lm, tasks=task_names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                               use_cache=None, cache_requests=False, log_samples=log_samples,
+                               bootstrap_iters=bootstrap_iters, **kwargs)
+
+
+def jsonable(results: dict) -> dict:
+    from lm_eval.utils import handle_non_serializable
+
+    return json.loads(json.dumps(results, default=handle_non_serializable))
+
+
+def _value(entry: dict, metric: str, suffix: str = ""):
+    value = entry.get(f"{metric}{suffix},none")
+    if value is None or value == "N/A":
+        return None
+    return float(value)
+
+
+def records_from_results(task: ZeroShotTask, lm_task: str, results: dict, source: str, num_fewshot: int) -> list[dict]:
+    from harness.lmeval_data import FIDELITY
+    import lm_eval
+
+    entry = results["results"][lm_task]
+    n = results.get("n-samples", {}).get(lm_task, {}).get("effective")
+    if source == "hf":
+        fidelity, note = "exact", "lm-eval's own task and data set (Hugging Face cache)"
+    else:
+        fidelity, note = FIDELITY[task.converter]
+        if num_fewshot:
+            fidelity = "approximate" if fidelity == "exact" else fidelity
+            note += "; offline few-shot examples come from the evaluation split (lm-eval samples the training split)"
+    version = getattr(lm_eval, "__version__", "?")
+    out = []
+    for lm_metric, name in task.metrics:
+        value = _value(entry, lm_metric)
+        if value is None:
+            continue
+        protocol = (f"lm-eval {version} {task.lm_eval_task}, {num_fewshot}-shot, {lm_metric}"
+                    + (", document-level rolling loglikelihood" if task.kind == "perplexity" else ""))
+        out.append({"metric": name, "value": value, "stderr": _value(entry, lm_metric, "_stderr"), "n": n,
+                    "protocol": protocol, "lm_eval_task": lm_task, "data_source": source, "fidelity": fidelity,
+                    "fidelity_note": note, "num_fewshot": num_fewshot})
+    return out
+
+
+def _run_dir(session):
+    run_dir = getattr(session, "run_dir", None)
+    return Path(run_dir) if run_dir else None
+
+
+def save_results(session, job, results: dict) -> Path | None:
+    """lm-eval's results JSON (and samples, if logged) in `<run_dir>/lm_eval/`; None without a run folder."""
+    from harness.store import write_atomic
+
+    run_dir = _run_dir(session)
+    if run_dir is None:
+        return None
+    results = jsonable(results)
+    samples = results.pop("samples", None)
+    path = run_dir / "lm_eval" / f"{job.key}.json"
+    write_atomic(path, json.dumps(results, indent=1, sort_keys=True))
+    if samples:
+        lines = [json.dumps({"task": name, **sample}, sort_keys=True) for name, rows in samples.items() for sample in rows]
+        write_atomic(run_dir / "lm_eval" / f"{job.key}.samples.jsonl", "\n".join(lines) + "\n")
+    return path
+
+
+def _setting(config, name, default):
+    value = getattr(config, name, None)
+    if value is None:
+        value = (getattr(config, "method_settings", None) or {}).get("lm_eval", {}).get(name)
+    return default if value is None else value
+
+
+def evaluate_task(session, job, config, progress) -> list[dict]:
+    """The `evaluate` of every zero-shot task: one lm-eval task on the session's (hooked) model."""
+    task = ZERO_SHOT[job.task]
+    num_fewshot = int(_setting(config, "num_fewshot", 0))
+    batch_size = int(_setting(config, "batch_size", DEFAULT_BATCH_SIZE))
+    source = choose_source(task, _setting(config, "lmeval_source", "auto"))
+    lm = session.token_cache(f"lm_eval:adapter:{batch_size}",
+                             lambda: make_adapter(session.model, session.tokenizer, batch_size=batch_size))
+    lm_task = task.lm_eval_task if source == "hf" else task.local_task
+    if progress is not None:
+        progress.total(1)
+    results = run_lm_eval(lm, [lm_task], task_manager(session.data.root), limit=config.limit, num_fewshot=num_fewshot,
+                          log_samples=bool(_setting(config, "log_samples", False)),
+                          bootstrap_iters=int(_setting(config, "bootstrap_iters", DEFAULT_BOOTSTRAP_ITERS)))
+    records = records_from_results(task, lm_task, results, source, num_fewshot)
+    path = save_results(session, job, results)
+    if path is not None:
+        for record in records:
+            record["lm_eval_results"] = str(path.relative_to(path.parent.parent))
+    if progress is not None:
+        progress.advance(1)
+    if not records:
+        raise HarnessError(f"lm-eval returned no metrics for {lm_task}: {sorted(results['results'].get(lm_task, {}))}")
+    return records
+
+
+def fidelity_notes(records: list[dict]) -> str:
+    """Footnotes for table.md: one line per task whose numbers do not come from exactly lm-eval's data."""
+    notes = {}
+    for r in records:
+        if r.get("fidelity") not in (None, "exact"):
+            notes.setdefault(r["task"], f"{r['fidelity']}: {r.get('fidelity_note', '')}")
+    return "\n".join(f"- † {task}: {note}" for task, note in sorted(notes.items()))
+
+
+def register_tasks(tasks: dict, task_def_cls) -> None:
+    """Add the zero-shot tasks to the harness TASKS registry."""
+    for task in ZERO_SHOT.values():
+        tasks[task.name] = task_def_cls(task.name, task.kind, task.description, task.files, evaluate_task)
