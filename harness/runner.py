@@ -100,11 +100,12 @@ class FitContext:
         return ids[: count * config.calib_seqlen].view(count, config.calib_seqlen)
 
     def base_key(self) -> dict:
-        """What every fitted artefact of this model and calibration set depends on."""
+        """What every fitted artefact of this model and calibration set depends on. Methods whose fit is
+        random (predictor training) add `seed` themselves; deterministic fits are shared across seeds."""
         config = self.config
         return {"model": self.session.model_identity, "dtype": dtype_name(self.session.dtype),
                 "data": self.data.fingerprint, "calib_data": config.calib_data,
-                "calib_samples": config.calib_samples, "calib_seqlen": config.calib_seqlen, "seed": config.seed}
+                "calib_samples": config.calib_samples, "calib_seqlen": config.calib_seqlen}
 
 
 def now() -> str:

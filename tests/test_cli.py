@@ -138,7 +138,7 @@ def test_list_unknown_exits_2():
 def test_killed_run_resumes_with_only_the_missing_jobs(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "harness", "run", "--suite", "smoke", "--model", str(tiny_model_dir),
-               "--weights", "pretrained", "--seqlen", "512", "--limit", "40", "--out", str(out),
+               "--weights", "pretrained", "--seqlen", "256", "--limit", "12", "--out", str(out),
                "--methods", "dense,random", "--sparsity", "0.2,0.4,0.6,0.8"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -1,0 +1,70 @@
+"""static: one fixed mask for every token, from importance aggregated over calibration data.
+
+`fit` runs one forward-backward pass per calibration example (`ctx.calibration_ids()`: WikiText-2 valid by
+default, `calib_samples` examples of `calib_seqlen` tokens), scores every head and FFN neuron with the
+criteria of methods.criteria and averages the per-token scores over all calibration tokens. The (L, H)
+head and (L, F) neuron scores of every criterion are cached as one `importance` artefact shared by all
+variants; the variant picks its criterion. The policy returns these scores at
+every token, so the engine skips the same lowest-scored units everywhere (per layer with `local`
+allocation, ranked across layers with `global`).
+"""
+from __future__ import annotations
+
+import torch
+
+from harness.engine import MaskPolicy
+from harness.errors import HarnessError
+from methods import Method, register
+from methods.criteria import ALL_CRITERIA, fit_importance
+
+class StaticPolicy(MaskPolicy):
+    """Fixed scores: (L, H) for heads and (L, F) for neurons, the same at every token."""
+
+    def __init__(self, heads: torch.Tensor, neurons: torch.Tensor):
+        self.tables = {"heads": heads.float(), "neurons": neurons.float()}
+        self._on_device: dict = {}
+
+    def table(self, unit: str, device) -> torch.Tensor:
+        key = (unit, str(device))
+        if key not in self._on_device:
+            self._on_device[key] = self.tables[unit].to(device)
+        return self._on_device[key]
+
+    def head_scores(self, layer, state, head_out):
+        batch, seq = head_out.shape[:2]
+        row = self.table("heads", head_out.device)[layer]
+        return row.expand(batch, seq, row.shape[-1])
+
+    def neuron_scores(self, layer, state, act):
+        batch, seq = act.shape[:2]
+        row = self.table("neurons", act.device)[layer]
+        return row.expand(batch, seq, row.shape[-1])
+
+    def global_scores(self, unit, state):
+        batch, seq = state.shape
+        table = self.table(unit, state.positions.device)
+        return table.expand(batch, seq, *table.shape)
+
+
+@register
+class Static(Method):
+    name = "static"
+    variants = ALL_CRITERIA
+    default_variant = "plainact"
+    description = "the same units skipped at every token: importance (variant = criterion) averaged over calibration data"
+
+    def fit(self, ctx, allocation):
+        return fit_importance(ctx)  # every criterion from one calibration pass, shared by all variants
+
+    def policy(self, ctx, allocation, artefact):
+        if artefact is None:
+            raise HarnessError("static needs its fitted importance scores (run fit first)")
+        config = ctx.model.config
+        heads, neurons = artefact.tensors[f"{self.variant}.heads"], artefact.tensors[f"{self.variant}.neurons"]
+        expected = {"heads": (config.num_hidden_layers, config.num_attention_heads),
+                    "neurons": (config.num_hidden_layers, config.ffn_dim)}
+        for unit, tensor in (("heads", heads), ("neurons", neurons)):
+            if tuple(tensor.shape) != expected[unit]:
+                raise HarnessError(f"static artefact {artefact.path}: {unit} scores have shape {tuple(tensor.shape)}, "
+                                   f"the model needs {expected[unit]}")
+        return StaticPolicy(heads, neurons)
