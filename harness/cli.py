@@ -40,6 +40,16 @@ def _split(text: Optional[str]) -> Optional[list]:
     return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _seeds(text: Optional[str]):
+    if text is None:
+        return None
+    try:
+        seeds = [int(part) for part in _split(text)]
+    except ValueError:
+        raise HarnessError(f"cannot read --seed {text!r}; write an integer or a list like 0,1,2") from None
+    return seeds[0] if len(seeds) == 1 else seeds
+
+
 class RunUI:
     """Rich progress bars: one for the run's jobs, one for the windows/examples of the current job."""
 
@@ -137,7 +147,9 @@ def run(
                                                       "h0.5 (heads), n0.9 (neurons), h0.5/n0.9."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks (see `harness list tasks`)."),
     limit: Optional[int] = typer.Option(None, help="Perplexity: number of windows; other tasks: examples."),
-    seed: Optional[int] = typer.Option(None, help="Seed of random weights, random masks and fitting."),
+    seed: Optional[str] = typer.Option(None, help="Seed(s) of random masks and predictor training; 0,1,2 runs seeded "
+                                                  "methods once per seed (tables: mean ± std over seeds)."),
+    weight_seed: Optional[int] = typer.Option(None, help="Seed of --weights random."),
     executor: Optional[str] = typer.Option(None, help="Where jobs run: local (in-process)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: results/<suite>-<model>-<weights>-<hash>)."),
     data_dir: Optional[Path] = typer.Option(None, help="Data directory (else HARNESS_DATA_DIR, else ../shared/data)."),
@@ -151,6 +163,12 @@ def run(
     dense_layers: Optional[str] = typer.Option(None, help="Comma-separated layers kept dense, e.g. 0."),
     calib_samples: Optional[int] = typer.Option(None, help="Calibration samples for methods that fit."),
     cache_dir: Optional[Path] = typer.Option(None, help="Artefact cache (else HARNESS_CACHE_DIR, else results/cache)."),
+    num_fewshot: Optional[int] = typer.Option(None, help="Zero-shot tasks: few-shot examples (0 = zero-shot)."),
+    batch_size: Optional[int] = typer.Option(None, help="Zero-shot tasks: lm-eval batch size (default 16)."),
+    lmeval_source: Optional[str] = typer.Option(None, help="Zero-shot data: auto (lm-eval's own if cached, else the "
+                                                           "offline copies), local or hf."),
+    log_samples: Optional[bool] = typer.Option(None, "--log-samples/--no-log-samples",
+                                               help="Zero-shot tasks: keep lm-eval's per-sample logs in the run folder."),
 ):
     """Run a suite: expand model × method × sparsity × task into jobs, run them, write records and tables.
 
@@ -163,7 +181,9 @@ def run(
     from harness.tables import write_tables
 
     overrides = dict(methods=_split(methods), model=model, weights=weights, sparsity=_split(sparsity),
-                     tasks=_split(tasks), limit=limit, seed=seed, executor=executor, device=device, dtype=dtype,
+                     tasks=_split(tasks), limit=limit, seed=_seeds(seed), weight_seed=weight_seed, executor=executor,
+                     device=device, dtype=dtype, num_fewshot=num_fewshot, batch_size=batch_size,
+                     lmeval_source=lmeval_source, log_samples=log_samples,
                      seqlen=seqlen, stride=stride, allocation=allocation, scope=scope,
                      dense_layers=[int(x) for x in _split(dense_layers)] if dense_layers else None,
                      calib_samples=calib_samples)
@@ -174,6 +194,7 @@ def run(
     store.claim(identity, config_dict(config))
     console.print(f"run folder: {run_dir} · {len(jobs)} jobs · executor {config.executor}")
     session = Session(config, data, cache_cls(cache_dir, log=console.print), tokenizer, log=console.print)
+    session.run_dir = run_dir
     with RunUI() as ui:
         summary = EXECUTORS[config.executor]().run(jobs, session, store, ui)
     written = write_tables(run_dir, store.records(), store.failures())
@@ -216,7 +237,7 @@ def fit(
     alloc = Allocation(heads=target["heads"], neurons=target["neurons"], mode=allocation)
     session = Session(config, DataDir.resolve(data_dir), ArtefactCache(cache_dir, log=console.print), tokenizer,
                       log=console.print)
-    artefact = plugin.fit(session.fit_context(plugin.name), alloc)
+    artefact = plugin.fit(session.fit_context(plugin.name, seed), alloc)
     if artefact is None:
         console.print(f"{plugin.label} has nothing to fit")
         return
@@ -275,6 +296,24 @@ def list_(what: str = typer.Argument(..., help="methods, suites, models or tasks
         for name, task in sorted(TASKS.items()):
             out.add_row(name, task.kind, task.description)
     Console().print(out)
+
+
+@app.command()
+@handle_errors
+def compare(
+    run_dir: Path = typer.Argument(..., help="A run folder (holds records.jsonl)."),
+    reference: str = typer.Option(..., help="Published numbers: a name in suites/references (e.g. sedghi-table1) or a YAML path."),
+    out: Optional[Path] = typer.Option(None, help="Also write the comparison (markdown) to this file."),
+):
+    """Put a run beside the numbers printed in a paper, matched on model, method, sparsity, task and metric,
+    with differences; rows without a counterpart are listed, not dropped."""
+    from harness.compare import run_compare
+    from harness.store import write_atomic
+
+    text = run_compare(run_dir, reference)
+    if out is not None:
+        write_atomic(out, text)
+    print(text)
 
 
 def main():  # pragma: no cover - console entry point

@@ -198,6 +198,13 @@ def _quiet():
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
+    try:
+        import datasets
+
+        bars = datasets.utils.logging.is_progress_bar_enabled()
+        datasets.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        datasets, bars = None, False
     previous = os.environ.get("DISABLE_MULTIPROC")
     os.environ["DISABLE_MULTIPROC"] = "1"  # bootstrap stderr in-process: no fork of a process holding a model
     try:
@@ -205,6 +212,8 @@ def _quiet():
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+        if bars:
+            datasets.utils.logging.enable_progress_bar()
         if previous is None:
             os.environ.pop("DISABLE_MULTIPROC", None)
         else:
@@ -318,15 +327,6 @@ def evaluate_task(session, job, config, progress) -> list[dict]:
     if not records:
         raise HarnessError(f"lm-eval returned no metrics for {lm_task}: {sorted(results['results'].get(lm_task, {}))}")
     return records
-
-
-def fidelity_notes(records: list[dict]) -> str:
-    """Footnotes for table.md: one line per task whose numbers do not come from exactly lm-eval's data."""
-    notes = {}
-    for r in records:
-        if r.get("fidelity") not in (None, "exact"):
-            notes.setdefault(r["task"], f"{r['fidelity']}: {r.get('fidelity_note', '')}")
-    return "\n".join(f"- † {task}: {note}" for task, note in sorted(notes.items()))
 
 
 def register_tasks(tasks: dict, task_def_cls) -> None:

@@ -30,6 +30,7 @@ class Session:
         self.cache = cache
         self.tokenizer_dir = tokenizer_dir
         self.log = log
+        self.run_dir = None  # set by the CLI: tasks that write beside the records (lm-eval results) use it
         self.model_spec = ModelSpec(config.model, config.weights)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -37,7 +38,7 @@ class Session:
 
     @cached_property
     def model(self):
-        return load_model(self.model_spec, device=self.device, dtype=self.dtype, seed=self.config.seed,
+        return load_model(self.model_spec, device=self.device, dtype=self.dtype, seed=self.config.weight_seed,
                           attn_implementation=self.config.attn)
 
     @cached_property
@@ -53,8 +54,9 @@ class Session:
             self._tokens[name] = make()
         return self._tokens[name]
 
-    def fit_context(self, method_name: str) -> "FitContext":
-        return FitContext(self, self.config.method_settings.get(method_name, {}))
+    def fit_context(self, method_name: str, seed: int | None = None) -> "FitContext":
+        seed = self.config.seeds[0] if seed is None else seed
+        return FitContext(self, self.config.method_settings.get(method_name, {}), seed)
 
 
 @dataclass
@@ -63,6 +65,7 @@ class FitContext:
 
     session: Session
     settings: dict
+    seed: int
 
     @property
     def model(self):
@@ -83,10 +86,6 @@ class FitContext:
     @property
     def config(self) -> RunConfig:
         return self.session.config
-
-    @property
-    def seed(self) -> int:
-        return self.session.config.seed
 
     def log(self, message: str) -> None:
         self.session.log(message)
@@ -118,7 +117,7 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
     started = now()
     spec = MethodSpec.parse(job.method)
     task = get_task(job.task)
-    ctx = session.fit_context(spec.name)
+    ctx = session.fit_context(spec.name, job.seed)
     method = get_method(spec, ctx.settings)
     allocation = job.allocation(config)
     timings = {}
@@ -142,7 +141,7 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
         "scope": config.scope, "allocation": config.allocation, "dense_layers": list(config.dense_layers),
         "sparsity": job.sparsity, "sparsity_heads": job.heads, "sparsity_neurons": job.neurons,
         "achieved_heads": achieved["achieved_heads"], "achieved_neurons": achieved["achieved_neurons"],
-        "task": job.task, "seed": config.seed, "limit": config.limit,
+        "task": job.task, "seed": job.seed, "weight_seed": config.weight_seed, "limit": config.limit,
         "timings": {k: round(v, 3) for k, v in timings.items()}, "provenance": provenance(),
     }
     if artefact is not None and artefact.path is not None:

@@ -44,7 +44,8 @@ class RunConfig:
     sparsity: list = field(default_factory=lambda: ["0.5"])
     tasks: list = field(default_factory=lambda: ["wikitext2"])
     limit: int | None = None  # perplexity: windows; other tasks: examples
-    seed: int = 0
+    seed: int | list = 0  # method seeds (random masks, predictor training); a list makes one job per seed
+    weight_seed: int = 0  # seed of random weights
     dtype: str = "auto"
     device: str = "auto"
     attn: str = "sdpa"
@@ -59,9 +60,20 @@ class RunConfig:
     calib_seqlen: int = 512
     method_settings: dict = field(default_factory=dict)
     executor: str = "local"
+    # zero-shot (lm-eval)
+    num_fewshot: int = 0
+    lmeval_source: str = "auto"  # auto (lm-eval's own data if cached, else local), local, hf
+    bootstrap_iters: int | None = None
+    batch_size: int | None = None
+    log_samples: bool = False
 
-    IDENTITY = ("suite", "model", "weights", "limit", "seed", "dtype", "attn", "seqlen", "stride", "allocation",
-                "scope", "dense_layers", "min_keep", "calib_data", "calib_samples", "calib_seqlen", "method_settings")
+    IDENTITY = ("suite", "model", "weights", "weight_seed", "limit", "dtype", "attn", "seqlen", "stride", "allocation",
+                "scope", "dense_layers", "min_keep", "calib_data", "calib_samples", "calib_seqlen", "method_settings",
+                "num_fewshot", "lmeval_source", "bootstrap_iters")
+
+    @property
+    def seeds(self) -> list[int]:
+        return [int(s) for s in (self.seed if isinstance(self.seed, (list, tuple)) else [self.seed])]
 
     @classmethod
     def from_mapping(cls, values: dict, where: str) -> "RunConfig":
@@ -86,6 +98,12 @@ class RunConfig:
                 raise HarnessError(f"{name} must be at least 1 (got {value})")
         if not self.methods:
             raise HarnessError("no methods given")
+        if self.lmeval_source not in ("auto", "local", "hf"):
+            raise HarnessError(f"unknown lmeval_source {self.lmeval_source!r}; valid: auto, local, hf")
+        if self.num_fewshot < 0:
+            raise HarnessError(f"num_fewshot must be >= 0 (got {self.num_fewshot})")
+        if not self.seeds:
+            raise HarnessError("no seed given")
 
     def identity(self, model_identity: str, data_fingerprint: str, dtype: str) -> dict:
         values = {name: getattr(self, name) for name in self.IDENTITY}
@@ -102,6 +120,7 @@ class JobSpec:
     heads: float
     neurons: float
     task: str
+    seed: int
     run: tuple  # sorted items of the run identity
 
     @property
@@ -111,7 +130,7 @@ class JobSpec:
 
     def describe(self) -> dict:
         return {"method": self.method, "sparsity": self.sparsity, "heads": self.heads, "neurons": self.neurons,
-                "task": self.task, "run": dict(self.run)}
+                "task": self.task, "seed": self.seed, "run": dict(self.run)}
 
     def allocation(self, config: RunConfig) -> Allocation:
         return Allocation(heads=self.heads, neurons=self.neurons, mode=config.allocation,
@@ -119,7 +138,8 @@ class JobSpec:
 
 
 def expand_jobs(config: RunConfig, identity: dict) -> list[JobSpec]:
-    """model × method × sparsity × task, deduplicated; a method without units (dense) gets one sparsity."""
+    """method × sparsity × task × seed, deduplicated; a method without units (dense) gets one sparsity,
+    a method whose result does not depend on the seed (not `seeded`) gets the first seed only."""
     run = tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in identity.items()))
     jobs, seen = [], set()
     for method_text in config.methods:
@@ -132,10 +152,11 @@ def expand_jobs(config: RunConfig, identity: dict) -> list[JobSpec]:
                 if value and unit not in method.sparsifiable:
                     raise HarnessError(f"method {method.label} does not sparsify {unit} (sparsity {label})")
             for task in config.tasks:
-                job = JobSpec(method.label, label, target["heads"], target["neurons"], task, run)
-                if job.key not in seen:
-                    seen.add(job.key)
-                    jobs.append(job)
+                for seed in config.seeds if method.seeded else config.seeds[:1]:
+                    job = JobSpec(method.label, label, target["heads"], target["neurons"], task, seed, run)
+                    if job.key not in seen:
+                        seen.add(job.key)
+                        jobs.append(job)
     return jobs
 
 

@@ -23,7 +23,8 @@ def row_label(record: dict) -> str:
 
 
 def column_label(record: dict, multi_metric: set) -> str:
-    return f"{record['task']} {record['metric']}" if record["task"] in multi_metric else record["task"]
+    label = f"{record['task']} {record['metric']}" if record["task"] in multi_metric else record["task"]
+    return label + ("†" if record.get("fidelity") not in (None, "exact") else "")
 
 
 def _number(value) -> str:
@@ -43,6 +44,31 @@ def _sparsity_key(label: str):
         return (0, float(label), label)
     except ValueError:
         return (1, 0.0, label)
+
+
+def over_seeds(records: list[dict]) -> list[dict]:
+    """One record per (job without seed, metric): several seeds become mean ± std over seeds."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in records:
+        cells.setdefault((row_label(r), r["task"], r["metric"], str(r["sparsity"]), r["model"], r["weights"],
+                          r.get("suite", "")), []).append(r)
+    merged = []
+    for rows in cells.values():
+        if len(rows) == 1:
+            merged.append(rows[0])
+            continue
+        values = [r["value"] for r in rows]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        merged.append({**rows[0], "value": mean, "stderr": std, "seeds": sorted(r["seed"] for r in rows),
+                       "achieved_heads": _mean([r.get("achieved_heads") for r in rows]),
+                       "achieved_neurons": _mean([r.get("achieved_neurons") for r in rows])})
+    return merged
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def groups(records: list[dict]) -> dict[tuple, list[dict]]:
@@ -73,7 +99,11 @@ def frame(records: list[dict], value_of=lambda r: cell(r["value"], r.get("stderr
 
 def header(model: str, weights: str, suite: str, records: list[dict]) -> str:
     metrics = sorted({r["metric"] for r in records})
-    return f"model: {model} · weights: {weights} · suite: {suite} · metrics: {', '.join(metrics)}"
+    text = f"model: {model} · weights: {weights} · suite: {suite} · metrics: {', '.join(metrics)}"
+    seeds = {len(r["seeds"]) for r in records if "seeds" in r}
+    if seeds:
+        text += f" · seeded methods: mean ± std over {'/'.join(map(str, sorted(seeds)))} seeds"
+    return text
 
 
 def achieved_cell(record: dict) -> str:
@@ -94,13 +124,16 @@ def flat_columns(table: pd.DataFrame) -> pd.DataFrame:
 
 def markdown(records: list[dict], failures: list[dict] = ()) -> str:
     blocks = []
-    for (model, weights, suite), rows in groups(records).items():
+    for (model, weights, suite), rows in groups(over_seeds(records)).items():
         blocks.append(f"## {header(model, weights, suite, rows)}\n")
         blocks.append(flat_columns(frame(rows)).to_markdown() + "\n")
-        first_per_job = list({r["job"]: r for r in rows}.values())
-        achieved = frame(first_per_job, value_of=achieved_cell)
+        first_per_cell = list({(row_label(r), r["task"], str(r["sparsity"])): r for r in rows}.values())
+        achieved = frame(first_per_cell, value_of=achieved_cell)
         blocks.append("Requested → achieved sparsity (fraction of heads h / neurons n skipped per token):\n")
         blocks.append(flat_columns(achieved).to_markdown() + "\n")
+        notes = fidelity_notes(rows)
+        if notes:
+            blocks.append(notes + "\n")
     if failures:
         blocks.append("## Failed jobs\n")
         for job in failures:
@@ -117,9 +150,18 @@ def _latex_escape(text: str) -> str:
     return text.replace("±", r"$\pm$").replace("→", r"$\to$").replace("–", "--").replace("·", r"$\cdot$")
 
 
+def fidelity_notes(records: list[dict]) -> str:
+    """Footnotes (†) for tasks whose data is not exactly lm-eval's (see harness/lmeval.py)."""
+    notes = {}
+    for r in records:
+        if r.get("fidelity") not in (None, "exact"):
+            notes.setdefault(r["task"], f"{r['fidelity']}: {r.get('fidelity_note', '')}")
+    return "\n".join(f"- † {task}: {note}" for task, note in sorted(notes.items()))
+
+
 def latex(records: list[dict]) -> str:
     blocks = []
-    for (model, weights, suite), rows in groups(records).items():
+    for (model, weights, suite), rows in groups(over_seeds(records)).items():
         table = frame(rows)
         table = table.map(_latex_escape)
         table.index = [_latex_escape(i) for i in table.index]
@@ -140,7 +182,7 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    for (model, weights, suite), rows in groups(records).items():
+    for (model, weights, suite), rows in groups(over_seeds(records)).items():
         for (task, metric) in dict.fromkeys((r["task"], r["metric"]) for r in rows):
             points = [r for r in rows if r["task"] == task and r["metric"] == metric]
             levels = {r["sparsity"] for r in points if r["method"] != "dense"}

@@ -43,6 +43,8 @@ class Method:
       variants: the accepted variants; default_variant is used when none is given.
       units: what a plain sparsity value sparsifies ({"heads"}, {"neurons"} or both).
       supports: what an explicit target (h0.5, n0.9) may sparsify; defaults to `units`.
+      seeded: whether results depend on the seed (random masks, trained predictors); `--seed 0,1,2`
+        repeats only seeded methods.
       description: one line for `harness list methods`.
     """
 
@@ -51,6 +53,7 @@ class Method:
     default_variant: ClassVar[str | None] = None
     units: ClassVar[frozenset] = frozenset(UNITS)
     supports: ClassVar[frozenset | None] = None
+    seeded: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def __init__(self, variant: str | None, settings: dict | None = None):

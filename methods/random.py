@@ -53,6 +53,7 @@ class RandomPolicy(MaskPolicy):
 @register
 class Random(Method):
     name = "random"
+    seeded = True
     description = "seeded random heads/neurons skipped per token"
 
     def policy(self, ctx, allocation, artefact):

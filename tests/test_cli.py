@@ -86,8 +86,8 @@ def test_a_run_folder_of_another_spec_is_refused(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     assert tiny_run(tiny_model_dir, out, "--methods", "dense").exit_code == 0
     before = (out / "records.jsonl").read_text()
-    result = tiny_run(tiny_model_dir, out, "--methods", "dense", "--seed", 5)
-    assert result.exit_code == 2 and "another spec" in result.output and "seed" in result.output
+    result = tiny_run(tiny_model_dir, out, "--methods", "dense", "--weight-seed", 5)
+    assert result.exit_code == 2 and "another spec" in result.output and "weight_seed" in result.output
     assert (out / "records.jsonl").read_text() == before
 
 
@@ -156,3 +156,19 @@ def test_killed_run_resumes_with_only_the_missing_jobs(tiny_model_dir, tmp_path)
     for name, text in finished.items():  # what was written before the kill is untouched
         assert (out / "jobs" / name).read_text() == text
     assert len((out / "records.jsonl").read_text().splitlines()) == 5
+
+
+def test_seed_list_repeats_only_seeded_methods_and_tables_show_mean_and_std(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = tiny_run(tiny_model_dir, out, "--methods", "dense,random,norm-mask", "--seed", "0,1,2")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert sorted(r["seed"] for r in records if r["method"] == "random") == [0, 1, 2]
+    assert [r["seed"] for r in records if r["method"] != "random"] == [0, 0]
+    values = [r["value"] for r in records if r["method"] == "random"]
+    mean = sum(values) / 3
+    std = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5
+    from harness.tables import cell
+
+    table = (out / "table.md").read_text()
+    assert "mean ± std over 3 seeds" in table and cell(mean, std) in table
