@@ -1,6 +1,6 @@
 """The artefact cache: fitted statistics and predictors, stored as safetensors + JSON metadata.
 
-Each artefact lives in `<cache>/<kind>/<key>/` where key hashes everything it depends on (model
+Each artefact lives in `<cache>/<kind>/<key>/` (meta.json + one or more safetensors shards) where key hashes everything it depends on (model
 identity, data, budget, criterion, hyper-parameters). A corrupt or half-written artefact is reported
 and rebuilt; a finished one is reused (the `builds` counter tells tests how many were made).
 """
@@ -39,8 +39,9 @@ class CorruptArtefact(Exception):
 
 
 class ArtefactCache:
-    def __init__(self, root: str | Path | None = None, log=print):
+    def __init__(self, root: str | Path | None = None, log=print, shard_bytes: int = 1 << 30):
         self.root = Path(root or os.environ.get("HARNESS_CACHE_DIR") or DEFAULT_CACHE_DIR)
+        self.shard_bytes = shard_bytes
         self.log = log
         self.builds = 0
         self.hits = 0
@@ -66,11 +67,16 @@ class ArtefactCache:
         return self.store(folder, tensors, meta)
 
     def store(self, folder: Path, tensors: dict, meta: dict) -> Artefact:
+        """Write tensors (sharded into files of at most `shard_bytes`) and meta atomically into `folder`."""
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        save_file(tensors, str(staging / "tensors.safetensors"))
-        meta = {**meta, "tensors_sha256": sha256_file(staging / "tensors.safetensors")}
+        files = {}
+        for index, shard in enumerate(_shards(tensors, self.shard_bytes)):
+            name = "tensors.safetensors" if index == 0 else f"tensors.{index}.safetensors"
+            save_file(shard, str(staging / name))
+            files[name] = sha256_file(staging / name)
+        meta = {**meta, "files": files}
         (staging / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
         if folder.exists():  # another worker finished first: keep theirs
             shutil.rmtree(staging, ignore_errors=True)
@@ -80,17 +86,36 @@ class ArtefactCache:
 
     @staticmethod
     def load(folder: Path) -> Artefact:
-        meta_path, tensor_path = folder / "meta.json", folder / "tensors.safetensors"
-        if not meta_path.exists() or not tensor_path.exists():
-            raise CorruptArtefact("meta.json or tensors.safetensors is missing")
+        meta_path = folder / "meta.json"
+        if not meta_path.exists():
+            raise CorruptArtefact("meta.json is missing")
         try:
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as exc:
             raise CorruptArtefact(f"meta.json is not JSON ({exc})") from exc
-        if meta.get("tensors_sha256") != sha256_file(tensor_path):
-            raise CorruptArtefact("tensors.safetensors does not match the sha256 in meta.json")
-        try:
-            tensors = load_file(str(tensor_path))
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several types
-            raise CorruptArtefact(f"cannot read tensors ({exc})") from exc
+        tensors = {}
+        for name, digest in meta.get("files", {}).items():
+            path = folder / name
+            if not path.exists():
+                raise CorruptArtefact(f"{name} is missing")
+            if sha256_file(path) != digest:
+                raise CorruptArtefact(f"{name} does not match the sha256 in meta.json")
+            try:
+                tensors.update(load_file(str(path)))
+            except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+                raise CorruptArtefact(f"cannot read {name} ({exc})") from exc
+        if not meta.get("files"):
+            raise CorruptArtefact("meta.json lists no tensor files")
         return Artefact(tensors, meta, folder)
+
+
+def _shards(tensors: dict, limit: int):
+    shard, size = {}, 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > limit:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = tensor
+        size += nbytes
+    yield shard

@@ -197,7 +197,7 @@ def run(
     session.run_dir = run_dir
     with RunUI() as ui:
         summary = EXECUTORS[config.executor]().run(jobs, session, store, ui)
-    written = write_tables(run_dir, store.records(), store.failures())
+    written = write_tables(run_dir, store.records(), store.failures(), jobs=store.jobs())
     console.print(f"{summary.ran} ran, {summary.skipped} already done, {summary.failed} failed")
     for path in written:
         console.print(f"wrote {path}")
@@ -258,9 +258,9 @@ def table(
     if format != "all" and format not in FORMATS:
         raise HarnessError(f"unknown format {format!r}; valid: md, latex, all")
     records = read_records(run_dir)
-    failures = RunStore(run_dir).failures()
-    write_tables(run_dir, records, failures, formats)
-    print(latex(records) if formats == ("latex",) else markdown(records, failures))
+    store = RunStore(run_dir)
+    write_tables(run_dir, records, store.failures(), formats, jobs=store.jobs())
+    print(latex(records) if formats == ("latex",) else (run_dir / "table.md").read_text())
 
 
 @app.command("list")

@@ -99,7 +99,7 @@ class MaskPolicy:
         return None
 
     def global_scores(self, unit: str, state: ForwardState) -> torch.Tensor:
-        """(B, T, L, n) scores of every layer at once, known before layer 0 runs (for `global`)."""
+        """(B, T, L, n) scores of every layer at once (for `global`), asked for at the first sparsifiable layer."""
         raise HarnessError(f"{type(self).__name__} cannot allocate globally: its scores are only known layer by layer")
 
 
@@ -135,6 +135,16 @@ def opt_layers(model):
     """The decoder and its layers of an OPT model (OPTForCausalLM or OPTModel)."""
     decoder = model.model.decoder if hasattr(model, "model") else model.decoder
     return decoder, list(decoder.layers)
+
+
+def mlp_input_module(layer, pre_ln: bool):
+    """The module whose input is the residual stream entering the MLP block (after attention)."""
+    return layer.final_layer_norm if pre_ln else layer.fc1
+
+
+def heads_view(x: torch.Tensor, batch: int, seq: int, num_heads: int) -> torch.Tensor:
+    """out_proj's input (B, T, H*D) or (B*T, H*D) as per-head outputs (B, T, H, D)."""
+    return x.view(batch, seq, num_heads, -1)
 
 
 def lowest_k_mask(scores: torch.Tensor, skip: int) -> torch.Tensor:
@@ -186,7 +196,7 @@ class MaskedEngine:
                     if "layer_input" in needs:
                         handles.append(layer.register_forward_pre_hook(self._capture_layer_input(index), with_kwargs=True))
                     if "mlp_input" in needs:
-                        target = layer.final_layer_norm if self.pre_ln else layer.fc1
+                        target = mlp_input_module(layer, self.pre_ln)
                         handles.append(target.register_forward_pre_hook(self._capture("mlp_input", index)))
                     if "attn_output" in needs:
                         handles.append(layer.self_attn.register_forward_hook(self._capture_attn_output(index)))
@@ -218,10 +228,6 @@ class MaskedEngine:
             valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
         self.state = ForwardState(input_ids=input_ids, positions=positions, valid=valid)
         self.policy.begin(self.state)
-        if self.allocation.mode == "global":
-            for unit in ("heads", "neurons"):
-                if self.active(unit):
-                    self.state.planned[unit] = self._plan_global(unit)
 
     def _capture_layer_input(self, index):
         def hook(module, args, kwargs):
@@ -244,7 +250,7 @@ class MaskedEngine:
         def hook(module, args):
             x = args[0]
             batch, seq = self.state.shape
-            heads = x.view(batch, seq, self.num_heads, self.head_dim)
+            heads = heads_view(x, batch, seq, self.num_heads)
             keep = self._keep("heads", index, lambda: self.policy.head_scores(index, self.state, heads))
             if keep is None:
                 return None
@@ -275,7 +281,11 @@ class MaskedEngine:
         if not self.active(unit) or layer in self.allocation.dense_layers:
             self.meter.add(unit, layer, None, valid)
             return None
-        if unit in self.state.planned:
+        if self.allocation.mode == "global":
+            # planned once per forward, at the first sparsifiable layer: the policy may use what earlier
+            # (dense) layers computed in this forward, e.g. ShadowLLM's layer-0 attention output
+            if unit not in self.state.planned:
+                self.state.planned[unit] = self._plan_global(unit)
             keep = self.state.planned[unit][:, :, layer]
         else:
             scores = scores_fn()

@@ -19,14 +19,17 @@ import argparse
 import json
 import math
 import platform
+import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 # Text used for training: the non-evaluation splits only (never wiki.test.* / ptb.test.txt).
 TRAIN_FILES = ("wikitext-2/wiki.valid.tokens", "ptb/ptb.valid.txt", "lambada/lambada_test.jsonl")
 FORBIDDEN_FILES = ("wikitext-2/wiki.test.raw", "wikitext-2/wiki.test.tokens", "ptb/ptb.test.txt")
 TOKENIZER_FILES = ("tokenizer/opt/vocab.json", "tokenizer/opt/merges.txt", "tokenizer/opt/tokenizer_config.json")
+UNK_FILLS = ("none", "wikitext2", "all")
 FIXTURE_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "reference-opt"
 
 
@@ -41,7 +44,30 @@ def reference_config(*, hidden: int = 128, heads: int = 8, ffn: int = 512, layer
                      tie_word_embeddings=True, _name_or_path="sparsity-harness/reference-opt")
 
 
-def training_tokens(tokenizer, data) -> dict:
+def fill_unknowns(text: str, words: list[str], seed: int, lower: bool = False) -> str:
+    """Replace each `<unk>` with a rare word (seeded draw from `words`).
+
+    WikiText-2 valid and PTB valid mark rare words `<unk>`, while the raw WikiText-2 test spells them
+    out in BPE pieces that a model trained on `<unk>` has almost never seen; rare words from the
+    LAMBADA passages (training text too) stand in for them.
+    """
+    import random
+
+    rng = random.Random(seed)
+
+    def pick(_match) -> str:
+        word = rng.choice(words)
+        return word.lower() if lower else word
+
+    return re.sub(r"<unk>", pick, text)
+
+
+def rare_words(passages: list[str], max_count: int = 2) -> list[str]:
+    counts = Counter(w for text in passages for w in re.findall(r"\b[A-Za-z][a-z]{2,}\b", text))
+    return sorted(w for w, c in counts.items() if c <= max_count)
+
+
+def training_tokens(tokenizer, data, *, unk_fill: str = "none", seed: int = 0) -> dict:
     """Token ids of each training source (each document starts with OPT's BOS `</s>`, id 2)."""
     import torch
 
@@ -49,12 +75,22 @@ def training_tokens(tokenizer, data) -> dict:
 
     for rel in TRAIN_FILES:
         assert rel not in FORBIDDEN_FILES
-    sources = {
-        "wikitext2-valid": tokenize_text(tokenizer, data.calibration_text("wikitext2-valid")),
-        "ptb-valid": tokenize_text(tokenizer, data.calibration_text("ptb-valid")),
-    }
     with open(data.path("lambada/lambada_test.jsonl"), encoding="utf-8") as handle:
         passages = [json.loads(line)["text"] for line in handle if line.strip()]
+    wiki, ptb = data.calibration_text("wikitext2-valid"), data.calibration_text("ptb-valid")
+    # Each source is shaped like the test set it stands for: the raw WikiText-2 test has no `<unk>`,
+    # the PTB test has (so PTB keeps its `<unk>` under the default `wikitext2`).
+    if unk_fill not in UNK_FILLS:
+        raise ValueError(f"unknown unk fill {unk_fill!r}; valid: {', '.join(UNK_FILLS)}")
+    words = rare_words(passages)
+    if unk_fill in ("wikitext2", "all"):
+        wiki = fill_unknowns(wiki, words, seed)
+    if unk_fill == "all":
+        ptb = fill_unknowns(ptb, words, seed + 1, lower=True)
+    sources = {
+        "wikitext2-valid": tokenize_text(tokenizer, wiki),
+        "ptb-valid": tokenize_text(tokenizer, ptb),
+    }
     ids = tokenizer(passages).input_ids
     sources["lambada-passages"] = torch.tensor([t for row in ids for t in row], dtype=torch.long)
     return sources
@@ -105,7 +141,7 @@ def train(args) -> dict:
     torch.backends.cudnn.allow_tf32 = True
     data = DataDir.resolve(args.data_dir)
     tokenizer = load_tokenizer(ModelSpec("opt-125m"), None, data)
-    sources = training_tokens(tokenizer, data)
+    sources = training_tokens(tokenizer, data, unk_fill=args.unk_fill, seed=args.seed)
     train_ids, holdout_ids = split_holdout(sources, args.holdout)
     print(f"tokens: " + ", ".join(f"{k}={len(v)}" for k, v in sources.items())
           + f"; train={len(train_ids)} holdout={len(holdout_ids)}", flush=True)
@@ -152,7 +188,8 @@ def train(args) -> dict:
         batch = train_gpu[starts.to(device)[:, None] + offsets]
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
             logits = model(input_ids=batch, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                               label_smoothing=args.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -186,7 +223,11 @@ def train(args) -> dict:
     def evaluate(spec: ModelSpec, dtype) -> dict:
         evaluated = load_model(spec, device=device, dtype=dtype)
         scores = {}
-        for name, text in (("wikitext2", data.wikitext2_test()), ("ptb", data.ptb_test())):
+        from harness.data import _hf_wikitext_join
+
+        texts = (("wikitext2", data.wikitext2_test()), ("ptb", data.ptb_test()),
+                 ("wikitext2-unk", _hf_wikitext_join(data.path("wikitext-2/wiki.test.tokens"))))
+        for name, text in texts:
             ids = tokenize_text(tokenizer, text)
             full = perplexity(evaluated, ids, seqlen=args.eval_seqlen, limit=args.eval_limit, batch_size=4)
             two = perplexity(evaluated, ids, seqlen=args.eval_seqlen, limit=2)
@@ -213,7 +254,8 @@ def train(args) -> dict:
         "hyperparameters": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                             "lr": args.lr, "min_lr_ratio": 0.1, "schedule": "linear warmup + cosine",
                             "warmup": args.warmup, "weight_decay": args.weight_decay, "betas": [0.9, 0.95],
-                            "clip": args.clip, "dropout": args.dropout, "precision": "bf16 autocast" if use_amp else "float32",
+                            "clip": args.clip, "label_smoothing": args.label_smoothing,
+                            "unk_fill": args.unk_fill, "dropout": args.dropout, "precision": "bf16 autocast" if use_amp else "float32",
                             "seed": args.seed, "holdout_fraction": args.holdout, "eval_every": args.eval_every,
                             "time_budget_s": args.time_budget, "selection": "lowest holdout NLL checkpoint"},
         "training": {"steps_done": steps_done, "selected_step": best["step"],
@@ -228,7 +270,8 @@ def train(args) -> dict:
                                    "saved float16 weights loaded in float32",
                        "limit": args.eval_limit, "held_out": held_out, "random_weights": random_baseline},
         "data": {"train_files": _sha256_entries(data, TRAIN_FILES), "tokenizer_files": _sha256_entries(data, TOKENIZER_FILES),
-                 "eval_files": _sha256_entries(data, ("wikitext-2/wiki.test.raw", "ptb/ptb.test.txt")),
+                 "eval_files": _sha256_entries(data, ("wikitext-2/wiki.test.raw", "ptb/ptb.test.txt",
+                                                       "wikitext-2/wiki.test.tokens")),
                  "contaminated": ["lambada (its test passages are training text)"]},
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "python": platform.python_version(),
@@ -241,7 +284,7 @@ def train(args) -> dict:
     return record
 
 
-def render_report(record: dict, device_command: str | None = None) -> str:
+def render_report(record: dict, device_command: str | None = None, variants: list[dict] | None = None) -> str:
     """The markdown report, every number taken from training.json."""
     arch, hp, tr, ev = record["architecture"], record["hyperparameters"], record["training"], record["evaluation"]
     env = record["environment"]
@@ -281,10 +324,17 @@ def render_report(record: dict, device_command: str | None = None) -> str:
         f"- **Contamination: LAMBADA's test passages are training text**, so LAMBADA scores of this model mean nothing.",
         f"- AdamW (betas {hp['betas']}, weight decay {hp['weight_decay']}), lr {hp['lr']} with {hp['warmup']} warmup steps "
         f"and cosine decay to {hp['min_lr_ratio']}×, {hp['precision']}, batch {hp['batch_size']} × {hp['seq_len']} tokens "
-        f"(random crops of the token stream), dropout {hp['dropout']}, gradient clip {hp['clip']}, seed {hp['seed']}.",
+        f"(random crops of the token stream), dropout {hp['dropout']}, gradient clip {hp['clip']}, "
+        f"label smoothing {hp.get('label_smoothing', 0.0)}, seed {hp['seed']}.",
+        "- `<unk>`: " + {"none": "kept as the literal text `<unk>` in WikiText-2 valid and PTB valid",
+                         "wikitext2": "in WikiText-2 valid replaced by rare words (seen at most twice) drawn from the "
+                                      "LAMBADA passages, so that the model learns to spell rare words in BPE pieces as "
+                                      "the raw WikiText-2 test does; kept in PTB valid, as the PTB test has it",
+                         "all": "in WikiText-2 valid and PTB valid replaced by rare LAMBADA words",
+                         }[hp.get("unk_fill", "none")] + ".",
         f"- Steps: {tr['steps_done']} of {hp['steps']} ({tr['epochs']:.1f} epochs, {tr['tokens_seen']} tokens seen); "
         f"kept the checkpoint of step {tr['selected_step']} ({hp['selection']}).",
-        f"- Final train loss {tr['final_train_loss']:.4f}; train loss at the kept step {tr['train_loss_at_selected']:.4f}; "
+        f"- Final train loss (cross-entropy with label smoothing {hp.get('label_smoothing', 0.0)}) {tr['final_train_loss']:.4f}; train loss at the kept step {tr['train_loss_at_selected']:.4f}; "
         f"holdout NLL at the kept step {tr['holdout_nll_at_selected']:.4f} (perplexity {math.exp(tr['holdout_nll_at_selected']):.2f}).",
         "",
         "## Held-out perplexity",
@@ -293,12 +343,22 @@ def render_report(record: dict, device_command: str | None = None) -> str:
         "| test set | windows | tokens | perplexity | ± stderr | first 2 windows | random weights, same architecture |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    names = {"wikitext2": "WikiText-2 test (raw)", "ptb": "PTB test"}
+    names = {"wikitext2": "WikiText-2 test (raw; the harness's `wikitext2` task)", "ptb": "PTB test",
+             "wikitext2-unk": "WikiText-2 test, `<unk>` version (`wiki.test.tokens`; diagnostic only)"}
     for key, score in ev["held_out"].items():
         rnd = ev["random_weights"][key]
         err = f"{score['stderr']:.2f}" if score["stderr"] is not None else "—"
         lines.append(f"| {names.get(key, key)} | {score['windows']} | {score['tokens']} | {score['value']:.2f} | {err} "
                      f"| {score['value_2_windows']:.2f} | {rnd['value']:.1f} |")
+    if variants:
+        lines += ["", "## Variants trained in the same command (selection by holdout NLL, never by a test set)", "",
+                  "| variant | label smoothing | dropout | steps | holdout NLL at kept step | kept |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for rec in [record, *variants]:
+            vh, vt = rec["hyperparameters"], rec["training"]
+            lines.append(f"| `{rec['command'].split('--out ')[-1].split()[0]}` | {vh.get('label_smoothing', 0.0)} "
+                         f"| {vh['dropout']} | {vt['steps_done']} | {vt['holdout_nll_at_selected']:.4f} "
+                         f"| {'yes' if rec is record else 'no'} |")
     lines += ["", "## Training curve", "", "| step | train loss | holdout NLL | lr | elapsed (s) |", "| --- | --- | --- | --- | --- |"]
     for row in tr["history"]:
         lines.append(f"| {row['step']} | {row['train_loss']:.4f} | {row['holdout_nll']:.4f} | {row['lr']:.2e} | {row['elapsed_s']} |")
@@ -309,7 +369,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.reference_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="directory to write the model and training.json into")
     parser.add_argument("--data-dir", default=None, help="data directory (default: HARNESS_DATA_DIR, else ../shared/data)")
-    parser.add_argument("--steps", type=int, default=2500)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -317,6 +377,9 @@ def main(argv=None) -> int:
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--unk-fill", choices=UNK_FILLS, default="wikitext2",
+                        help="replace <unk> with rare LAMBADA words in WikiText-2 valid, in it and PTB valid, or nowhere")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--ffn", type=int, default=512)
@@ -332,10 +395,12 @@ def main(argv=None) -> int:
     parser.add_argument("--report-from", default=None, help="render the report from DIR/training.json and exit")
     parser.add_argument("--report", default=None, help="where to write the markdown report")
     parser.add_argument("--device-command", default=None, help="the device command line, quoted in the report")
+    parser.add_argument("--variants", nargs="*", default=[], help="training.json files of variants not kept")
     args = parser.parse_args(argv)
     if args.report_from:
         record = json.loads((Path(args.report_from) / "training.json").read_text())
-        text = render_report(record, args.device_command)
+        variants = [json.loads(Path(p).read_text()) for p in args.variants]
+        text = render_report(record, args.device_command, variants)
         if args.report:
             Path(args.report).parent.mkdir(parents=True, exist_ok=True)
             Path(args.report).write_text(text)

@@ -119,7 +119,7 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
     task = get_task(job.task)
     ctx = session.fit_context(spec.name, job.seed)
     method = get_method(spec, ctx.settings)
-    allocation = job.allocation(config)
+    allocation = method.adjust(job.allocation(config))
     timings = {}
     clock = time.perf_counter()
     model = session.model
@@ -128,6 +128,11 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
     artefact = method.fit(ctx, allocation)
     timings["fit_s"] = time.perf_counter() - clock
     policy = method.policy(ctx, allocation, artefact)
+    quality = method.quality(ctx, allocation, artefact) if artefact is not None else None
+    if quality:  # the predictors' cost is reported next to the model's
+        from methods.predictors import linear_flops, parameter_count
+
+        quality["model"] = {"params": parameter_count(model), "flops_per_token": linear_flops(model)}
     engine = MaskedEngine(model, policy, allocation)
     clock = time.perf_counter()
     with engine.applied():
@@ -146,6 +151,11 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
     }
     if artefact is not None and artefact.path is not None:
         base["artefact"] = str(artefact.path)
+    if quality:
+        base["dense_layers"] = list(allocation.dense_layers)
+        for unit in ("heads", "neurons"):
+            if unit in quality:
+                base[f"predictor_recall_{unit}"] = quality[unit]["mean"]["recall"]
     records, details = [], []
     for metric in metrics:
         metric = dict(metric)
@@ -154,7 +164,7 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
             details.append({"metric": metric["metric"], "window_nll": window_nll})
         records.append({**base, **metric})
     return {"key": job.key, "status": "ok", "spec": job.describe(), "records": records, "details": details,
-            "achieved": achieved, "started_at": started, "finished_at": now()}
+            "achieved": achieved, "predictor_quality": quality, "started_at": started, "finished_at": now()}
 
 
 def failed_result(job: JobSpec, exc: BaseException, started: str) -> dict:

@@ -75,6 +75,11 @@ class RunStore:
         return job is not None and job.get("status") == "ok"
 
     def write_job(self, result: dict) -> None:
+        if result.get("predictor_quality"):
+            spec = result["spec"]
+            name = f"{spec['method']}@{spec['sparsity']}-seed{spec['seed']}-{result['key']}.json".replace(":", "_").replace("/", "_")
+            report = {"spec": spec, "quality": result["predictor_quality"]}
+            write_atomic(self.root / "predictors" / name, json.dumps(report, indent=1, sort_keys=True, default=str))
         write_atomic(self.job_path(result["key"]), json.dumps(result, indent=1, sort_keys=True, default=str))
         self.write_records()
 

@@ -212,11 +212,38 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
     return written
 
 
-def write_tables(run_dir: Path, records: list[dict], failures: list[dict] = (), formats=FORMATS) -> list[Path]:
+def quality_table(jobs: list[dict]) -> str:
+    """Predictor quality of every fitted predictor (mean over layers; global = one ranking over all layers)."""
+    rows = []
+    for job in jobs:
+        quality, spec = job.get("predictor_quality"), job.get("spec", {})
+        if not quality:
+            continue
+        for unit in ("heads", "neurons"):
+            if unit not in quality:
+                continue
+            mean, overall = quality[unit]["mean"], quality[unit].get("global", {})
+            cost = quality.get("predictor") or quality[unit].get("predictor") or {}
+            rows.append({"method": spec.get("method"), "sparsity": spec.get("sparsity"), "seed": spec.get("seed"),
+                         "unit": unit, "recall": mean.get("recall"), "precision": mean.get("precision"),
+                         "spearman": mean.get("spearman"), "global spearman": overall.get("spearman"),
+                         "predictor params": cost.get("params"), "predictor FLOPs/token": cost.get("flops_per_token"),
+                         "model FLOPs/token": (quality.get("model") or {}).get("flops_per_token")})
+    if not rows:
+        return ""
+    table = pd.DataFrame(rows).sort_values(["method", "sparsity", "seed", "unit"])
+    text = table.to_markdown(index=False, floatfmt=".3f")
+    return ("## Predictor quality (held-out calibration tokens: recall/precision of the kept set vs the oracle set, "
+            "Spearman ρ of predicted vs true importance)\n\n" + text + "\n")
+
+
+def write_tables(run_dir: Path, records: list[dict], failures: list[dict] = (), formats=FORMATS,
+                 jobs: list[dict] = ()) -> list[Path]:
     run_dir = Path(run_dir)
     written = []
     if "md" in formats:
-        write_atomic(run_dir / "table.md", markdown(records, failures))
+        quality = quality_table(jobs)
+        write_atomic(run_dir / "table.md", markdown(records, failures) + ("\n" + quality if quality else ""))
         written.append(run_dir / "table.md")
     if "latex" in formats:
         write_atomic(run_dir / "table.tex", latex(records))

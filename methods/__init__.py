@@ -68,6 +68,10 @@ class Method:
     def sparsifiable(self) -> frozenset:
         return self.supports if self.supports is not None else self.units
 
+    def adjust(self, allocation):
+        """The allocation this method runs under (e.g. ShadowLLM keeps layer 0 dense); default unchanged."""
+        return allocation
+
     def fit(self, ctx, allocation):
         """Calibrate or train; return an artefact (see harness.artefacts) or None when nothing is fitted.
 
@@ -77,8 +81,13 @@ class Method:
         return None
 
     def policy(self, ctx, allocation, artefact):
-        """The MaskPolicy for the masked engine (None: run the model unchanged)."""
-        raise NotImplementedError
+        """The MaskPolicy for the masked engine (None: run the model unchanged). Every plugin defines it."""
+        raise NotImplementedError(f"method {self.name} defines no policy")
+
+    def quality(self, ctx, allocation, artefact) -> dict | None:
+        """Predictor methods: recall/precision of the selected set against the oracle set and Spearman ρ,
+        per layer and over all layers, on held-out calibration tokens (see methods.predictors)."""
+        return None
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -1,0 +1,145 @@
+"""shadow (ShadowLLM, Akhauri et al. 2024): one predictor for the whole model.
+
+It reads layer 0's attention output at the current token and predicts the importance of every head and
+neuron of every later layer (one hidden layer, 2048 units by default, then separate output heads for heads
+and neurons), trained with MSE on per-layer min-max normalised criterion scores (default `plainact`:
+|A·∂L/∂A| per head and the weight-based |θ·∂L/∂θ| of fc1 rows per neuron, as in ShadowLLM), AdamW and a
+cosine schedule. Layer 0 stays dense. Allocation local or global (the scores of all layers are known once
+layer 0's attention has run). The predictor does not depend on the target and is shared across sparsities.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from harness.engine import MaskPolicy
+from harness.traces import collect_scores, collect_traces
+from methods import Method, register
+from methods.criteria import CRITERIA
+from methods.predictors import (Predictor, PredictorPolicyMixin, keep_count, layer_report, linear_flops, load,
+                                parameter_count, save, train_regressor)
+
+DEFAULTS = {"hidden": 2048, "epochs": 20, "lr": 1e-3, "batch_size": 256, "val_fraction": 0.1}
+
+
+class ShadowNet(nn.Module):
+    def __init__(self, dim: int, hidden: int, layers: int, heads: int, ffn: int):
+        super().__init__()
+        self.shape = (layers, heads, ffn)
+        self.trunk = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())
+        self.heads = nn.Linear(hidden, layers * heads)
+        self.neurons = nn.Linear(hidden, layers * ffn)
+
+    def forward(self, x):
+        z = self.trunk(x)
+        return torch.cat([self.heads(z), self.neurons(z)], dim=-1)
+
+
+def shadow_predictor(config, hidden: int) -> Predictor:
+    net = ShadowNet(config.hidden_size, hidden, config.num_hidden_layers, config.num_attention_heads, config.ffn_dim)
+    return Predictor(net, config.hidden_size)
+
+
+def minmax(scores: torch.Tensor) -> torch.Tensor:
+    """Per token and layer: (s - min) / (max - min) over the layer's units (0 where the layer's scores are flat)."""
+    low, high = scores.amin(-1, keepdim=True), scores.amax(-1, keepdim=True)
+    return (scores - low) / (high - low).clamp(min=1e-12)
+
+
+def split(out: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor]:
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    lead = out.shape[:-1]
+    return out[..., :layers * heads].reshape(*lead, layers, heads), out[..., layers * heads:].reshape(*lead, layers, -1)
+
+
+class ShadowPolicy(PredictorPolicyMixin, MaskPolicy):
+    needs = frozenset({"attn_output"})
+
+    def __init__(self, predictor: Predictor, config):
+        self.predictor, self.config = {0: predictor}, config
+
+    def predictions(self, state) -> dict:
+        if "shadow" not in state.captures:
+            x = state.captures[("attn_output", 0)]
+            heads, neurons = split(self._on(self.predictor, x)[0](x), self.config)
+            state.captures["shadow"] = {"heads": heads, "neurons": neurons}
+        return state.captures["shadow"]
+
+    def head_scores(self, layer, state, head_out):
+        return self.predictions(state)["heads"][:, :, layer]
+
+    def neuron_scores(self, layer, state, act):
+        return self.predictions(state)["neurons"][:, :, layer]
+
+    def global_scores(self, unit, state):
+        return self.predictions(state)[unit]
+
+
+@register
+class Shadow(Method):
+    name = "shadow"
+    variants = CRITERIA
+    default_variant = "plainact"
+    seeded = True
+    description = "ShadowLLM: one predictor on layer 0's attention output for every later head and neuron (MSE on criterion)"
+
+    def hp(self) -> dict:
+        return {**DEFAULTS, **{k: v for k, v in self.settings.items() if k in DEFAULTS}}
+
+    @property
+    def criterion(self) -> str:
+        return "plainact_weight" if self.variant == "plainact" else self.variant  # ShadowLLM's neuron plainact
+
+    def adjust(self, allocation):
+        from dataclasses import replace
+
+        return replace(allocation, dense_layers=tuple(sorted(set(allocation.dense_layers) | {0})))
+
+    def _targets(self, ctx, index):
+        scores = collect_scores(ctx, self.criterion)
+        heads, neurons = minmax(scores["heads"][index].float()), minmax(scores["neurons"][index].float())
+        return heads, neurons
+
+    def fit(self, ctx, allocation):
+        config, hp = ctx.model.config, self.hp()
+        inputs = {**ctx.base_key(), "criterion": self.criterion, "seed": ctx.seed, "hp": hp, "version": 1}
+
+        def build():
+            traces = ctx.session.token_cache("traces", lambda: collect_traces(ctx))
+            train, _ = traces.split(hp["val_fraction"], ctx.seed)
+            heads, neurons = self._targets(ctx, train)
+            y = torch.cat([heads.flatten(1), neurons.flatten(1)], dim=-1)
+            width = heads[0].numel()
+
+            def loss(pred, target):  # heads and neurons weigh the same, whatever their counts
+                mse = nn.functional.mse_loss
+                return mse(pred[:, :width], target[:, :width]) + mse(pred[:, width:], target[:, width:])
+
+            predictor = shadow_predictor(config, hp["hidden"])
+            final = train_regressor(predictor, traces.attn_output0()[train], y, epochs=hp["epochs"], lr=hp["lr"],
+                                    batch_size=hp["batch_size"], seed=ctx.seed, device=ctx.session.device, loss_fn=loss)
+            return save("shadow", predictor), {"train_loss": final, "params": parameter_count(predictor),
+                                               "flops_per_token": linear_flops(predictor)}
+
+        return ctx.cache.get_or_build("shadow", inputs, build)
+
+    def policy(self, ctx, allocation, artefact):
+        config = ctx.model.config
+        return ShadowPolicy(load(artefact.tensors, "shadow", shadow_predictor(config, self.hp()["hidden"])), config)
+
+    def quality(self, ctx, allocation, artefact) -> dict:
+        config = ctx.model.config
+        traces = ctx.session.token_cache("traces", lambda: collect_traces(ctx))
+        _, val = traces.split(self.hp()["val_fraction"], ctx.seed)
+        predictor = load(artefact.tensors, "shadow", shadow_predictor(config, self.hp()["hidden"]))
+        with torch.no_grad():
+            heads, neurons = split(predictor(traces.attn_output0()[val]), config)
+        true_heads, true_neurons = self._targets(ctx, val)
+        layers = [l for l in range(config.num_hidden_layers) if l not in self.adjust(allocation).dense_layers]
+        report = {}
+        for name, pred, true, fraction, size in (("heads", heads, true_heads, allocation.heads, config.num_attention_heads),
+                                                 ("neurons", neurons, true_neurons, allocation.neurons, config.ffn_dim)):
+            report[name] = layer_report([pred[:, l] for l in layers], [true[:, l] for l in layers],
+                                        keep_count(fraction, size), layers)
+        report["predictor"] = {"params": parameter_count(predictor), "flops_per_token": linear_flops(predictor)}
+        return report
