@@ -26,7 +26,7 @@ def tiny_run(model_dir, out, *extra):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "dense,nosuch"], "valid methods: dense, norm-mask, random"),
+    (["--methods", "dense,nosuch"], "valid methods: dejavu, dense, norm-mask, random, replace, shadow, static, timewise"),
     (["--methods", "replace:nosuch"], "valid: replace:head, replace:ranked"),
     (["--suite", "nosuch"], "valid suites: "),
     (["--model", "opt-7b"], "opt-125m, opt-350m"),

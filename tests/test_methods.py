@@ -24,6 +24,7 @@ def all_method_specs():
 
 def build(session, spec, allocation):
     method = get_method(spec)
+    allocation = method.adjust(allocation)  # as the runner does (shadow keeps layer 0 dense)
     ctx = session.fit_context(spec.name)
     artefact = method.fit(ctx, allocation)
     return method, MaskedEngine(session.model, method.policy(ctx, allocation, artefact), allocation)

@@ -1,0 +1,152 @@
+"""Correctness checks of the Triton kernels against float64 references, shared by the CPU tests
+(interpreter, small shapes) and `kernels/bench.py` (GPU, OPT-13B/30B shapes).
+
+Each check draws fresh random inputs (never zeros), poisons the output with NaN, runs the kernel, and asserts
+that every element was written and that ‖out − ref‖ / ‖ref‖ is within 1e-4 (fp32) or 1e-2 (fp16/bf16),
+with the reference computed in float64 from the same (rounded) operands. Each returns the relative error.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import gemv
+from kernels import reference as ref
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _randn(gen, *shape, dtype, device, scale=1.0):
+    t = torch.randn(*shape, generator=gen, dtype=torch.float32) * scale
+    t = torch.where(t == 0, torch.full_like(t, 0.1), t)  # never zeros
+    return t.to(device=device, dtype=dtype)
+
+
+def _index(gen, n, keep, device):
+    return torch.randperm(n, generator=gen)[:keep].to(torch.int32).to(device)
+
+
+def _relerr(out, expected, dtype, what):
+    assert not torch.isnan(out).any(), f"{what}: some output elements were not written (NaN poison left)"
+    err = ((out.double() - expected).norm() / expected.norm()).item()
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g} ({dtype})"
+    return err
+
+
+def _d(*ts):
+    return [None if t is None else t.double() for t in ts]
+
+
+def check_fc1(d, F, keep, batch, dtype, seed=0, device=None):
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    x = _randn(g, batch, d, dtype=dtype, device=device)
+    w1 = _randn(g, F, d, dtype=dtype, device=device, scale=d ** -0.5)
+    b1 = _randn(g, F, dtype=dtype, device=device, scale=0.1)
+    idx = _index(g, F, keep, device)
+    out = torch.full((batch, keep), float("nan"), dtype=dtype, device=device)
+    gemv.fc1_gather(x, w1, b1, idx, out=out)
+    expected = ref.fc1_gather(*_d(x, w1, b1), idx)
+    assert expected.norm() > 0
+    return _relerr(out, expected, dtype, f"fc1 d={d} F={F} keep={keep} B={batch}")
+
+
+def check_fc2(d, F, keep, batch, dtype, seed=0, residual=False, device=None):
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    a = _randn(g, batch, keep, dtype=dtype, device=device).abs()  # post-ReLU activations
+    w2t = _randn(g, F, d, dtype=dtype, device=device, scale=F ** -0.5)
+    b2 = _randn(g, d, dtype=dtype, device=device, scale=0.1)
+    res = _randn(g, batch, d, dtype=dtype, device=device) if residual else None
+    idx = _index(g, F, keep, device)
+    out = torch.full((batch, d), float("nan"), dtype=dtype, device=device)
+    gemv.fc2_gather(a, w2t, b2, idx, out=out, residual=res)
+    expected = ref.fc2_gather(*_d(a, w2t, b2), idx, residual=None if res is None else res.double())
+    return _relerr(out, expected, dtype, f"fc2 d={d} F={F} keep={keep} B={batch}")
+
+
+def check_qkv(d, H, hd, keep, batch, dtype, seed=0, part="qkv", device=None):
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    x = _randn(g, batch, d, dtype=dtype, device=device)
+    wqkv = _randn(g, 3 * H * hd, d, dtype=dtype, device=device, scale=d ** -0.5)
+    bqkv = _randn(g, 3 * H * hd, dtype=dtype, device=device, scale=0.1)
+    idx = _index(g, H, keep, device)
+    n = len(part) if part != "qkv" else 3
+    out = torch.full((batch, keep, n, hd), float("nan"), dtype=dtype, device=device)
+    gemv.qkv_heads(x, wqkv, bqkv, idx, hd, part=part, out=out)
+    expected = ref.qkv_heads(*_d(x, wqkv, bqkv), idx, hd, part=part)
+    return _relerr(out, expected, dtype, f"qkv[{part}] d={d} H={H} keep={keep} B={batch}")
+
+
+def check_out_proj(d, H, hd, keep, batch, dtype, seed=0, device=None):
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    attn = _randn(g, batch, keep * hd, dtype=dtype, device=device)
+    wot = _randn(g, H * hd, d, dtype=dtype, device=device, scale=(H * hd) ** -0.5)
+    bo = _randn(g, d, dtype=dtype, device=device, scale=0.1)
+    idx = _index(g, H, keep, device)
+    out = torch.full((batch, d), float("nan"), dtype=dtype, device=device)
+    gemv.out_proj_heads(attn, wot, bo, idx, hd, out=out)
+    expected = ref.out_proj_heads(*_d(attn, wot, bo), idx, hd)
+    return _relerr(out, expected, dtype, f"out_proj d={d} H={H} keep={keep} B={batch}")
+
+
+def check_kv_to_cache(d, H, hd, T, keep, batch, dtype, seed=0, device=None):
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    x = _randn(g, batch, d, dtype=dtype, device=device)
+    wqkv = _randn(g, 3 * H * hd, d, dtype=dtype, device=device, scale=d ** -0.5)
+    bqkv = _randn(g, 3 * H * hd, dtype=dtype, device=device, scale=0.1)
+    idx = _index(g, H, keep, device)
+    pos = torch.tensor([T // 2], device=device)
+    cache = torch.full((batch, H, T, 2, hd), float("nan"), dtype=dtype, device=device)
+    gemv.kv_to_cache(x, wqkv, bqkv, idx, hd, cache, pos)
+    written = torch.zeros(batch, H, T, 2, hd, dtype=torch.bool, device=device)
+    written[:, idx.long(), T // 2] = True
+    assert torch.isnan(cache[~written]).all(), "kv_to_cache wrote outside the selected heads at pos"
+    expected = ref.qkv_heads(*_d(x, wqkv, bqkv), idx, hd, part="kv")
+    return _relerr(cache[:, idx.long(), T // 2], expected, dtype, "kv_to_cache")
+
+
+def check_attention(H, hd, T, keep, batch, pos, dtype, seed=0, device=None):
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    cache = _randn(g, batch, H, T, 2, hd, dtype=dtype, device=device)
+    cache[:, :, pos + 1:] = float("nan")  # positions after pos must not be read
+    q = _randn(g, batch, keep, hd, dtype=dtype, device=device)
+    idx = _index(g, H, keep, device)
+    p = torch.tensor([pos], device=device)
+    out = torch.full((batch, keep, hd), float("nan"), dtype=dtype, device=device)
+    gemv.head_attention(q, cache, idx, p, hd ** -0.5, out=out)
+    clean = torch.nan_to_num(cache.double(), nan=0.0)
+    expected = ref.head_attention(q.double(), clean, idx, p, hd ** -0.5)
+    return _relerr(out, expected, dtype, f"attention T={T} pos={pos} B={batch}")
+
+
+def check_recompute(d, H, hd, T, keep, batch, pos, dtype, seed=0, device=None):
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    xkeep = _randn(g, batch, T, d, dtype=dtype, device=device)
+    wqkv = _randn(g, 3 * H * hd, d, dtype=dtype, device=device, scale=d ** -0.5)
+    bqkv = _randn(g, 3 * H * hd, dtype=dtype, device=device, scale=0.1)
+    idx = _index(g, H, keep, device)
+    have = (torch.rand(H, T, generator=g) < 0.6).to(torch.int8).to(device)
+    have0 = have.clone()
+    cache = torch.full((batch, H, T, 2, hd), float("nan"), dtype=dtype, device=device)
+    p = torch.tensor([pos], device=device)
+    gemv.kv_recompute(xkeep, wqkv, bqkv, idx, hd, cache, have, p)
+    t = torch.arange(T, device=device)
+    sel = torch.zeros(H, dtype=torch.bool, device=device)
+    sel[idx.long()] = True
+    need = sel[:, None] & (have0 == 0) & (t < pos)
+    assert torch.isnan(cache[:, ~need]).all(), "kv_recompute wrote entries that were not missing"
+    assert not torch.isnan(cache[:, need]).any(), "kv_recompute left missing entries unwritten"
+    marked = torch.where(sel[:, None] & (t <= pos), torch.ones_like(have0), have0)
+    assert torch.equal(have, marked), "kv_recompute marked the wrong entries"
+    full = ref.qkv_heads(xkeep.double().reshape(batch * T, d), wqkv.double(), bqkv.double(),
+                         torch.arange(H, device=device), hd, part="kv").view(batch, T, H, 2, hd).transpose(1, 2)
+    return _relerr(cache[:, need], full[:, need], dtype, "kv_recompute")

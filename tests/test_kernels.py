@@ -1,0 +1,55 @@
+"""The Triton kernels (run by the interpreter on CPU) against float64 torch references.
+
+Each check poisons the output with NaN first (every element must be written), draws fresh non-zero random
+inputs, and uses index sets of several sizes, also ones that are not multiples of the block sizes.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+from kernels import checks  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+IDS = ["fp32", "fp16", "bf16"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("batch,keep", [(1, 5), (3, 24), (8, 13)])
+def test_fc1_gather(dtype, batch, keep):
+    checks.check_fc1(d=40, F=48, keep=keep, batch=batch, dtype=dtype, seed=keep)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("batch,keep", [(1, 7), (2, 48), (8, 19)])
+def test_fc2_gather(dtype, batch, keep):
+    checks.check_fc2(d=40, F=48, keep=keep, batch=batch, dtype=dtype, seed=keep, residual=batch == 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("batch,keep,part", [(1, 1, "qkv"), (4, 3, "q"), (8, 5, "kv")])
+def test_qkv_heads(dtype, batch, keep, part):
+    checks.check_qkv(d=48, H=6, hd=8, keep=keep, batch=batch, dtype=dtype, seed=keep, part=part)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("batch,keep", [(1, 2), (5, 6)])
+def test_out_proj_heads(dtype, batch, keep):
+    checks.check_out_proj(d=48, H=6, hd=8, keep=keep, batch=batch, dtype=dtype, seed=keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_kv_to_cache_writes_only_selected_heads_at_pos(dtype):
+    checks.check_kv_to_cache(d=32, H=4, hd=8, T=20, keep=2, batch=2, dtype=dtype, seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("batch,pos", [(1, 0), (2, 37)])
+def test_head_attention(dtype, batch, pos):
+    checks.check_attention(H=4, hd=16, T=40, keep=3, batch=batch, pos=pos, dtype=dtype, seed=pos)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_kv_recompute_fills_only_missing_entries(dtype):
+    checks.check_recompute(d=32, H=4, hd=8, T=40, keep=2, batch=2, pos=33, dtype=dtype, seed=3)
