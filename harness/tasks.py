@@ -10,11 +10,16 @@ from harness.perplexity import perplexity, tokenize_text, windows
 
 @dataclass(frozen=True)
 class TaskDef:
+    """A task. `evaluate(session, job, config, progress)` returns metric dicts. Quality tasks run inside the
+    masked engine (`masked=True`); others (latency) get the job's method, allocation and fitted artefact
+    from `session.job` and build their own engine."""
+
     name: str
     kind: str
     description: str
     files: tuple[str, ...]
     evaluate: Callable = field(repr=False)
+    masked: bool = True
 
 
 def _perplexity_task(text_of):
