@@ -96,12 +96,16 @@ class RunUI:
 
 
 def build_config(suite_name: str, overrides: dict):
+    from harness.data import REPO_ROOT
     from harness.spec import RunConfig
     from harness.suites import load_suite
 
     suite = load_suite(suite_name)
     values = {**suite["defaults"], **{k: v for k, v in overrides.items() if v is not None}}
     values["suite"] = suite["name"]
+    model = values.get("model")
+    if model and not Path(model).exists() and (REPO_ROOT / model).is_dir():  # suite files name fixtures by repo path
+        values["model"] = str(REPO_ROOT / model)
     config = RunConfig.from_mapping(values, f"suite {suite['name']}")
     config.validate()
     return config

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,22 +116,66 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def init_random_weights(model, seed: int) -> None:
+    """Seeded random weights that do not depend on where each parameter lives (CPU, one GPU, or sharded over
+    several): every parameter has its own generator, seeded by (seed, parameter name), on its device.
+    The distribution is Hugging Face's OPT init: N(0, init_std) matrices and embeddings, zero biases, unit
+    LayerNorm weights, a zero padding embedding."""
+    std = model.config.init_std
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # tied parameters appear once
+            generator = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            if name.endswith("bias"):
+                param.zero_()
+            elif param.dim() == 1:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std, generator=generator)
+        embed = model.get_input_embeddings()
+        if embed.padding_idx is not None:
+            embed.weight[embed.padding_idx].zero_()
+
+
+def _module_device(name: str, device_map: dict):
+    parts = name.split(".")
+    for cut in range(len(parts), -1, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in device_map:
+            return device_map[prefix]
+    raise HarnessError(f"device_map places no module holding {name}")
+
+
 def load_model(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
                attn_implementation: str = "sdpa", device_map=None):
-    """Build the model: seeded random weights of the exact architecture, or pretrained via from_pretrained."""
+    """Build the model: seeded random weights of the exact architecture, or pretrained via from_pretrained.
+
+    device_map: None (all on `device`), "auto" (accelerate fills the GPUs in order, decoder layers whole), or
+    a dict {module name: device} as accelerate takes it.
+    """
     from transformers import AutoModelForCausalLM
 
     if spec.weights == "random":
         config = spec.config()
         config._attn_implementation = attn_implementation
-        torch.manual_seed(seed)
-        target = "meta" if device_map else device
-        with torch.device(target if target != "meta" else "cpu"):
+        with torch.device("meta"):  # no memory and no init until each parameter has its device
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
         if device_map:
-            from accelerate import dispatch_model
+            from accelerate import dispatch_model, infer_auto_device_map
+            from accelerate.utils import set_module_tensor_to_device
 
+            if device_map == "auto":
+                device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules, dtype=dtype)
+            for name, param in list(model.named_parameters()):
+                target = _module_device(name, device_map)
+                set_module_tensor_to_device(model, name, target, value=torch.empty(param.shape, dtype=param.dtype,
+                                                                                   device=target))
+            model.tie_weights()
+            init_random_weights(model, seed)
             model = dispatch_model(model, device_map=device_map)
+        else:
+            model = model.to_empty(device=device)
+            model.tie_weights()
+            init_random_weights(model, seed)
     else:
         kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
         if device_map:

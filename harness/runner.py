@@ -157,6 +157,8 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
     achieved = engine.achieved() if task.masked else metrics_achieved(metrics)
     base = {
         "job": job.key, "suite": config.suite, "model": session.model_spec.label, "model_id": session.model_identity,
+        "model_layers": model.config.num_hidden_layers, "model_heads": model.config.num_attention_heads,
+        "model_ffn": model.config.ffn_dim,
         "weights": config.weights, "dtype": dtype_name(session.dtype), "device": session.device,
         "method": spec.name, "variant": method.variant, "method_label": method.label,
         "scope": config.scope, "allocation": config.allocation, "dense_layers": list(config.dense_layers),

@@ -39,11 +39,18 @@ def cell(value, stderr) -> str:
     return f"{text} ± {_number(stderr)}" if stderr is not None and not (isinstance(stderr, float) and math.isnan(stderr)) else text
 
 
-def _sparsity_key(label: str):
+def sparsity_value(label: str) -> float | None:
+    """The number a sparsity label stands for: 0.5, h0.5 or n0.9 (None for combined targets like h0.5/n0.9)."""
+    text = str(label)
     try:
-        return (0, float(label), label)
+        return float(text[1:] if text[:1] in ("h", "n") else text)
     except ValueError:
-        return (1, 0.0, label)
+        return None
+
+
+def _sparsity_key(label: str):
+    value = sparsity_value(label)
+    return (0, value, str(label)) if value is not None else (1, 0.0, str(label))
 
 
 def over_seeds(records: list[dict]) -> list[dict]:
@@ -186,19 +193,25 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
         for (task, metric) in dict.fromkeys((r["task"], r["metric"]) for r in rows):
             points = [r for r in rows if r["task"] == task and r["metric"] == metric]
             levels = {r["sparsity"] for r in points if r["method"] != "dense"}
-            numeric = all(_sparsity_key(level)[0] == 0 for level in levels)
+            numeric = all(sparsity_value(level) is not None for level in levels)
             if len(levels) < 2 or not numeric:
                 continue
+            heads_only = all(str(level).startswith("h") for level in levels) and all(r.get("model_heads") for r in points)
+
+            def x_of(r):
+                value = sparsity_value(r["sparsity"])
+                return value * r["model_heads"] if heads_only else value
+
             fig, ax = plt.subplots(figsize=(5.5, 3.8))
             for label in dict.fromkeys(row_label(r) for r in points):
-                series = sorted((float(r["sparsity"]), r["value"], r.get("stderr")) for r in points if row_label(r) == label)
+                series = sorted((x_of(r), r["value"], r.get("stderr")) for r in points if row_label(r) == label)
                 if all(s == 0 for s, _, _ in series) and len(series) == 1:
                     ax.axhline(series[0][1], linestyle="--", color="black", label=label)
                     continue
                 xs, ys = [s for s, _, _ in series], [v for _, v, _ in series]
                 errs = [e if e is not None else 0.0 for _, _, e in series]
                 ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
-            ax.set_xlabel("requested sparsity")
+            ax.set_xlabel("skipped heads per layer" if heads_only else "requested sparsity")
             ax.set_ylabel(metric)
             if metric == "ppl":
                 ax.set_yscale("log")

@@ -83,3 +83,21 @@ def test_wikitext_is_the_hf_rows_joined(data):
     assert text.startswith("\n\n = Robert Boulter = \n\n\n\n\n Robert Boulter is an English film")
     assert "\n\n" in text and len(text) > 1_000_000
     assert data.ptb_test().startswith("no it was n't black monday but while")
+
+
+def test_random_weights_do_not_depend_on_placement():
+    """Sharded (device_map) and single-device builds get the same weights: per-parameter generators."""
+    spec = ModelSpec("opt-125m", "random")
+    single = load_model(spec, seed=3)
+    layers = single.config.num_hidden_layers
+    device_map = {"model.decoder.embed_tokens": "cpu", "model.decoder.embed_positions": "cpu",
+                  "model.decoder.final_layer_norm": "cpu", "lm_head": "cpu",
+                  **{f"model.decoder.layers.{i}": "cpu" for i in range(layers)}}
+    mapped = load_model(spec, seed=3, device_map=device_map)
+    for (name, a), (_, b) in zip(single.named_parameters(), mapped.named_parameters()):
+        assert torch.equal(a, b), name
+    assert single.lm_head.weight is single.model.decoder.embed_tokens.weight  # still tied
+    embed = single.model.decoder.embed_tokens.weight
+    assert float(embed.std()) == pytest.approx(0.02, rel=0.05) and embed[1].abs().sum() == 0
+    ids = torch.randint(3, 50000, (1, 16))
+    assert torch.equal(single(input_ids=ids).logits, mapped(input_ids=ids).logits)
