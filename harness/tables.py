@@ -260,6 +260,11 @@ def write_tables(run_dir: Path, records: list[dict], failures: list[dict] = (), 
         written.append(run_dir / "table.md")
     if "latex" in formats:
         write_atomic(run_dir / "table.tex", latex(records))
+    if "md" in formats and any(r.get("task") == "decode" for r in records):
+        from harness.latency import latency_markdown  # the latency table: one row per method · engine
+
+        write_atomic(run_dir / "latency.md", latency_markdown(records))
+        written.append(run_dir / "latency.md")
         written.append(run_dir / "table.tex")
     written += plots(records, run_dir)
     return written

@@ -53,3 +53,4 @@ def get_task(name: str) -> TaskDef:
         raise HarnessError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name]
 import harness.zero_shot  # noqa: E402,F401 - registers the lm-eval tasks (harness/lmeval.py)
+import harness.latency  # noqa: E402,F401 - registers the latency task `decode` (harness/latency.py)

@@ -24,7 +24,8 @@ step at the start of every layer with the residual stream entering that layer (B
 runs inside the step (and inside the CUDA graph: its cost is part of every latency figure). The number of kept
 heads/neurons per layer is fixed (index buffers of fixed length); the values may change every token. Optional
 extras of a source: `neuron_masks(layer, hidden)` (neuron indices from the MLP input, called after attention; it
-overrides the second element), `begin_step(engine)` (called once per step, before layer 0), `counts` (per-layer
+overrides the second element), `begin_step(engine)` (called once per step, before layer 0), `prefill_layer(layer,
+hidden)` (called in prefill with the residual stream (B, T0, d) entering each layer), `counts` (per-layer
 (n_heads, n_neurons), used when the engine is not told the counts) and `static = True` (its tensors never
 change, so the engine reads them directly instead of copying into its buffers). Indices are shared by the batch.
 
@@ -229,7 +230,10 @@ class SparseDecoder:
             raise ValueError(f"prompt of shape {(B, T0)} does not fit batch {self.batch}, max_len {self.max_len}")
         H, hd, d = self.num_heads, self.head_dim, self.hidden
         h = self._embed(input_ids, torch.arange(T0, device=self.device).expand(B, T0))
+        observe = getattr(self.masks, "prefill_layer", None)
         for index, w in enumerate(self.layers):
+            if observe is not None:  # e.g. timewise:time keeps the last prompt token's layer input
+                observe(index, h)
             xn = F.layer_norm(h, (d,), w.ln1_w, w.ln1_b, w.eps1)
             if self.kv == "recompute":
                 self.xkeep[index][:, :T0] = xn

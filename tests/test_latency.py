@@ -1,0 +1,240 @@
+"""Latency: method predictors as the sparse engine's mask sources, and the latency suite on a CPU.
+
+1. For each method (static, dejavu, shadow, timewise:current/last/time) the sparse decode engine, fed by the
+   method's mask source (kernels/sources.py), gives the logits of the masked engine (harness/engine.py) with the
+   method's own policy, token by token (tiny OPT, float32; the prompt is dense in both engines): the
+   predictors read the same tensors and choose the same units in both engines.
+2. `harness run --suite latency` on a tiny model writes records with every latency field.
+"""
+import json
+
+import pytest
+import torch
+
+from harness.engine import Allocation, MaskedEngine, MaskPolicy
+from kernels.decode import SparseDecoder
+from kernels.equivalence import relative_errors, sparse_engine_logits
+from kernels.sources import reference_source, source_for
+from tests.conftest import tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+L, H, F_DIM, D = 3, 4, 128, 64
+PROMPT, STEPS = 5, 6
+
+
+def _model():
+    model = tiny_model(seed=3, vocab_size=512, hidden_size=D, word_embed_proj_dim=D, ffn_dim=F_DIM,
+                       num_attention_heads=H, num_hidden_layers=L)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def _standardised(predictor, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in predictor.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        predictor.mean.copy_(torch.randn(predictor.mean.shape, generator=g))
+        predictor.std.copy_(torch.rand(predictor.std.shape, generator=g) + 0.5)
+    return predictor.eval()
+
+
+def make_policy(label, model):
+    """The method's own masked-engine policy with seeded (untrained) predictors of its architecture."""
+    from methods.dejavu import DejaVuPolicy
+    from methods.predictors import low_rank, mlp
+    from methods.shadow import ShadowPolicy, shadow_predictor
+    from methods.static import StaticPolicy
+    from methods.timewise import TimewisePolicy
+
+    name, _, variant = label.partition(":")
+    if name == "static":
+        g = torch.Generator().manual_seed(11)
+        return StaticPolicy(torch.rand(L, H, generator=g), torch.rand(L, F_DIM, generator=g)), Allocation(0.5, 0.7)
+    if name == "dejavu":
+        attn = {l: _standardised(low_rank(D, 16, H), 100 + l) for l in range(L)}
+        mlp_ = {l: _standardised(low_rank(D, 16, F_DIM), 200 + l) for l in range(L)}
+        return DejaVuPolicy(attn, mlp_), Allocation(0.5, 0.7)
+    if name == "shadow":
+        predictor = _standardised(shadow_predictor(model.config, 32), 300)
+        return ShadowPolicy(predictor, model.config), Allocation(0.5, 0.7, dense_layers=(0,))
+    predictors = {l: _standardised(mlp(D, 16, H), 400 + l) for l in range(L)}
+    return TimewisePolicy(variant, predictors, 1), Allocation(0.5, 0.0)
+
+
+class PromptDense(MaskPolicy):
+    """The method's policy, but every unit kept during the prompt (the sparse engine's prefill is dense); the
+    policy still sees the prompt (timewise:time carries the last prompt token's state). Records kept sets."""
+
+    def __init__(self, inner):
+        self.inner, self.needs, self.decoding, self.kept = inner, inner.needs, False, []
+
+    def begin(self, state):
+        self.decoding = state.shape[1] == 1
+        self.inner.begin(state)
+
+    def head_scores(self, layer, state, head_out):
+        scores = self.inner.head_scores(layer, state, head_out)
+        if self.decoding and scores is not None:
+            self.kept.append(("heads", layer, scores))
+        return scores if self.decoding else None
+
+    def neuron_scores(self, layer, state, act):
+        scores = self.inner.neuron_scores(layer, state, act)
+        return scores if self.decoding else None
+
+
+@torch.no_grad()
+def masked_logits(model, policy, allocation, prompt, tokens):
+    engine = MaskedEngine(model, policy, allocation)
+    out = []
+    with engine.applied():
+        res = model(input_ids=prompt, use_cache=True)
+        past, out = res.past_key_values, [res.logits[:, -1].float()]
+        for token in tokens:
+            res = model(input_ids=token.view(1, 1), past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            out.append(res.logits[:, -1].float())
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = _model()
+    g = torch.Generator().manual_seed(7)
+    return model, torch.randint(0, 512, (1, PROMPT), generator=g), torch.randint(0, 512, (STEPS,), generator=g)
+
+
+METHODS = ["static", "dejavu", "shadow", "timewise:current", "timewise:last", "timewise:time"]
+CASES = [(m, "torch") for m in METHODS] + [(m, "triton") for m in ("dejavu", "shadow", "timewise:time")]
+
+
+@pytest.mark.parametrize("label, backend", CASES)
+def test_method_source_gives_the_masked_engines_logits(setup, label, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    model, prompt, tokens = setup
+    policy, allocation = make_policy(label, model)
+    wrapped = PromptDense(policy)
+    expected = masked_logits(model, wrapped, allocation, prompt, tokens)
+    if label != "static":  # the predictors really choose per token: the kept heads change across steps
+        sets = {}
+        for unit, layer, scores in wrapped.kept:
+            sets.setdefault(layer, set()).add(tuple(scores[0, -1].topk(H // 2).indices.sort().values.tolist()))
+        assert any(len(s) > 1 for s in sets.values()), sets
+    policy, allocation = make_policy(label, model)  # fresh state (timewise:time carries the previous token)
+    source = source_for(policy, allocation, model)
+    engine = SparseDecoder(model, source, max_len=16, kv="recompute", backend=backend)
+    got = sparse_engine_logits(engine, prompt, tokens)
+    errors, agree = relative_errors(got, expected)
+    assert max(errors) < 1e-5 and all(agree), (label, errors)
+    kept_h, kept_f = engine.heads_kept, engine.neurons_kept
+    if label == "shadow":
+        assert kept_h == [H, 2, 2] and kept_f[0] == F_DIM
+    if label.startswith("timewise"):
+        assert kept_f == [F_DIM] * L and kept_h == [2] * L
+    reference = SparseDecoder(model, reference_source(source, L), max_len=16, kv="recompute", backend="torch")
+    assert reference.heads_kept == kept_h and reference.neurons_kept == kept_f
+
+
+def test_sources_refuse_what_cannot_be_decoded(setup):
+    from harness.errors import HarnessError
+
+    model = setup[0]
+    policy, _ = make_policy("dejavu", model)
+    with pytest.raises(HarnessError, match="local allocation"):
+        source_for(policy, Allocation(0.5, 0.5, mode="global"), model)
+    with pytest.raises(HarnessError, match="token-scope"):
+        source_for(policy, Allocation(0.5, 0.5, scope="request"), model)
+    static, _ = make_policy("static", model)  # a static ranking is fixed, so global allocation is decodable
+    source = source_for(static, Allocation(0.5, 0.5, mode="global", dense_layers=(0,)), model)
+    engine = SparseDecoder(model, source, max_len=8, backend="torch")
+    assert engine.heads_kept[0] == H and sum(engine.heads_kept[1:]) == 2 * H - round(0.5 * H * 2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the latency suite on a CPU
+# ------------------------------------------------------------------------------------------------------------
+FIELDS = ("prefill_ms", "token_ms", "token_ms_p90", "token_ms_p99", "request_ms", "tokens_per_s", "peak_mem_gb",
+          "floor_ms")
+
+
+@pytest.fixture(scope="module")
+def latency_run(tiny_model_dir, tmp_path_factory):
+    """suites/latency.yaml with a tiny model and tiny lengths: dense baselines + static/dejavu/shadow at
+    h0.5/n0.5, then timewise at h0.5 into the same run folder."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+    from harness.suites import load_suite
+
+    suite = load_suite("latency")
+    suite["defaults"]["method_settings"]["latency"].update(prompt=6, new_tokens=4, warmup=1, repeats=2, copy_mb=8)
+    suite["defaults"].update(calib_samples=4, calib_seqlen=16)
+    tmp = tmp_path_factory.mktemp("latency")
+    path = tmp / "latency.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    out = tmp / "run"
+    common = ["run", "--suite", path, "--model", tiny_model_dir, "--weights", "pretrained", "--dtype", "float32",
+              "--device", "cpu", "--out", out, "--cache-dir", tmp / "cache"]
+    runner = CliRunner()
+    first = runner.invoke(app, [str(a) for a in common + ["--sparsity", "h0.5/n0.5"]], catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    second = runner.invoke(app, [str(a) for a in common + ["--methods", "timewise", "--sparsity", "h0.5"]],
+                           catch_exceptions=False)
+    assert second.exit_code == 0, second.output
+    return out, [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+def test_latency_suite_records_every_field(latency_run):
+    out, records = latency_run
+    rows = {}
+    for r in records:
+        rows.setdefault((r["method_label"], r.get("engine")), {})[r["metric"]] = r
+    assert set(rows) == {("dense · ours", "ours"), ("dense · hf-eager", "hf-eager"), ("dense · hf-static", "hf-static"),
+                         ("static:plainact", "ours"), ("dejavu", "ours"), ("shadow:plainact", "ours"),
+                         ("timewise:current", "ours")}, sorted(rows)
+    for (label, engine), metrics in rows.items():
+        assert set(FIELDS) <= set(metrics), (label, sorted(metrics))
+        for name in FIELDS:
+            assert metrics[name]["value"] > 0, (label, name)
+        token = metrics["token_ms"]
+        assert token["weights"] == "pretrained" and token["task"] == "decode" and token["timer"] == "host perf_counter"
+        assert metrics["token_ms_p99"]["value"] >= metrics["token_ms"]["value"] - 1e-9
+        assert token["n"] == 2 * 3  # repeats × (new_tokens − 1) steps
+        if label.startswith("dense"):
+            continue
+        share = metrics["predictor_share"]["value"]
+        assert 0.0 <= share <= 1.0
+        if label.startswith("static"):
+            assert share == 0.0
+        else:
+            assert token["reference_token_ms"] > 0 and token["predictor_bytes"] > 0
+            assert metrics["floor_ms"]["value"] > token["floor_model_ms"]
+    assert rows[("dense · hf-static", "hf-static")]["token_ms"]["compiled"] is False  # CPU: not compiled
+    sparse = rows[("dejavu", "ours")]["floor_ms"]
+    dense = rows[("dense · ours", "ours")]["floor_ms"]
+    assert sparse["weight_bytes"] < dense["weight_bytes"]
+    achieved = {r["method_label"]: (r["achieved_heads"], r["achieved_neurons"]) for r in records}
+    assert achieved["dejavu"] == (0.5, 0.5) and achieved["timewise:current"] == (0.5, 0.0)
+    assert achieved["shadow:plainact"][0] == pytest.approx(0.25)  # layer 0 dense: one of two layers
+    table = (out / "table.md").read_text()
+    assert "dense · hf-eager" in table and "decode token_ms @ h0.5/n0.5" in table and "predictor_share" in table
+
+
+def test_random_weights_are_said_in_every_record(latency_run):
+    _, records = latency_run
+    assert all(r["weights_note"] == "pretrained" for r in records)  # this run loads a checkpoint; random says so
+    from harness.latency import settings_of
+    from harness.errors import HarnessError
+    from harness.spec import RunConfig
+
+    with pytest.raises(HarnessError, match="unknown latency setting"):
+        settings_of(RunConfig(method_settings={"latency": {"prompts": 3}}))
+    with pytest.raises(HarnessError, match="valid: ours, hf-eager"):
+        settings_of(RunConfig(method_settings={"latency": {"engines": ["vllm"]}}))
