@@ -154,7 +154,14 @@ def run(
     seed: Optional[str] = typer.Option(None, help="Seed(s) of random masks and predictor training; 0,1,2 runs seeded "
                                                   "methods once per seed (tables: mean ± std over seeds)."),
     weight_seed: Optional[int] = typer.Option(None, help="Seed of --weights random."),
-    executor: Optional[str] = typer.Option(None, help="Where jobs run: local (in-process)."),
+    executor: Optional[str] = typer.Option(None, help="Where jobs run: local (in-process) or ray (a Ray cluster: "
+                                                      "--ray-address, else RAY_ADDRESS, else a local one)."),
+    ray_address: Optional[str] = typer.Option(None, help="--executor ray: the cluster to connect to (else RAY_ADDRESS, "
+                                                         "else a local cluster is started)."),
+    gpus_per_job: Optional[int] = typer.Option(None, help="--executor ray: GPUs per quality job (default: from the "
+                                                          "model's size and dtype); more than one shards the model."),
+    retries: int = typer.Option(1, help="--executor ray: times a failed job (error, out of memory, lost worker) is "
+                                        "retried before it is recorded as failed."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: results/<suite>-<model>-<weights>-<hash>)."),
     data_dir: Optional[Path] = typer.Option(None, help="Data directory (else HARNESS_DATA_DIR, else ../shared/data)."),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the model's, else OPT's in the data directory)."),
@@ -178,7 +185,7 @@ def run(
 
     Starting the same command again resumes: finished jobs are skipped. A failing job is recorded with its
     traceback and the others go on; the exit code is 1 when any job failed, 2 on bad input."""
-    from harness.executors import EXECUTORS
+    from harness.executors import make_executor
     from harness.runner import Session
     from harness.spec import config_dict
     from harness.store import RunStore
@@ -200,7 +207,8 @@ def run(
     session = Session(config, data, cache_cls(cache_dir, log=console.print), tokenizer, log=console.print)
     session.run_dir = run_dir
     with RunUI() as ui:
-        summary = EXECUTORS[config.executor]().run(jobs, session, store, ui)
+        executor_ = make_executor(config.executor, address=ray_address, gpus_per_job=gpus_per_job, retries=retries)
+        summary = executor_.run(jobs, session, store, ui)
     written = write_tables(run_dir, store.records(), store.failures(), jobs=store.jobs())
     console.print(f"{summary.ran} ran, {summary.skipped} already done, {summary.failed} failed")
     for path in written:
@@ -261,10 +269,67 @@ def table(
     formats = FORMATS if format == "all" else (format,)
     if format != "all" and format not in FORMATS:
         raise HarnessError(f"unknown format {format!r}; valid: md, latex, all")
+    from harness.sweep import collect, is_sweep_dir, write_sweep_tables
+
+    if is_sweep_dir(run_dir):  # a sweep folder: one table per (model, suite) over all its runs
+        write_sweep_tables(run_dir, formats)
+        records = collect(run_dir)[0]
+        print(latex(records) if formats == ("latex",) else (run_dir / "table.md").read_text())
+        return
     records = read_records(run_dir)
     store = RunStore(run_dir)
     write_tables(run_dir, records, store.failures(), formats, jobs=store.jobs())
     print(latex(records) if formats == ("latex",) else (run_dir / "table.md").read_text())
+
+
+@app.command()
+@handle_errors
+def sweep(
+    file: Path = typer.Argument(..., help="Sweep file (YAML): models, suites, methods, sparsity, seeds, settings."),
+    executor: Optional[str] = typer.Option(None, help="local or ray (default: the file's, else local)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (jobs, GPUs per job, shared fits) and stop."),
+    out: Optional[Path] = typer.Option(None, help="Sweep folder (default: the file's `out`, else "
+                                                  "results/sweep-<name>-<hash>)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Data directory (else HARNESS_DATA_DIR, else ../shared/data)."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Artefact cache shared by all workers (a path every worker "
+                                                        "can read; else the file's, else HARNESS_CACHE_DIR)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (else the file's, else RAY_ADDRESS, "
+                                                         "else a local cluster)."),
+    gpus_per_job: Optional[int] = typer.Option(None, help="GPUs per quality job (default: from model size and dtype)."),
+    retries: Optional[int] = typer.Option(None, help="Retries of a failed job (default: the file's, else 1)."),
+):
+    """Run a grid: models × suites (one run folder each) × methods × sparsities × seeds, fits first and shared.
+
+    Starting the same command again resumes; the exit code is 1 when any job failed, 2 on bad input."""
+    from harness.executors import describe_plan, make_executor, plan_units
+    from harness.spec import EXECUTORS
+    from harness.sweep import build_units, claim, default_sweep_dir, load_sweep, write_sweep_tables
+
+    spec = load_sweep(file)
+    executor = executor or spec.get("executor") or "local"
+    if executor not in EXECUTORS:
+        raise HarnessError(f"unknown executor {executor!r}; valid: {', '.join(EXECUTORS)}")
+    sweep_dir = out or (Path(spec["out"]) if spec.get("out") else default_sweep_dir(spec))
+    gpus_per_job = gpus_per_job or spec.get("gpus_per_job")
+    units = build_units(spec, sweep_dir, data_dir, tokenizer, cache_dir, log=console.print)
+    plan = plan_units(units, gpus_per_job, spec.get("gpu_memory_gb"))
+    console.print(f"sweep {spec['name']} → {sweep_dir} · executor {executor}")
+    console.print(describe_plan(units, plan), markup=False, highlight=False, soft_wrap=True)
+    if dry_run:
+        return
+    claim(sweep_dir, spec, units)
+    runner = make_executor(executor, address=ray_address or spec.get("ray_address"), gpus_per_job=gpus_per_job,
+                           retries=spec.get("retries", 1) if retries is None else retries,
+                           num_cpus=spec.get("num_cpus"), gpu_memory_gb=spec.get("gpu_memory_gb"),
+                           max_workers=spec.get("max_workers"))
+    with RunUI() as ui:
+        summary = runner.run_units(units, ui)
+    written = write_sweep_tables(sweep_dir)
+    console.print(f"{summary.ran} ran, {summary.skipped} already done, {summary.failed} failed")
+    console.print(f"wrote {sweep_dir / 'table.md'} and {len(written) - 1} more files")
+    if summary.failed or any(u.store.failures() for u in units):
+        raise typer.Exit(1)
 
 
 @app.command("list")

@@ -254,6 +254,7 @@ class MaskedEngine:
             keep = self._keep("heads", index, lambda: self.policy.head_scores(index, self.state, heads))
             if keep is None:
                 return None
+            keep = keep.to(heads.device)  # sharded models: scores may come from another layer's device
             self.state.keep[("heads", index)] = keep
             out = heads * keep.unsqueeze(-1).to(heads.dtype)
             replacement = self._replacement(index, heads)
@@ -270,6 +271,7 @@ class MaskedEngine:
             keep = self._keep("neurons", index, lambda: self.policy.neuron_scores(index, self.state, act))
             if keep is None:
                 return None
+            keep = keep.to(act.device)  # sharded models: scores may come from another layer's device
             self.state.keep[("neurons", index)] = keep
             return ((act * keep.to(act.dtype)).view(x.shape),)
         return hook
@@ -293,6 +295,7 @@ class MaskedEngine:
                 self.meter.add(unit, layer, None, valid)
                 return None
             keep = lowest_k_mask(scores, self.skip_count(unit))
+        valid = valid.to(keep.device)  # sharded models: the forward's state lives on the first device
         if self.allocation.scope == "request":
             keep = request_scope(keep, valid)
         self.meter.add(unit, layer, keep, valid)

@@ -35,11 +35,13 @@ class Session:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self._tokens: dict = {}
+        self.device_map = None  # set by an executor that shards the model over several GPUs (harness.placement)
+        self.placement: dict = {}  # where the jobs ran (executor, node, GPUs, sharding): copied into every record
 
     @cached_property
     def model(self):
         return load_model(self.model_spec, device=self.device, dtype=self.dtype, seed=self.config.weight_seed,
-                          attn_implementation=self.config.attn)
+                          attn_implementation=self.config.attn, device_map=self.device_map)
 
     @cached_property
     def tokenizer(self):
@@ -166,6 +168,7 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
         "achieved_heads": achieved["achieved_heads"], "achieved_neurons": achieved["achieved_neurons"],
         "task": job.task, "seed": job.seed, "weight_seed": config.weight_seed, "limit": config.limit,
         "timings": {k: round(v, 3) for k, v in timings.items()}, "provenance": provenance(),
+        **session.placement,
     }
     if artefact is not None and artefact.path is not None:
         base["artefact"] = str(artefact.path)

@@ -10,7 +10,7 @@ from harness.engine import ALLOCATIONS, SCOPES, Allocation
 from harness.errors import HarnessError
 from methods import MethodSpec, get_method
 
-EXECUTORS = ("local",)
+EXECUTORS = ("local", "ray")
 
 
 def parse_sparsity(text: str, units) -> dict:

@@ -217,7 +217,10 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
                 ax.set_yscale("log")
             ax.set_title(f"{task} · {model} ({weights})", fontsize=10)
             ax.legend(fontsize=8)
-            fig.tight_layout()
+            seeded = any("seeds" in r for r in points)
+            fig.text(0.01, 0.005, "error bars: std over seeds (seeded methods), stderr over windows/examples (others)"
+                     if seeded else "error bars: stderr over windows/examples", fontsize=6, color="dimgray")
+            fig.tight_layout(rect=(0, 0.03, 1, 1))
             path = out_dir / f"plot_{suite}_{model}_{task}_{metric}.png".replace("/", "_")
             fig.savefig(path, dpi=120)
             plt.close(fig)
