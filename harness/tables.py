@@ -230,11 +230,13 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
 
 def quality_table(jobs: list[dict]) -> str:
     """Predictor quality of every fitted predictor (mean over layers; global = one ranking over all layers)."""
-    rows = []
+    rows, seen = [], set()
     for job in jobs:
         quality, spec = job.get("predictor_quality"), job.get("spec", {})
-        if not quality:
+        key = (spec.get("method"), spec.get("sparsity"), spec.get("seed"))
+        if not quality or key in seen:  # the jobs of several tasks share one predictor and one report
             continue
+        seen.add(key)
         for unit in ("heads", "neurons"):
             if unit not in quality:
                 continue
