@@ -71,9 +71,12 @@ def _scaled(value, unit: str, metric: str):
 
 
 def compare(records: list[dict], ref: dict) -> dict:
-    """{'matched': [...], 'ours_only': [...], 'reference_only': [...]} of row dicts."""
+    """{'matched': [...], 'ours_only': [...], 'reference_only': [...]} of row dicts. Several seeds of one
+    configuration become mean ± std over seeds, as in the tables."""
+    from harness.tables import over_seeds
+
     ours = {}
-    for r in records:
+    for r in over_seeds(records):
         ours.setdefault(record_key(r), r)
     published = {}
     for e in ref["entries"]:
