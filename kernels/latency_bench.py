@@ -523,8 +523,34 @@ def run_model(name, bw, prepare, hf_static: bool):
         torch.cuda.empty_cache()
 
 
+# wheels the GPU image lacks for DeepSpeed 0.19.8 (its other needs, numpy/packaging/psutil/torch/tqdm, are there)
+DS_BINARY_WHEELS = ("einops", "hjson", "py-cpuinfo", "ninja", "msgpack", "pydantic", "pydantic-core", "annotated-types",
+                    "typing-inspection", "typing-extensions")
+
+
+def prepare_wheels(folder: str, python: str = "3.12") -> None:
+    """On a machine with the package index: fill `folder` with what a GPU call must carry for DeepSpeed.
+    DeepSpeed itself is built from its sdist without CUDA ops; the rest are binary wheels for the GPU's Python."""
+    import subprocess
+
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DS_BUILD_OPS": "0"}
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(target), "deepspeed==0.19.8"],
+                   check=True, env=env)
+    platforms = [arg for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+                 for arg in ("--platform", p)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
+                    python, "--implementation", "cp", *platforms, "-d", str(target), *DS_BINARY_WHEELS], check=True)
+    print("\n".join(sorted(p.name for p in target.glob("*.whl"))))
+
+
 def main():
     global OUT, ARGS
+    if "--prepare-wheels" in sys.argv:  # python -m kernels.latency_bench --prepare-wheels [.whl/deepspeed]
+        rest = sys.argv[sys.argv.index("--prepare-wheels") + 1:]
+        prepare_wheels(rest[0] if rest else ".whl/deepspeed")
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT") or "results/latency-bench")
     parser.add_argument("--budget", type=float, default=530.0, help="seconds; what would not fit is skipped")
