@@ -60,6 +60,7 @@ class RunConfig:
     calib_seqlen: int = 512
     method_settings: dict = field(default_factory=dict)
     executor: str = "local"
+    clip_units: bool = False  # a target naming units a method cannot skip runs it at 0 for them (else: an error)
     # zero-shot (lm-eval)
     num_fewshot: int = 0
     lmeval_source: str = "auto"  # auto (lm-eval's own data if cached, else local), local, hf
@@ -69,7 +70,7 @@ class RunConfig:
 
     IDENTITY = ("suite", "model", "weights", "weight_seed", "limit", "dtype", "attn", "seqlen", "stride", "allocation",
                 "scope", "dense_layers", "min_keep", "calib_data", "calib_samples", "calib_seqlen", "method_settings",
-                "num_fewshot", "lmeval_source", "bootstrap_iters")
+                "num_fewshot", "lmeval_source", "bootstrap_iters", "clip_units")
 
     @property
     def seeds(self) -> list[int]:
@@ -150,7 +151,10 @@ def expand_jobs(config: RunConfig, identity: dict) -> list[JobSpec]:
         for label, target in targets:
             for unit, value in target.items():
                 if value and unit not in method.sparsifiable:
-                    raise HarnessError(f"method {method.label} does not sparsify {unit} (sparsity {label})")
+                    if not config.clip_units:
+                        raise HarnessError(f"method {method.label} does not sparsify {unit} (sparsity {label}); "
+                                           "set clip_units to run it at 0 for that unit")
+                    target = {**target, unit: 0.0}  # recorded as requested 0; the achieved column shows it
             for task in config.tasks:
                 for seed in config.seeds if method.seeded else config.seeds[:1]:
                     job = JobSpec(method.label, label, target["heads"], target["neurons"], task, seed, run)

@@ -172,3 +172,17 @@ def test_seed_list_repeats_only_seeded_methods_and_tables_show_mean_and_std(tiny
 
     table = (out / "table.md").read_text()
     assert "mean ± std over 3 seeds" in table and cell(mean, std) in table
+
+
+def test_clip_units_runs_a_heads_only_method_at_a_combined_target(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    refused = tiny_run(tiny_model_dir, out, "--methods", "norm-mask,replace:head", "--sparsity", "h0.5/n0.5")
+    assert refused.exit_code == 2 and "clip_units" in refused.output
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: clip\ndefaults:\n  clip_units: true\n")
+    result = invoke("run", "--suite", suite, "--model", tiny_model_dir, "--weights", "pretrained", "--seqlen", 64,
+                    "--limit", 2, "--out", out, "--methods", "random,replace:head", "--sparsity", "h0.5/n0.5")
+    assert result.exit_code == 0, result.output
+    records = {r["method"]: r for r in map(json.loads, (out / "records.jsonl").read_text().splitlines())}
+    assert records["replace"]["sparsity_neurons"] == 0 and records["replace"]["achieved_neurons"] == 0
+    assert records["random"]["achieved_neurons"] == pytest.approx(0.5)
