@@ -9,31 +9,21 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import yaml
-
 from harness.data import REPO_ROOT
 from harness.errors import HarnessError
+from harness.suites import load_yaml_mapping, yaml_files
 
 REFERENCES_DIR = REPO_ROOT / "suites" / "references"
 UNITS = ("percent", "fraction")
 
 
 def available() -> dict[str, Path]:
-    return {path.stem: path for path in sorted(REFERENCES_DIR.glob("*.yaml"))}
+    return yaml_files(REFERENCES_DIR)
 
 
 def load_reference(name: str) -> dict:
-    path = Path(name)
-    if not (path.suffix in (".yaml", ".yml") and path.exists()):
-        refs = available()
-        if name not in refs:
-            raise HarnessError(f"unknown reference {name!r}; valid: {', '.join(refs) or '(none)'} (or a path to a YAML file)")
-        path = refs[name]
-    try:
-        ref = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise HarnessError(f"reference file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(ref, dict) or not isinstance(ref.get("entries", []), list):
+    path, ref = load_yaml_mapping("reference", name, REFERENCES_DIR)
+    if not isinstance(ref.get("entries", []), list):
         raise HarnessError(f"reference file {path} must be a mapping with an `entries` list")
     ref.setdefault("name", path.stem)
     ref.setdefault("entries", [])
@@ -121,34 +111,26 @@ def markdown(result: dict, ref: dict, run_dir) -> str:
     if ref.get("status"):
         lines += [f"Reference status: {ref['status']}", ""]
     head = ["model", "method", "sparsity", "task", "metric"]
-    lines += [f"## Matched ({len(result['matched'])})", ""]
-    if result["matched"]:
-        lines.append("| " + " | ".join(head + ["ours", "published", "diff", "source"]) + " |")
-        lines.append("|" + "---|" * (len(head) + 4))
-        for row in result["matched"]:
-            ours = _num(row["ours"]) + (f" ± {_num(row['stderr'])}" if row.get("stderr") is not None else "")
-            mark = " †" if row.get("fidelity") not in (None, "exact") else ""
-            lines.append("| " + " | ".join([str(row[k]) for k in head] + [ours + mark, _num(row["reference"]),
-                                                                           _num(row["diff"]), _source(row["source"])]) + " |")
-    else:
-        lines.append("(none)")
-    lines += ["", f"## Only in our run ({len(result['ours_only'])})", ""]
-    if result["ours_only"]:
-        lines.append("| " + " | ".join(head + ["weights", "ours"]) + " |")
-        lines.append("|" + "---|" * (len(head) + 2))
-        for row in result["ours_only"]:
-            ours = _num(row["ours"], 4) + (f" ± {_num(row['stderr'], 4)}" if row.get("stderr") is not None else "")
-            lines.append("| " + " | ".join([str(row[k]) for k in head] + [str(row.get("weights")), ours]) + " |")
-    else:
-        lines.append("(none)")
-    lines += ["", f"## Only in the reference ({len(result['reference_only'])})", ""]
-    if result["reference_only"]:
-        lines.append("| " + " | ".join(head + ["published", "source"]) + " |")
-        lines.append("|" + "---|" * (len(head) + 2))
-        for row in result["reference_only"]:
-            lines.append("| " + " | ".join([str(row[k]) for k in head] + [_num(row["reference"]), _source(row["source"])]) + " |")
-    else:
-        lines.append("(none)" + (" — the reference has no entries yet" if not ref["entries"] else ""))
+    def ours(row, digits):
+        text = _num(row["ours"], digits) + (f" ± {_num(row['stderr'], digits)}" if row.get("stderr") is not None else "")
+        return text + (" †" if row.get("fidelity") not in (None, "exact") else "")
+
+    sections = [
+        ("Matched", result["matched"], ["ours", "published", "diff", "source"],
+         lambda r: [ours(r, 2), _num(r["reference"]), _num(r["diff"]), _source(r["source"])], ""),
+        ("Only in our run", result["ours_only"], ["weights", "ours"], lambda r: [str(r.get("weights")), ours(r, 4)], ""),
+        ("Only in the reference", result["reference_only"], ["published", "source"],
+         lambda r: [_num(r["reference"]), _source(r["source"])],
+         "" if ref["entries"] else " — the reference has no entries yet"),
+    ]
+    for number, (title, rows, extra, cells, empty_note) in enumerate(sections):
+        lines += ([""] if number else []) + [f"## {title} ({len(rows)})", ""]
+        if rows:
+            lines.append("| " + " | ".join(head + extra) + " |")
+            lines.append("|" + "---|" * (len(head) + len(extra)))
+            lines += ["| " + " | ".join([str(r[k]) for k in head] + cells(r)) + " |" for r in rows]
+        else:
+            lines.append("(none)" + empty_note)
     if any(row.get("fidelity") not in (None, "exact") for row in result["matched"]):
         lines += ["", "† offline data that does not reproduce lm-eval's data set exactly (see the record's fidelity_note)."]
     return "\n".join(lines) + "\n"

@@ -164,7 +164,7 @@ class _ProbeSession:
     def tokenizer(self):
         raise _NeedsModel("tokenizer")
 
-    def token_cache(self, name, make):
+    def memo(self, name, make):
         raise _NeedsModel(name)
 
 

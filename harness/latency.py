@@ -262,7 +262,7 @@ def shared_layers(session, model, device, dtype):
     def build():
         return SparseDecoder(model, DenseMasks(model.config.num_hidden_layers), max_len=2, cuda_graph=False,
                              device=device, dtype=dtype).layers
-    return session.token_cache("latency:decode-layers", build)
+    return session.memo("latency:decode-layers", build)
 
 
 def _engine(model, source, settings, session, kv):
@@ -321,7 +321,7 @@ def measure_job(session, job, config, progress):
     device, dtype = session.device, session.dtype
     model_config = model.config
     L, H, Fd = model_config.num_hidden_layers, model_config.num_attention_heads, model_config.ffn_dim
-    bw = session.token_cache("latency:copy-bandwidth", lambda: copy_bandwidth(device, settings["copy_mb"]))
+    bw = session.memo("latency:copy-bandwidth", lambda: copy_bandwidth(device, settings["copy_mb"]))
     prompt = prompt_ids(model_config, settings["batch"], settings["prompt"], settings["seed"], device)
     common = {"batch": settings["batch"], "prompt_len": settings["prompt"], "new_tokens": settings["new_tokens"],
               "warmup": settings["warmup"], "repeats": settings["repeats"], "copy_bandwidth_gbps": bw / 1e9,

@@ -309,7 +309,7 @@ def evaluate_task(session, job, config, progress) -> list[dict]:
     num_fewshot = int(_setting(config, "num_fewshot", 0))
     batch_size = int(_setting(config, "batch_size", DEFAULT_BATCH_SIZE))
     source = choose_source(task, _setting(config, "lmeval_source", "auto"))
-    lm = session.token_cache(f"lm_eval:adapter:{batch_size}",
+    lm = session.memo(f"lm_eval:adapter:{batch_size}",
                              lambda: make_adapter(session.model, session.tokenizer, batch_size=batch_size))
     lm_task = task.lm_eval_task if source == "hf" else task.local_task
     if progress is not None:

@@ -34,7 +34,7 @@ class Session:
         self.model_spec = ModelSpec(config.model, config.weights)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self._tokens: dict = {}
+        self._memo: dict = {}
         self.device_map = None  # set by an executor that shards the model over several GPUs (harness.placement)
         self.placement: dict = {}  # where the jobs ran (executor, node, GPUs, sharding): copied into every record
 
@@ -51,10 +51,11 @@ class Session:
     def model_identity(self) -> str:
         return self.model_spec.identity()
 
-    def token_cache(self, name: str, make):
-        if name not in self._tokens:
-            self._tokens[name] = make()
-        return self._tokens[name]
+    def memo(self, name, make):
+        """Values kept for the whole session (token ids, traces, adapters, reports), made once by `make()`."""
+        if name not in self._memo:
+            self._memo[name] = make()
+        return self._memo[name]
 
     def fit_context(self, method_name: str, seed: int | None = None) -> "FitContext":
         seed = self.config.seeds[0] if seed is None else seed
@@ -95,7 +96,7 @@ class FitContext:
     def calibration_ids(self) -> torch.Tensor:
         """(samples, calib_seqlen) token ids cut from the calibration text (never the evaluation splits)."""
         config = self.config
-        ids = self.session.token_cache(f"calib:{config.calib_data}", lambda: tokenize_text(
+        ids = self.session.memo(f"calib:{config.calib_data}", lambda: tokenize_text(
             self.tokenizer, self.data.calibration_text(config.calib_data)))
         count = min(config.calib_samples, len(ids) // config.calib_seqlen)
         return ids[: count * config.calib_seqlen].view(count, config.calib_seqlen)
@@ -142,7 +143,9 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
     artefact = method.fit(ctx, allocation)
     timings["fit_s"] = time.perf_counter() - clock
     policy = method.policy(ctx, allocation, artefact)
-    quality = method.quality(ctx, allocation, artefact) if artefact is not None else None
+    # the jobs of several tasks share one predictor: its report is computed once per session
+    quality = session.memo(("quality", method.label, repr(allocation), job.seed, getattr(artefact, "path", None)),
+                           lambda: method.quality(ctx, allocation, artefact)) if artefact is not None else None
     if quality:  # the predictors' cost is reported next to the model's
         from methods.predictors import linear_flops, parameter_count
 

@@ -11,23 +11,37 @@ from harness.errors import HarnessError
 SUITES_DIR = REPO_ROOT / "suites"
 
 
+def yaml_files(folder: Path) -> dict[str, Path]:
+    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+
+
+def load_yaml_mapping(kind: str, name: str | Path, folder: Path | None = None) -> tuple[Path, dict]:
+    """A YAML mapping by name (FOLDER/NAME.yaml) or by path; bad names and bad files are HarnessErrors."""
+    path = Path(name)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        known = yaml_files(folder) if folder is not None else {}
+        if str(name) not in known:
+            valid = ", ".join(known) or "(none)"
+            raise HarnessError(f"unknown {kind} {str(name)!r}; valid {kind}s: {valid} (or a path to a YAML file)"
+                               if folder is not None else f"{kind} file {path} does not exist")
+        path = known[str(name)]
+    try:
+        mapping = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise HarnessError(f"{kind} file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(mapping, dict):
+        raise HarnessError(f"{kind} file {path} must be a mapping")
+    return path, mapping
+
+
 def available() -> dict[str, Path]:
-    return {path.stem: path for path in sorted(SUITES_DIR.glob("*.yaml"))}
+    return yaml_files(SUITES_DIR)
 
 
 def load_suite(name: str) -> dict:
     """A suite by name (suites/NAME.yaml) or by path; returns its mapping with `name` and `defaults`."""
-    path = Path(name)
-    if not (path.suffix in (".yaml", ".yml") and path.exists()):
-        suites = available()
-        if name not in suites:
-            raise HarnessError(f"unknown suite {name!r}; valid suites: {', '.join(suites)} (or a path to a YAML file)")
-        path = suites[name]
-    try:
-        suite = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise HarnessError(f"suite file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(suite, dict) or not isinstance(suite.get("defaults", {}), dict):
+    path, suite = load_yaml_mapping("suite", name, SUITES_DIR)
+    if not isinstance(suite.get("defaults", {}), dict):
         raise HarnessError(f"suite file {path} must be a mapping with a `defaults` mapping")
     suite.setdefault("name", path.stem)
     suite.setdefault("description", "")

@@ -26,10 +26,9 @@ import hashlib
 import json
 from pathlib import Path
 
-import yaml
-
 from harness.errors import HarnessError
 from harness.store import RunStore, write_atomic
+from harness.suites import load_yaml_mapping
 
 KEYS = {"name", "description", "models", "weights", "suites", "tasks", "methods", "sparsity", "seeds", "settings",
         "executor", "retries", "gpus_per_job", "gpu_memory_gb", "cache_dir", "out", "ray_address", "num_cpus",
@@ -48,15 +47,7 @@ def _as_list(value, name: str, where: str) -> list:
 
 
 def load_sweep(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise HarnessError(f"sweep file {path} does not exist")
-    try:
-        sweep = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise HarnessError(f"sweep file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(sweep, dict):
-        raise HarnessError(f"sweep file {path} must be a mapping")
+    path, sweep = load_yaml_mapping("sweep", path)
     unknown = sorted(set(sweep) - KEYS)
     if unknown:
         raise HarnessError(f"sweep file {path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(KEYS))}")

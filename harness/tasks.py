@@ -24,7 +24,7 @@ class TaskDef:
 
 def _perplexity_task(text_of):
     def evaluate(session, job, config, progress):
-        ids = session.token_cache(job.task, lambda: tokenize_text(session.tokenizer, text_of(session.data)))
+        ids = session.memo(job.task, lambda: tokenize_text(session.tokenizer, text_of(session.data)))
         seqlen = config.seqlen or session.model.config.max_position_embeddings
         stride = config.stride or seqlen
         if progress is not None:

@@ -28,6 +28,8 @@ engine's index buffers need. Indices are shared by the batch: with batch > 1 the
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,7 +123,7 @@ def select(scores: torch.Tensor, k: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------------
 # sources
 # ------------------------------------------------------------------------------------------------------------
-class PredictorSource:
+class PredictorSource(ABC):
     """Base of the per-token sources: fixed counts, identity index sets for dense layers/units."""
 
     static = False
@@ -137,8 +139,9 @@ class PredictorSource:
         self.all_neurons = torch.arange(Fd, dtype=torch.int32, device=self.device)
         self._bind(engine)
 
+    @abstractmethod
     def _bind(self, engine) -> None:
-        raise NotImplementedError
+        """Move/fold the method's predictors for this engine (device, dtype, layout)."""
 
     def predictor_bytes(self) -> int:
         """Bytes of predictor weights one step reads (the predictor's share of the weight-streaming floor)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,7 +36,7 @@ class MethodSpec:
         return f"{self.name}:{self.variant}" if self.variant else self.name
 
 
-class Method:
+class Method(ABC):
     """Base class of method plugins.
 
     Class attributes a plugin sets:
@@ -80,9 +81,9 @@ class Method:
         """
         return None
 
+    @abstractmethod
     def policy(self, ctx, allocation, artefact):
         """The MaskPolicy for the masked engine (None: run the model unchanged). Every plugin defines it."""
-        raise NotImplementedError(f"method {self.name} defines no policy")
 
     def quality(self, ctx, allocation, artefact) -> dict | None:
         """Predictor methods: recall/precision of the selected set against the oracle set and Spearman ρ,

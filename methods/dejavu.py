@@ -81,7 +81,7 @@ class DejaVu(Method):
 
     def _train(self, ctx, unit, layers, k):
         config = ctx.model.config
-        hp, traces = self.hp(), ctx.session.token_cache("traces", lambda: collect_traces(ctx))
+        hp, traces = self.hp(), ctx.session.memo("traces", lambda: collect_traces(ctx))
         train, val = traces.split(hp["val_fraction"], ctx.seed)
         out = config.num_attention_heads if unit == "attn" else config.ffn_dim
         tensors, metrics = {}, {}
@@ -110,7 +110,7 @@ class DejaVu(Method):
     def quality(self, ctx, allocation, artefact) -> dict:
         """Selected (top-k) vs oracle sets on the validation tokens, per layer and over all layers."""
         config = ctx.model.config
-        traces = ctx.session.token_cache("traces", lambda: collect_traces(ctx))
+        traces = ctx.session.memo("traces", lambda: collect_traces(ctx))
         _, val = traces.split(self.hp()["val_fraction"], ctx.seed)
         report = {}
         for unit, name, fraction, size in (("attn", "heads", allocation.heads, config.num_attention_heads),

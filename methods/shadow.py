@@ -105,7 +105,7 @@ class Shadow(Method):
         inputs = {**ctx.base_key(), "criterion": self.criterion, "seed": ctx.seed, "hp": hp, "version": 1}
 
         def build():
-            traces = ctx.session.token_cache("traces", lambda: collect_traces(ctx))
+            traces = ctx.session.memo("traces", lambda: collect_traces(ctx))
             train, _ = traces.split(hp["val_fraction"], ctx.seed)
             heads, neurons = self._targets(ctx, train)
             y = torch.cat([heads.flatten(1), neurons.flatten(1)], dim=-1)
@@ -129,7 +129,7 @@ class Shadow(Method):
 
     def quality(self, ctx, allocation, artefact) -> dict:
         config = ctx.model.config
-        traces = ctx.session.token_cache("traces", lambda: collect_traces(ctx))
+        traces = ctx.session.memo("traces", lambda: collect_traces(ctx))
         _, val = traces.split(self.hp()["val_fraction"], ctx.seed)
         predictor = load(artefact.tensors, "shadow", shadow_predictor(config, self.hp()["hidden"]))
         with torch.no_grad():

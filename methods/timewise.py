@@ -82,7 +82,7 @@ class Timewise(Method):
                   "layers": layers, "version": 1}
 
         def build():
-            traces = ctx.session.token_cache("traces", lambda: collect_traces(ctx))
+            traces = ctx.session.memo("traces", lambda: collect_traces(ctx))
             train, val = traces.split(hp["val_fraction"], ctx.seed)
             tensors, metrics = {}, {}
             for layer in layers:
@@ -111,7 +111,7 @@ class Timewise(Method):
         if artefact is None:
             return {}
         config = ctx.model.config
-        traces = ctx.session.token_cache("traces", lambda: collect_traces(ctx))
+        traces = ctx.session.memo("traces", lambda: collect_traces(ctx))
         _, val = traces.split(self.hp()["val_fraction"], ctx.seed)
         predictors = self._predictors(ctx, artefact)
         k = keep_count(allocation.heads, config.num_attention_heads)

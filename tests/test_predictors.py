@@ -70,7 +70,7 @@ def planted(tmp_path_factory, data):
     settings["shadow"]["epochs"] = 150  # a regression over 64 distinct inputs needs more steps than 30 epochs of 7
     config = RunConfig(model=str(path), weights="pretrained", calib_samples=256, calib_seqlen=8, method_settings=settings)
     session = Session(config, data, ArtefactCache(tmp_path_factory.mktemp("cache"), log=lambda m: None))
-    session.token_cache("calib:wikitext2-valid", lambda: planted_ids(256).flatten())
+    session.memo("calib:wikitext2-valid", lambda: planted_ids(256).flatten())
     return session, sets
 
 
