@@ -68,13 +68,18 @@ def check_fc2(d, F, keep, batch, dtype, seed=0, residual=False, device=None):
     return _relerr(out, expected, dtype, f"fc2 d={d} F={F} keep={keep} B={batch}")
 
 
-def check_qkv(d, H, hd, keep, batch, dtype, seed=0, part="qkv", device=None):
-    device = device or _device()
-    g = torch.Generator().manual_seed(seed)
+def _qkv_inputs(g, batch, d, H, hd, keep, dtype, device):
+    """A batch of layer inputs, a fused head-major QKV weight and bias, and a random set of kept heads."""
     x = _randn(g, batch, d, dtype=dtype, device=device)
     wqkv = _randn(g, 3 * H * hd, d, dtype=dtype, device=device, scale=d ** -0.5)
     bqkv = _randn(g, 3 * H * hd, dtype=dtype, device=device, scale=0.1)
-    idx = _index(g, H, keep, device)
+    return x, wqkv, bqkv, _index(g, H, keep, device)
+
+
+def check_qkv(d, H, hd, keep, batch, dtype, seed=0, part="qkv", device=None):
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    x, wqkv, bqkv, idx = _qkv_inputs(g, batch, d, H, hd, keep, dtype, device)
     n = len(part) if part != "qkv" else 3
     out = torch.full((batch, keep, n, hd), float("nan"), dtype=dtype, device=device)
     gemv.qkv_heads(x, wqkv, bqkv, idx, hd, part=part, out=out)
@@ -98,10 +103,7 @@ def check_out_proj(d, H, hd, keep, batch, dtype, seed=0, device=None):
 def check_kv_to_cache(d, H, hd, T, keep, batch, dtype, seed=0, device=None):
     device = device or _device()
     g = torch.Generator().manual_seed(seed)
-    x = _randn(g, batch, d, dtype=dtype, device=device)
-    wqkv = _randn(g, 3 * H * hd, d, dtype=dtype, device=device, scale=d ** -0.5)
-    bqkv = _randn(g, 3 * H * hd, dtype=dtype, device=device, scale=0.1)
-    idx = _index(g, H, keep, device)
+    x, wqkv, bqkv, idx = _qkv_inputs(g, batch, d, H, hd, keep, dtype, device)
     pos = torch.tensor([T // 2], device=device)
     cache = torch.full((batch, H, T, 2, hd), float("nan"), dtype=dtype, device=device)
     gemv.kv_to_cache(x, wqkv, bqkv, idx, hd, cache, pos)
