@@ -94,6 +94,11 @@ def part_checks(small):
                 ("kv_to_cache", lambda: checks.check_kv_to_cache(d, H, hd, 64, H // 2 + 1, B, dtype, seed=6)),
                 ("attention T=256", lambda: checks.check_attention(H, hd, 256, H // 2 + 1, B, 200, dtype, seed=7)),
                 ("kv_recompute", lambda: checks.check_recompute(d, H, hd, 64, H // 2 + 1, B, 50, dtype, seed=8)),
+                ("ln_qkv (+xkeep)", lambda: checks.check_ln_qkv(d, H, hd, 64, H // 2 + 1, B, dtype, seed=9, xkeep=True)),
+                ("attend+out_proj_add T=256", lambda: checks.check_attend_out_proj(d, H, hd, 256, H // 2 + 1, B, 200,
+                                                                                   dtype, seed=10)),
+                ("ln_fc1 10%+5", lambda: checks.check_ln_fc1(d, F, F // 10 + 5, B, dtype, seed=11)),
+                ("fc2_add 10%+5", lambda: checks.check_fc2_add(d, F, F // 10 + 5, B, dtype, seed=12)),
             ]
             for what, fn in run:
                 try:
@@ -148,6 +153,21 @@ def part_kernel_bandwidth(small, copy_bw):
         ("kv all heads -> cache", lambda: gemv.kv_to_cache(x, wqkv, bqkv, all_h, hd, cache, pos), 2 * H * hd * (d + 1) * e),
         ("out_proj heads (25% heads)", lambda: gemv.out_proj_heads(attn, wot, bo, hid, hd), (kh * hd * d + d) * e),
         ("attention 25% heads, T=256", lambda: gemv.head_attention(q, cache, hid, pos, hd ** -0.5), kh * 256 * 2 * hd * e),
+    ]
+    from kernels.reference import NormFold
+
+    h32 = x.float()
+    norm_qkv = NormFold.of(rnd(d) + 1, rnd(d), 1e-5, wqkv, bqkv)
+    norm_fc1 = NormFold.of(rnd(d) + 1, rnd(d), 1e-5, w1, b1)
+    partials = gemv.attend(q, cache, hid, pos, hd ** -0.5)
+    cases += [
+        ("[step] ln_fc1 (25% neurons)", lambda: gemv.ln_fc1(h32, norm_fc1, w1, nid, dt), kf * (d + 1) * e),
+        ("[step] fc2_add (25% neurons)", lambda: gemv.fc2_add(a, w2t, b2, nid, h32), (kf * d + d) * e),
+        ("[step] ln_qkv q/k/v -> cache (25% heads)", lambda: gemv.ln_qkv(h32, norm_qkv, wqkv, hid, hd, cache, pos),
+         3 * kh * hd * (d + 1) * e),
+        ("[step] out_proj_add (25% heads, combine)", lambda: gemv.out_proj_add(partials, wot, bo, hid, hd, h32),
+         (kh * hd * d + d) * e),
+        ("[step] attend 25% heads, T=256", lambda: gemv.attend(q, cache, hid, pos, hd ** -0.5), kh * 256 * 2 * hd * e),
     ]
     w_dense = rnd(kf, d)
     cases.append(("[cuBLAS] dense GEMV, fc1-sized rows", lambda: torch.nn.functional.linear(x, w_dense), kf * d * e))
@@ -327,19 +347,22 @@ def layer_breakdown(engine, heads, neurons):
     pos = torch.tensor([200], device=dev)
     q = torch.randn(B, h_idx.numel(), hd, device=dev, dtype=engine.dtype)
     a = torch.randn(B, n_idx.numel(), device=dev, dtype=engine.dtype).abs()
-    attn = torch.randn(B, h_idx.numel() * hd, device=dev, dtype=engine.dtype)
+    all_n = torch.arange(engine.ffn_dim, device=dev, dtype=torch.int32)
+    a_all = torch.randn(B, engine.ffn_dim, device=dev, dtype=engine.dtype).abs()
     have = torch.ones(engine.num_heads, cache.shape[2], dtype=torch.int8, device=dev)
     xkeep = torch.randn(B, cache.shape[2], d, device=dev, dtype=engine.dtype)
+    h32 = x.float()
+    partials = gemv.attend(q, cache, h_idx, pos, hd ** -0.5)
     parts = [
-        ("layer_norm", lambda: F.layer_norm(x, (d,), w.ln1_w, w.ln1_b)),
-        ("kv -> cache, all heads", lambda: gemv.kv_to_cache(x, w.wqkv, w.bqkv, all_h, hd, cache, pos)),
-        ("kv -> cache, kept heads", lambda: gemv.kv_to_cache(x, w.wqkv, w.bqkv, h_idx, hd, cache, pos)),
-        ("kv_recompute, nothing missing", lambda: gemv.kv_recompute(xkeep, w.wqkv, w.bqkv, h_idx, hd, cache, have, pos)),
-        ("q, kept heads", lambda: gemv.qkv_heads(x, w.wqkv, w.bqkv, h_idx, hd, "q")),
-        ("attention, kept heads", lambda: gemv.head_attention(q, cache, h_idx, pos, hd ** -0.5)),
-        ("out_proj, kept heads (+finish)", lambda: gemv.out_proj_heads(attn, w.wot, w.bo, h_idx, hd, residual=x)),
-        ("fc1, kept neurons", lambda: gemv.fc1_gather(x, w.w1, w.b1, n_idx)),
-        ("fc2, kept neurons (+finish)", lambda: gemv.fc2_gather(a, w.w2t, w.b2, n_idx, residual=x)),
+        ("ln_qkv, all heads (dense)", lambda: gemv.ln_qkv(h32, w.ln1, w.wqkv, all_h, hd, cache, pos)),
+        ("ln_qkv, kept heads (+xkeep)", lambda: gemv.ln_qkv(h32, w.ln1, w.wqkv, h_idx, hd, cache, pos, xkeep=xkeep)),
+        ("attend, kept heads, nothing to recompute", lambda: gemv.attend(q, cache, h_idx, pos, hd ** -0.5,
+                                                                          recompute=(xkeep, w.wqkv, w.bqkv, have))),
+        ("out_proj_add, kept heads", lambda: gemv.out_proj_add(partials, w.wot, w.bo, h_idx, hd, h32)),
+        ("ln_fc1, kept neurons", lambda: gemv.ln_fc1(h32, w.ln2, w.w1, n_idx, engine.dtype)),
+        ("fc2_add, kept neurons", lambda: gemv.fc2_add(a, w.w2t, w.b2, n_idx, h32)),
+        ("ln_fc1, all neurons (dense)", lambda: gemv.ln_fc1(h32, w.ln2, w.w1, all_n, engine.dtype)),
+        ("fc2_add, all neurons (dense)", lambda: gemv.fc2_add(a_all, w.w2t, w.b2, all_n, h32)),
         ("lm_head (per step, not per layer)", lambda: F.linear(x, engine.lm_head)),
     ]
     for what, fn in parts:

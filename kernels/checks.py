@@ -152,3 +152,89 @@ def check_recompute(d, H, hd, T, keep, batch, pos, dtype, seed=0, device=None):
     full = ref.qkv_heads(xkeep.double().reshape(batch * T, d), wqkv.double(), bqkv.double(),
                          torch.arange(H, device=device), hd, part="kv").view(batch, T, H, 2, hd).transpose(1, 2)
     return _relerr(cache[:, need], full[:, need], dtype, "kv_recompute")
+
+
+# -- the decode step's fused operations ------------------------------------------------------------------------
+def _residual_and_norm(g, batch, d, w, b, device):
+    """An fp32 residual stream with a non-zero mean per row, and a LayerNorm (γ, β) folded in front of (w, b)."""
+    h = _randn(g, batch, d, dtype=torch.float32, device=device, scale=2.0) + 0.5
+    gamma = (1 + _randn(g, d, dtype=torch.float32, device=device, scale=0.2)).to(w.dtype)
+    beta = _randn(g, d, dtype=w.dtype, device=device, scale=0.1)
+    return h, ref.NormFold.of(gamma, beta, 1e-5, w, b)
+
+
+def _normed(h, norm):
+    return torch.nn.functional.layer_norm(h.double(), (h.shape[-1],), norm.weight.double(), norm.bias.double(), norm.eps)
+
+
+def check_ln_qkv(d, H, hd, T, keep, batch, dtype, seed=0, part="qkv", xkeep=False, device=None):
+    """ln_qkv: q of the kept heads returned, their k/v at pos of the cache (nothing else written), LN(h) kept."""
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    _, wqkv, bqkv, idx = _qkv_inputs(g, batch, d, H, hd, keep, dtype, device)
+    h, norm = _residual_and_norm(g, batch, d, wqkv, bqkv, device)
+    p = T // 2
+    pos = torch.tensor([p], device=device)
+    cache = torch.full((batch, H, T, 2, hd), float("nan"), dtype=dtype, device=device)
+    keep_store = torch.full((batch, T, d), float("nan"), dtype=dtype, device=device) if xkeep else None
+    q = gemv.ln_qkv(h, norm, wqkv, idx, hd, cache, pos, part=part, xkeep=keep_store)
+    xn = _normed(h, norm)
+    expected = ref.qkv_heads(xn, wqkv.double(), bqkv.double(), idx, hd, part="qkv")  # (B, n, 3, hd)
+    errors = []
+    if part in ("qkv", "q"):
+        errors.append(_relerr(q, expected[:, :, 0], dtype, f"ln_qkv[{part}] q"))
+    written = torch.zeros(batch, H, T, 2, hd, dtype=torch.bool, device=device)
+    if part in ("qkv", "kv"):
+        written[:, idx.long(), p] = True
+        errors.append(_relerr(cache[:, idx.long(), p], expected[:, :, 1:], dtype, f"ln_qkv[{part}] k/v"))
+    assert torch.isnan(cache[~written]).all(), f"ln_qkv[{part}] wrote outside the kept heads' k/v at pos"
+    if xkeep:
+        assert torch.isnan(keep_store[:, torch.arange(T, device=device) != p]).all(), "xkeep written outside pos"
+        errors.append(_relerr(keep_store[:, p], xn, dtype, "ln_qkv xkeep"))
+    return max(errors)
+
+
+def check_attend_out_proj(d, H, hd, T, keep, batch, pos, dtype, seed=0, device=None):
+    """attend (split-T partials) + out_proj_add (combined in its prologue, added into the fp32 stream)."""
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    cache = _randn(g, batch, H, T, 2, hd, dtype=dtype, device=device)
+    cache[:, :, pos + 1:] = float("nan")  # positions after pos must not be read
+    q = _randn(g, batch, keep, hd, dtype=dtype, device=device)
+    wot = _randn(g, H * hd, d, dtype=dtype, device=device, scale=(H * hd) ** -0.5)
+    bo = _randn(g, d, dtype=dtype, device=device, scale=0.1)
+    idx = _index(g, H, keep, device)
+    h = _randn(g, batch, d, dtype=torch.float32, device=device)
+    h0 = h.clone()
+    p = torch.tensor([pos], device=device)
+    gemv.out_proj_add(gemv.attend(q, cache, idx, p, hd ** -0.5), wot, bo, idx, hd, h)
+    clean = torch.nan_to_num(cache.double(), nan=0.0)
+    attn = ref.head_attention(q.double(), clean, idx, p, hd ** -0.5).reshape(batch, -1)
+    expected = ref.out_proj_heads(attn, wot.double(), bo.double(), idx, hd)
+    return _relerr(h - h0, expected, dtype, f"attend+out_proj_add T={T} pos={pos} B={batch}")
+
+
+def check_ln_fc1(d, F, keep, batch, dtype, seed=0, device=None):
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    w1 = _randn(g, F, d, dtype=dtype, device=device, scale=d ** -0.5)
+    b1 = _randn(g, F, dtype=dtype, device=device, scale=0.1)
+    h, norm = _residual_and_norm(g, batch, d, w1, b1, device)
+    idx = _index(g, F, keep, device)
+    out = gemv.ln_fc1(h, norm, w1, idx, dtype)
+    expected = ref.fc1_gather(_normed(h, norm), w1.double(), b1.double(), idx)
+    return _relerr(out, expected, dtype, f"ln_fc1 d={d} F={F} keep={keep} B={batch}")
+
+
+def check_fc2_add(d, F, keep, batch, dtype, seed=0, device=None):
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    a = _randn(g, batch, keep, dtype=dtype, device=device).abs()
+    w2t = _randn(g, F, d, dtype=dtype, device=device, scale=F ** -0.5)
+    b2 = _randn(g, d, dtype=dtype, device=device, scale=0.1)
+    idx = _index(g, F, keep, device)
+    h = _randn(g, batch, d, dtype=torch.float32, device=device)
+    h0 = h.clone()
+    gemv.fc2_add(a, w2t, b2, idx, h)
+    expected = ref.fc2_gather(*_d(a, w2t, b2), idx)
+    return _relerr(h - h0, expected, dtype, f"fc2_add d={d} F={F} keep={keep} B={batch}")

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.reference import NormFold
+
 KV_MODES = ("all", "recompute")
 BACKENDS = ("triton", "torch")
 
@@ -80,20 +82,16 @@ class DenseMasks(StaticMasks):
 # ------------------------------------------------------------------------------------------------------------
 @dataclass
 class LayerWeights:
-    ln1_w: torch.Tensor
-    ln1_b: torch.Tensor
+    ln1: NormFold  # self_attn_layer_norm folded in front of the fused QKV projection
     wqkv: torch.Tensor  # (H·3·hd, d): head h's q, k, v rows are [3·hd·h, 3·hd·(h+1))
     bqkv: torch.Tensor
     wot: torch.Tensor  # (H·hd, d) = out_proj.weight.T
     bo: torch.Tensor
-    ln2_w: torch.Tensor
-    ln2_b: torch.Tensor
+    ln2: NormFold  # final_layer_norm folded in front of fc1
     w1: torch.Tensor  # (F, d) = fc1.weight
     b1: torch.Tensor
     w2t: torch.Tensor  # (F, d) = fc2.weight.T
     b2: torch.Tensor
-    eps1: float
-    eps2: float
 
 
 def _ops(backend: str):
@@ -155,7 +153,7 @@ class SparseDecoder:
         self.length = 0  # host copy of pos
         self.token = torch.zeros(B, dtype=torch.long, device=self.device)
         self.all_heads = torch.arange(H, dtype=torch.int32, device=self.device)
-        self.workspace = torch.zeros(B, self.hidden, dtype=torch.float32, device=self.device)
+        self.h = torch.zeros(B, self.hidden, dtype=torch.float32, device=self.device)  # the step's residual stream
 
         self.masks = masks if masks is not None else DenseMasks(self.num_layers)
         if hasattr(self.masks, "bind"):
@@ -185,13 +183,14 @@ class SparseDecoder:
         wqkv = torch.cat([heads(attn.q_proj.weight), heads(attn.k_proj.weight), heads(attn.v_proj.weight)], 1)
         bqkv = torch.cat([heads(attn.q_proj.bias), heads(attn.k_proj.bias), heads(attn.v_proj.bias)], 1)
         cp = lambda t: t.detach().to(**to).contiguous()  # noqa: E731
+        wqkv, bqkv = wqkv.reshape(3 * H * hd, d).contiguous(), bqkv.reshape(-1).contiguous()
+        w1, b1 = cp(layer.fc1.weight), cp(layer.fc1.bias)
+        ln1, ln2 = layer.self_attn_layer_norm, layer.final_layer_norm
         return LayerWeights(
-            ln1_w=cp(layer.self_attn_layer_norm.weight), ln1_b=cp(layer.self_attn_layer_norm.bias),
-            wqkv=wqkv.reshape(3 * H * hd, d).contiguous(), bqkv=bqkv.reshape(-1).contiguous(),
+            ln1=NormFold.of(cp(ln1.weight), cp(ln1.bias), ln1.eps, wqkv, bqkv), wqkv=wqkv, bqkv=bqkv,
             wot=cp(attn.out_proj.weight.T), bo=cp(attn.out_proj.bias),
-            ln2_w=cp(layer.final_layer_norm.weight), ln2_b=cp(layer.final_layer_norm.bias),
-            w1=cp(layer.fc1.weight), b1=cp(layer.fc1.bias), w2t=cp(layer.fc2.weight.T), b2=cp(layer.fc2.bias),
-            eps1=layer.self_attn_layer_norm.eps, eps2=layer.final_layer_norm.eps)
+            ln2=NormFold.of(cp(ln2.weight), cp(ln2.bias), ln2.eps, w1, b1), w1=w1, b1=b1,
+            w2t=cp(layer.fc2.weight.T), b2=cp(layer.fc2.bias))
 
     def weight_bytes(self, heads_kept=None, neurons_kept=None) -> int:
         """Bytes of weights one step must read (the weight-streaming floor's numerator), KV cache excluded."""
@@ -234,7 +233,7 @@ class SparseDecoder:
         for index, w in enumerate(self.layers):
             if observe is not None:  # e.g. timewise:time keeps the last prompt token's layer input
                 observe(index, h)
-            xn = F.layer_norm(h, (d,), w.ln1_w, w.ln1_b, w.eps1)
+            xn = F.layer_norm(h, (d,), w.ln1.weight, w.ln1.bias, w.ln1.eps)
             if self.kv == "recompute":
                 self.xkeep[index][:, :T0] = xn
                 self.have[index].zero_()
@@ -245,7 +244,7 @@ class SparseDecoder:
             k, v = qkv[:, :, :, 1].transpose(1, 2), qkv[:, :, :, 2].transpose(1, 2)
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
             h = h + F.linear(attn.transpose(1, 2).reshape(B, T0, d), w.wot.T, w.bo)
-            xn = F.layer_norm(h, (d,), w.ln2_w, w.ln2_b, w.eps2)
+            xn = F.layer_norm(h, (d,), w.ln2.weight, w.ln2.bias, w.ln2.eps)
             h = h + F.linear(torch.relu(F.linear(xn, w.w1, w.b1)), w.w2t.T, w.b2)
         self.pos.fill_(T0)
         self.length = T0
@@ -266,33 +265,37 @@ class SparseDecoder:
         return buf
 
     def _step_impl(self) -> torch.Tensor:
-        ops, B, hd, d = self.ops, self.batch, self.head_dim, self.hidden
-        h = self._embed(self.token, self.pos.expand(B))  # (B, d)
+        """One token, five fused operations per layer (see kernels.gemv): the residual stream h stays in fp32;
+        each layer's LayerNorms are folded into the GEMVs that read them, k/v go straight into the cache, and
+        out_proj/fc2 add into h."""
+        ops, B, H, hd = self.ops, self.batch, self.num_heads, self.head_dim
+        h = self.h
+        h.copy_(self._embed(self.token, self.pos.expand(B)))
         if hasattr(self.masks, "begin_step"):
             self.masks.begin_step(self)
+        static = getattr(self.masks, "static", False)
+        hidden = (lambda: h) if static else (lambda: h.to(self.dtype))  # noqa: E731  (predictors: model dtype)
         neurons_hook = getattr(self.masks, "neuron_masks", None)
+        recompute = self.kv == "recompute"
         for index, w in enumerate(self.layers):
-            head_idx, neuron_idx = self.masks(index, h)
+            head_idx, neuron_idx = self.masks(index, hidden())
             heads = self._indices(index, head_idx, self.head_buf)
-            xn = F.layer_norm(h, (d,), w.ln1_w, w.ln1_b, w.eps1)
             cache = self.cache[index]
-            if self.kv == "all":
-                ops.kv_to_cache(xn, w.wqkv, w.bqkv, self.all_heads, hd, cache, self.pos)
+            if self.kv == "all" and heads.numel() < H:  # k/v of every head, q of the kept ones
+                ops.ln_qkv(h, w.ln1, w.wqkv, self.all_heads, hd, cache, self.pos, part="kv")
+                q = ops.ln_qkv(h, w.ln1, w.wqkv, heads, hd, cache, self.pos, part="q")
             else:
-                self.xkeep[index].index_copy_(1, self.pos, xn.unsqueeze(1))
-                ops.kv_to_cache(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos)
-                ops.kv_recompute(self.xkeep[index], w.wqkv, w.bqkv, heads, hd, cache, self.have[index], self.pos)
-            q = ops.qkv_heads(xn, w.wqkv, w.bqkv, heads, hd, part="q").view(B, -1, hd)
-            attn = ops.head_attention(q, cache, heads, self.pos, self.scaling)
-            h = ops.out_proj_heads(attn.view(B, -1), w.wot, w.bo, heads, hd, out=h, residual=h,
-                                   workspace=self.workspace)
+                q = ops.ln_qkv(h, w.ln1, w.wqkv, heads, hd, cache, self.pos,
+                               xkeep=self.xkeep[index] if recompute else None)
+            attn = ops.attend(q, cache, heads, self.pos, self.scaling,
+                              recompute=(self.xkeep[index], w.wqkv, w.bqkv, self.have[index]) if recompute else None)
+            ops.out_proj_add(attn, w.wot, w.bo, heads, hd, h)
             if neurons_hook is not None:
-                neuron_idx = neurons_hook(index, h)
+                neuron_idx = neurons_hook(index, hidden())
             neurons = self._indices(index, neuron_idx, self.neuron_buf)
-            xn = F.layer_norm(h, (d,), w.ln2_w, w.ln2_b, w.eps2)
-            act = ops.fc1_gather(xn, w.w1, w.b1, neurons)
-            h = ops.fc2_gather(act, w.w2t, w.b2, neurons, out=h, residual=h, workspace=self.workspace)
-        logits = self._head(h)
+            act = ops.ln_fc1(h, w.ln2, w.w1, neurons, self.dtype)
+            ops.fc2_add(act, w.w2t, w.b2, neurons, h)
+        logits = self._head(h.to(self.dtype))
         self.pos.add_(1)
         return logits
 

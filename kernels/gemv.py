@@ -9,14 +9,24 @@ the selected rows (the bytes it must read):
 - out_proj, head-major transposed `WoT` (H·hd, d) = out_proj.weight.T: `out_proj_heads` sums selected heads.
 
 Two kernels do all four: `_rows_kernel` (one output per selected weight row, `row = idx[j // G]·S + O + j % G`)
-and `_cols_kernel` (a reduction over selected rows, split over programs with fp32 atomics into a workspace,
-then `_finish_kernel` adds bias and residual, casts, and zeroes the workspace again, so a CUDA graph can replay
-it without a memset). Accumulation is fp32 for every operand dtype. Block sizes are autotuned on the GPU;
-under TRITON_INTERPRET=1 (CPU tests) one small config keeps the interpreter fast.
+and `_cols_kernel` (a reduction over selected rows, split over programs with fp32 atomics). Accumulation is
+fp32 for every operand dtype. Block sizes are autotuned on the GPU; under TRITON_INTERPRET=1 (CPU tests) one
+small config keeps the interpreter fast.
 
-Decode helpers: `head_attention` (single-query attention over a static KV cache for selected heads, fused
-online softmax) and `kv_recompute` (Deja Vu: recompute the cached K/V entries of selected heads that are
-missing, from the kept layer inputs).
+The decode step (`kernels.decode`) uses the same two kernels with fusions that cut its launches to five per
+layer (`ln_qkv`, `attend`, `out_proj_add`, `ln_fc1`, `fc2_add`):
+- *LayerNorm folded into the row GEMV*: with x the fp32 residual stream, LN(x)·w = rstd·(x·(γ∘w) − mean·Σγ∘w)
+  + β·w; the kernel accumulates Σx and Σx² in the same pass over x, and the per-row constants Σγ∘w and β·w + b
+  are precomputed once (`NormFold`). No separate LayerNorm launch, no normalised copy.
+- *routing*: the fused QKV GEMV writes q of the selected heads to a buffer and their k/v straight into the
+  static KV cache at the current position (and, for Deja Vu, the normalised input into the kept-input store).
+- *split-T attention*: one program per (selected head, chunk of positions) writes a partial softmax (max,
+  sum, weighted values); the out_proj GEMV combines the chunks in its prologue. With kv="recompute" the same
+  program first recomputes the chunk's missing K/V entries of its head from the kept inputs.
+- *no finish kernel*: out_proj and fc2 add their atomics straight into the fp32 residual stream (the bias
+  added once, by the first row block).
+The stand-alone projections above (their tests and GPU checks) write the model dtype through an fp32
+workspace and `_finish_kernel`.
 
 Limits: index tensors are int32 or int64 and shared by the batch (batch ≤ 8 is the target; any works).
 """
@@ -27,6 +37,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from kernels.reference import NormFold  # noqa: F401  (re-exported: the decode engine builds it)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: KERNELS_AUTOTUNE=0 uses one fixed config per kernel (fast compiles, e.g. for correctness checks on a GPU)
@@ -44,11 +56,13 @@ def _row_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 8, "BLOCK_K": 32}, num_warps=4)]
     if not AUTOTUNE:
-        return [triton.Config({"BLOCK_N": 4, "BLOCK_K": 256}, num_warps=4)]
+        return [triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=4)]
     out = []
-    for bn, bk, warps in [(4, 512, 4), (8, 256, 4), (2, 1024, 4), (8, 512, 8), (16, 256, 8),  # batch 1
+    for bn, bk, warps in [(4, 512, 4), (8, 256, 4), (2, 1024, 4), (8, 512, 8), (16, 256, 8), (16, 512, 8),
+                          (32, 256, 8), (16, 128, 4), (32, 128, 8),  # batch 1
                           (2, 256, 4), (4, 128, 4), (4, 256, 8), (2, 512, 8), (8, 128, 8)]:  # batch 8
-        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps))
+        for stages in (1, 3):
+            out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
     return out
 
 
@@ -59,7 +73,7 @@ def _col_configs():
         return [triton.Config({"BLOCK_R": 8, "BLOCK_D": 128, "ITERS": 4}, num_warps=4)]
     out = []
     for br, bd, it, warps in [(16, 128, 4, 4), (8, 256, 4, 4), (16, 256, 4, 8), (32, 128, 2, 8),
-                              (16, 256, 8, 8),  # batch 1
+                              (16, 256, 8, 8), (16, 128, 16, 4), (32, 128, 8, 8), (8, 512, 8, 8),  # batch 1
                               (4, 128, 8, 4), (8, 64, 8, 4), (4, 256, 8, 8), (8, 128, 4, 8)]:  # batch 8
         out.append(triton.Config({"BLOCK_R": br, "BLOCK_D": bd, "ITERS": it}, num_warps=warps))
     return out
@@ -79,15 +93,21 @@ def _prune(size_keys):
 # ------------------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_row_configs(), key=["N", "K", "G", "BLOCK_B", "RELU", "SCATTER"],
+@triton.autotune(configs=_row_configs(), key=["N", "K", "G", "BLOCK_B", "RELU", "LN", "TO_CACHE", "XKEEP"],
                  prune_configs_by=_prune(("BLOCK_N", "BLOCK_K")))
 @triton.jit
-def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, pos_ptr,
-                 B, N, K, row_stride, row_offset,
-                 stride_xb, stride_ob, stride_oslot, stride_opos,
-                 G: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, SCATTER: tl.constexpr,
-                 HAS_POS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[b, slot(j), j % G] = act(x[b] · W[row(j)] + bias[row(j)]) for the N = len(idx)·G outputs j."""
+def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
+                 gamma_ptr, beta_ptr, rscale_ptr, xkeep_ptr,
+                 B, N, K, row_stride, row_offset, split, eps,
+                 stride_xb, stride_ob, stride_oslot, stride_cb, stride_ch, stride_ct, stride_kb, stride_kt,
+                 G: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, LN: tl.constexpr,
+                 TO_CACHE: tl.constexpr, XKEEP: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[b, j] = act(x̂[b] · W[row(j)] + bias[row(j)]) for the N = len(idx)·G outputs j, row(j) =
+    idx[j // G]·row_stride + row_offset + j % G, x̂ = x or, with LN, LayerNorm(x) (folded, see the module doc;
+    `bias` is then β·w + b and `rscale` Σγ∘w). Element e = row_offset + j % G of a unit goes to
+    out[b, j // G, j % G] if e < split, else (TO_CACHE) to cache[b, idx[j // G], pos, e − split].
+    XKEEP: program 0 also writes LayerNorm(x) to xkeep[b, pos]."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -98,35 +118,63 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, pos_ptr,
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
     acc = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    s1 = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         w = tl.load(w_ptr + rows[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
-                    other=0.0)
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+                    other=0.0).to(tl.float32)
+        if LN:
+            s1 += x
+            s2 += x * x
+            x = x * tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)
+    if LN:
+        mean = tl.sum(s1, axis=1) / K
+        rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(s2, axis=1) / K - mean * mean, 0.0) + eps)
+        rscale = tl.load(rscale_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
+        y = rstd[:, None] * (y - mean[:, None] * rscale[None, :])
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if RELU:
         y = tl.maximum(y, 0.0)
-    if SCATTER:
-        oslot = unit
-    else:
-        oslot = slot.to(tl.int64)
-    offs = offs_b[:, None].to(tl.int64) * stride_ob + oslot[None, :] * stride_oslot + within[None, :]
-    if HAS_POS:
-        offs += tl.load(pos_ptr).to(tl.int64) * stride_opos
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_n[None, :])
+    mask = mask_b[:, None] & mask_n[None, :]
+    e = row_offset + within
+    offs = offs_b[:, None].to(tl.int64) * stride_ob + slot[None, :].to(tl.int64) * stride_oslot + within[None, :]
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask & (e < split)[None, :])
+    if TO_CACHE:
+        p = tl.load(pos_ptr).to(tl.int64)
+        offs = offs_b[:, None].to(tl.int64) * stride_cb + unit[None, :] * stride_ch + p * stride_ct + (e - split)[None, :]
+        tl.store(cache_ptr + offs, y.to(cache_ptr.dtype.element_ty), mask=mask & (e >= split)[None, :])
+    if XKEEP:
+        if pid == 0:
+            p = tl.load(pos_ptr).to(tl.int64)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+                m2 = mask_b[:, None] & mask_k[None, :]
+                x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=m2, other=0.0).to(tl.float32)
+                g = tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                bt = tl.load(beta_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                xn = (x - mean[:, None]) * rstd[:, None] * g[None, :] + bt[None, :]
+                tl.store(xkeep_ptr + offs_b[:, None].to(tl.int64) * stride_kb + p * stride_kt + offs_k[None, :],
+                         xn.to(xkeep_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.autotune(configs=_col_configs(), key=["R", "D", "G", "BLOCK_B"], reset_to_zero=["acc_ptr"],
+@triton.autotune(configs=_col_configs(), key=["R", "D", "G", "BLOCK_B", "COMBINE"], restore_value=["acc_ptr"],
                  prune_configs_by=_prune(("BLOCK_R", "BLOCK_D")))
 @triton.jit
-def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, B, R, D, row_stride, stride_ab,
-                 G: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                 ITERS: tl.constexpr):
-    """acc[b, :] += Σ_r a[b, r] · W[row(r)] over this program's ITERS·BLOCK_R selected rows."""
+def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr, m_ptr, l_ptr,
+                 B, R, D, row_stride, stride_ab, stride_accb,
+                 G: tl.constexpr, HAS_BIAS: tl.constexpr, COMBINE: tl.constexpr, NC: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ITERS: tl.constexpr):
+    """acc[b, :] += Σ_r a[b, r] · W[row(r)] over this program's ITERS·BLOCK_R selected rows, row(r) =
+    idx[r // G]·row_stride + r % G (+ bias, added by the first row block). With COMBINE, a is the attention
+    output of selected head r // G, element r % G, combined here from NC partial softmaxes: max m, sum l
+    (B, n, NC) and weighted values a_ptr (B, n, NC, G)."""
     pid_d = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -137,27 +185,43 @@ def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, B, R, D, row_stride, stride_ab,
     for i in tl.static_range(ITERS):
         offs_r = (pid_r * ITERS + i) * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        unit = tl.load(idx_ptr + offs_r // G, mask=mask_r, other=0).to(tl.int64)
+        slot = offs_r // G
+        unit = tl.load(idx_ptr + slot, mask=mask_r, other=0).to(tl.int64)
         rows = unit * row_stride + offs_r % G
         w = tl.load(w_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
-        a = tl.load(a_ptr + offs_b[:, None] * stride_ab + offs_r[None, :], mask=mask_b[:, None] & mask_r[None, :],
-                    other=0.0)
-        acc += a.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+        mask_a = mask_b[:, None] & mask_r[None, :]
+        if COMBINE:
+            offs_c = tl.arange(0, NC)
+            part = (offs_b[:, None] * (R // G) + slot[None, :]) * NC  # (BLOCK_B, BLOCK_R)
+            mask3 = mask_a[:, :, None] & (offs_c < NC)[None, None, :]
+            m = tl.load(m_ptr + part[:, :, None] + offs_c[None, None, :], mask=mask3, other=float("-inf"))
+            top = tl.max(m, axis=2)
+            top = tl.where(mask_a, top, 0.0)
+            scale = tl.exp(m - top[:, :, None])
+            den = tl.sum(scale * tl.load(l_ptr + part[:, :, None] + offs_c[None, None, :], mask=mask3, other=0.0),
+                         axis=2)
+            val = tl.load(a_ptr + (part[:, :, None] + offs_c[None, None, :]) * G + (offs_r % G)[None, :, None],
+                          mask=mask3, other=0.0)
+            a = tl.where(mask_a, tl.sum(scale * val, axis=2) / tl.where(mask_a, den, 1.0), 0.0)
+        else:
+            a = tl.load(a_ptr + offs_b[:, None] * stride_ab + offs_r[None, :], mask=mask_a, other=0.0).to(tl.float32)
+        acc += a[:, :, None] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=1)
-    tl.atomic_add(acc_ptr + offs_b[:, None] * D + offs_d[None, :], y, mask=mask_b[:, None] & mask_d[None, :])
+    if HAS_BIAS:
+        if pid_r == 0:
+            y += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    tl.atomic_add(acc_ptr + offs_b[:, None] * stride_accb + offs_d[None, :], y, mask=mask_b[:, None] & mask_d[None, :])
 
 
 @triton.jit
-def _finish_kernel(acc_ptr, bias_ptr, res_ptr, out_ptr, total, D, stride_rb, stride_ob,
-                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-    """out = acc + bias (+ residual), cast; acc = 0 (ready for the next call / graph replay)."""
+def _finish_kernel(acc_ptr, res_ptr, out_ptr, total, D, stride_rb, stride_ob,
+                   HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    """out = acc (+ residual), cast; acc = 0 (ready for the next call / graph replay)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     b = offs // D
     col = offs % D
     y = tl.load(acc_ptr + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + col, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         y += tl.load(res_ptr + b * stride_rb + col, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + b * stride_ob + col, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -165,79 +229,70 @@ def _finish_kernel(acc_ptr, bias_ptr, res_ptr, out_ptr, total, D, stride_rb, str
 
 
 @triton.jit
-def _attention_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, out_ptr, n_sel, H, T_max, HD, scale,
-                      stride_qb, stride_qh, stride_ob, stride_oh,
-                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[b, h] = softmax(q[b, h] · K[b, idx[h], :L] · scale) V[b, idx[h], :L], L = pos + 1; cache (B, H, T, 2, HD)."""
-    pid = tl.program_id(0)
-    b = pid // n_sel
-    h = pid % n_sel
-    head = tl.load(idx_ptr + h).to(tl.int64)
-    length = tl.load(pos_ptr).to(tl.int32) + 1
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HD
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32) * scale
-    base = cache_ptr + ((b.to(tl.int64) * H + head) * T_max) * 2 * HD
-    m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for t0 in range(0, length, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        mask_t = offs_t < length
-        ptrs = base + offs_t[:, None] * (2 * HD) + offs_d[None, :]
-        mask = mask_t[:, None] & mask_d[None, :]
-        k = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        scores = tl.sum(k * q[None, :], axis=1)
-        scores = tl.where(mask_t, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=0))
-        p = tl.exp(scores - m_new)
-        alpha = tl.exp(m - m_new)
-        v = tl.load(ptrs + HD, mask=mask, other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        s = s * alpha + tl.sum(p, axis=0)
-        m = m_new
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, (acc / s).to(out_ptr.dtype.element_ty), mask=mask_d)
+def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr,
+                   x_ptr, w_ptr, bias_ptr, have_ptr,
+                   B, n_sel, H, T_max, D, HD, scale, stride_qb, stride_qh,
+                   NC: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+                   ATTEND: tl.constexpr, RECOMPUTE: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_2HD: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """Program (slot, c): selected head idx[slot], positions t of chunk c; cache (B, H, T, 2, HD).
 
-
-@triton.jit
-def _recompute_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, cache_ptr, have_ptr, pos_ptr,
-                      B, H, T_max, D, HD,
-                      BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_2HD: tl.constexpr, UPCAST: tl.constexpr,
-                      IEEE: tl.constexpr):
-    """For selected head idx[program 0] and tokens t in this block with t < pos and not have[head, t]:
-    cache[b, head, t] = x[b, t] · Wkv[head]ᵀ + bkv[head] (x: kept normed layer inputs (B, T, D)); then mark
-    have[head, t] for every t ≤ pos in the block. Blocks with nothing missing only mark."""
-    head = tl.load(idx_ptr + tl.program_id(0)).to(tl.int64)
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    RECOMPUTE (Deja Vu): entries with t < pos and not have[head, t] are computed from the kept normalised layer
+    inputs x (B, T, D): cache[b, head, t] = x[b, t] · Wkv[head]ᵀ + bkv[head]; then have[head, t] = 1 for t ≤ pos.
+    ATTEND: the chunk's partial softmax of q[b, slot] · K[b, head, t ≤ pos] · scale: its max m, its sum l and
+    Σ p·V (unnormalised) to m/l (B, n, NC) and o (B, n, NC, HD); a chunk past pos writes m = −inf, l = 0."""
+    slot = tl.program_id(0)
+    c = tl.program_id(1)
+    head = tl.load(idx_ptr + slot).to(tl.int64)
     pos = tl.load(pos_ptr).to(tl.int32)
+    offs_t = c * CHUNK + tl.arange(0, CHUNK)
     in_range = offs_t < T_max
-    have = tl.load(have_ptr + head * T_max + offs_t, mask=in_range, other=1)
-    need = (have == 0) & (offs_t < pos)
-    if tl.sum(need.to(tl.int32), axis=0) > 0:
-        offs_c = tl.arange(0, BLOCK_2HD)
-        mask_c = offs_c < 2 * HD
-        rows = head * 3 * HD + HD + offs_c  # the k and v rows of this head in the head-major fused weight
-        bias = tl.load(bias_ptr + rows, mask=mask_c, other=0.0).to(tl.float32)
+    if RECOMPUTE:
+        have = tl.load(have_ptr + head * T_max + offs_t, mask=in_range, other=1)
+        need = (have == 0) & (offs_t < pos)
+        if tl.sum(need.to(tl.int32), axis=0) > 0:
+            offs_c = tl.arange(0, BLOCK_2HD)
+            mask_c = offs_c < 2 * HD
+            rows = head * 3 * HD + HD + offs_c  # the k and v rows of this head in the head-major fused weight
+            bias = tl.load(bias_ptr + rows, mask=mask_c, other=0.0).to(tl.float32)
+            for b in range(0, B):
+                acc = tl.zeros((CHUNK, BLOCK_2HD), dtype=tl.float32)
+                for k0 in range(0, D, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    mask_k = offs_k < D
+                    x = tl.load(x_ptr + (b * T_max + offs_t[:, None]).to(tl.int64) * D + offs_k[None, :],
+                                mask=need[:, None] & mask_k[None, :], other=0.0)
+                    w = tl.load(w_ptr + rows[None, :] * D + offs_k[:, None], mask=mask_c[None, :] & mask_k[:, None],
+                                other=0.0)
+                    if UPCAST:  # the interpreter's dot mishandles bf16 operands
+                        x = x.to(tl.float32)
+                        w = w.to(tl.float32)
+                    if IEEE:  # fp32 operands: full fp32 products, not tf32
+                        acc = tl.dot(x, w, acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(x, w, acc)
+                acc += bias[None, :]
+                dst = cache_ptr + ((b * H + head) * T_max + offs_t[:, None]).to(tl.int64) * (2 * HD) + offs_c[None, :]
+                tl.store(dst, acc.to(cache_ptr.dtype.element_ty), mask=need[:, None] & mask_c[None, :])
+            tl.debug_barrier()  # the chunk's recomputed entries are read below by other threads of this program
+        tl.store(have_ptr + head * T_max + offs_t, tl.full((CHUNK,), 1, tl.int8), mask=in_range & (offs_t <= pos))
+    if ATTEND:
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HD
+        valid = offs_t <= pos
+        mask = valid[:, None] & mask_d[None, :]
         for b in range(0, B):
-            acc = tl.zeros((BLOCK_T, BLOCK_2HD), dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < D
-                x = tl.load(x_ptr + (b * T_max + offs_t[:, None]).to(tl.int64) * D + offs_k[None, :],
-                            mask=need[:, None] & mask_k[None, :], other=0.0)
-                w = tl.load(w_ptr + rows[None, :] * D + offs_k[:, None], mask=mask_c[None, :] & mask_k[:, None],
-                            other=0.0)
-                if UPCAST:  # the interpreter's dot mishandles bf16 operands
-                    x = x.to(tl.float32)
-                    w = w.to(tl.float32)
-                if IEEE:  # fp32 operands: full fp32 products, not tf32
-                    acc = tl.dot(x, w, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(x, w, acc)
-            acc += bias[None, :]
-            dst = cache_ptr + ((b * H + head) * T_max + offs_t[:, None]).to(tl.int64) * (2 * HD) + offs_c[None, :]
-            tl.store(dst, acc.to(cache_ptr.dtype.element_ty), mask=need[:, None] & mask_c[None, :])
-    tl.store(have_ptr + head * T_max + offs_t, tl.full((BLOCK_T,), 1, tl.int8), mask=in_range & (offs_t <= pos))
+            q = tl.load(q_ptr + b * stride_qb + slot * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            ptrs = cache_ptr + ((b * H + head) * T_max + offs_t[:, None]).to(tl.int64) * (2 * HD) + offs_d[None, :]
+            k = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            scores = tl.where(valid, tl.sum(k * (q * scale)[None, :], axis=1), float("-inf"))
+            m = tl.max(scores, axis=0)
+            p = tl.exp(scores - tl.where(m == float("-inf"), 0.0, m))
+            v = tl.load(ptrs + HD, mask=mask, other=0.0).to(tl.float32)
+            part = (b * n_sel + slot) * NC + c
+            tl.store(m_ptr + part, m)
+            tl.store(l_ptr + part, tl.sum(p, axis=0))
+            tl.store(o_ptr + part * HD + offs_d, tl.sum(p[:, None] * v, axis=0), mask=mask_d)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -247,28 +302,54 @@ def _check_x(x: torch.Tensor, k: int) -> None:
     assert x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1, f"expected (B, {k}) with unit stride, got {tuple(x.shape)}"
 
 
-def gather_rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, out=None,
-                scatter=False, pos=None, out_strides=None):
-    """out[b, slot, g] = act(x[b] · w[idx[slot]·row_stride + row_offset + g] + bias[...]), g < group.
+_NO_SPLIT = 2 ** 30  # every element to `out`
 
-    Plain output: (B, len(idx), group). With `scatter`, output slot = idx[slot] (write into a per-unit buffer);
-    with `pos` (a 1-element int tensor) `out_strides[2]·pos` is added (write at a KV-cache position).
-    `out_strides` = (batch, slot, pos) element strides of `out`; the `group` elements are contiguous."""
+
+def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, out=None, out_strides=(0, 0),
+          norm=None, cache=None, pos=None, split=_NO_SPLIT, xkeep=None):
+    """Launch `_rows_kernel`; see its docstring. `norm`: a NormFold (LayerNorm folded; `bias` is then unused)."""
     B, K = x.shape
     _check_x(x, w.shape[1])
     assert w.is_contiguous()
     n = idx.numel() * group
-    if out is None:
-        out = torch.empty(B, idx.numel(), group, device=x.device, dtype=x.dtype)
-        out_strides = (out.stride(0), out.stride(1), 0)
-    elif out_strides is None:
-        out_strides = (out.stride(0), out.stride(1), 0)
+    if norm is not None:
+        assert x.dtype == torch.float32, "the folded LayerNorm reads the fp32 residual stream"
+        bias = norm.row_bias
+    cs = cache.stride() if cache is not None else (0, 0, 0)
+    ks = xkeep.stride() if xkeep is not None else (0, 0)
+    dummy = w
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _rows_kernel[grid](x, w, bias if bias is not None else w, idx, out, pos if pos is not None else idx,
-                       B, n, K, row_stride, row_offset, x.stride(0), *out_strides,
-                       G=group, HAS_BIAS=bias is not None, RELU=relu, SCATTER=scatter, HAS_POS=pos is not None,
-                       BLOCK_B=_pow2(B))
+    _rows_kernel[grid](x, w, bias if bias is not None else dummy, idx, out if out is not None else dummy,
+                       cache if cache is not None else dummy, pos if pos is not None else idx,
+                       norm.weight if norm is not None else dummy, norm.bias if norm is not None else dummy,
+                       norm.row_scale if norm is not None else dummy, xkeep if xkeep is not None else dummy,
+                       B, n, K, row_stride, row_offset, split, norm.eps if norm is not None else 0.0,
+                       x.stride(0), out_strides[0], out_strides[1], cs[0], cs[1], cs[2], ks[0], ks[1],
+                       G=group, HAS_BIAS=bias is not None, RELU=relu, LN=norm is not None,
+                       TO_CACHE=cache is not None, XKEEP=xkeep is not None, BLOCK_B=_pow2(B))
     return out
+
+
+def gather_rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, out=None):
+    """out[b, slot, g] = act(x[b] · w[idx[slot]·row_stride + row_offset + g] + bias[...]), g < group → (B, len(idx), group)."""
+    if out is None:
+        out = torch.empty(x.shape[0], idx.numel(), group, device=x.device, dtype=x.dtype)
+    return _rows(x, w, bias, idx, group=group, row_stride=row_stride, row_offset=row_offset, relu=relu, out=out,
+                 out_strides=(out.stride(0), out.stride(1)))
+
+
+def _cols(a, w, idx, acc, bias, *, group=1, row_stride=1, combine=None):
+    """Launch `_cols_kernel`: acc (fp32, (B, D)) += a · w[rows] (+ bias). `combine` = (m, l, NC) when `a` holds
+    attention partials."""
+    B = acc.shape[0]
+    D = w.shape[1]
+    R = idx.numel() * group
+    assert w.is_contiguous() and acc.dtype == torch.float32 and acc.stride(1) == 1
+    m, l, nc = combine if combine is not None else (a, a, 1)
+    grid = lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(R, meta["BLOCK_R"] * meta["ITERS"]))  # noqa: E731
+    _cols_kernel[grid](a, w, idx, acc, bias if bias is not None else w, m, l, B, R, D, row_stride,
+                       a.stride(0), acc.stride(0), G=group, HAS_BIAS=bias is not None, COMBINE=combine is not None,
+                       NC=nc, BLOCK_B=_pow2(B))
 
 
 _WORKSPACES: dict = {}
@@ -287,16 +368,14 @@ def gather_cols(a, w, bias, idx, *, group=1, row_stride=1, out=None, residual=No
     `a` is (B, len(idx)·group). The fp32 workspace (B, D) must be zero; it is left zero. `out` may be `residual`."""
     B, R = a.shape
     D = w.shape[1]
-    assert R == idx.numel() * group and a.stride(1) == 1 and w.is_contiguous()
+    assert R == idx.numel() * group and a.stride(1) == 1
     acc = workspace if workspace is not None else _workspace(B, D, a.device)
     if out is None:
         out = torch.empty(B, D, device=a.device, dtype=a.dtype)
-    grid = lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(R, meta["BLOCK_R"] * meta["ITERS"]))  # noqa: E731
-    _cols_kernel[grid](a, w, idx, acc, B, R, D, row_stride, a.stride(0), G=group, BLOCK_B=_pow2(B))
+    _cols(a, w, idx, acc, bias, group=group, row_stride=row_stride)
     block = 1024
     res = residual if residual is not None else out
-    _finish_kernel[(triton.cdiv(B * D, block),)](acc, bias if bias is not None else acc, res, out, B * D, D,
-                                                 res.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+    _finish_kernel[(triton.cdiv(B * D, block),)](acc, res, out, B * D, D, res.stride(0), out.stride(0),
                                                  HAS_RES=residual is not None, BLOCK=block)
     return out
 
@@ -328,10 +407,9 @@ def qkv_heads(x, wqkv, bqkv, head_idx, head_dim, part="qkv", out=None):
 
 def kv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos):
     """Compute k, v of selected heads for the token x (B, d) and write them at `pos` of cache (B, H, T, 2, hd)."""
-    B, H, T = cache.shape[:3]
     assert cache.is_contiguous()
-    gather_rows(x, wqkv, bqkv, head_idx, group=2 * head_dim, row_stride=3 * head_dim, row_offset=head_dim,
-                out=cache, scatter=True, pos=pos, out_strides=(cache.stride(0), cache.stride(1), cache.stride(2)))
+    _rows(x, wqkv, bqkv, head_idx, group=2 * head_dim, row_stride=3 * head_dim, row_offset=head_dim,
+          cache=cache, pos=pos, split=head_dim)
     return cache
 
 
@@ -341,17 +419,52 @@ def out_proj_heads(attn, wot, bo, head_idx, head_dim, out=None, residual=None, w
                        workspace=workspace)
 
 
+# -- attention -------------------------------------------------------------------------------------------------
+CHUNK = 16 if INTERPRET else 32  # positions per attention program
+
+
+def attend(q, cache, head_idx, pos, scale, *, recompute=None, attend=True):
+    """Split-T attention of the selected heads over cache positions [0, pos] → partials (m, l, o, NC) that
+    `out_proj_add` combines (or `combine_partials`). `recompute` = (xkeep, wqkv, bqkv, have) fills the missing
+    K/V entries first (Deja Vu; see `_attend_kernel`)."""
+    B, H, T = cache.shape[:3]
+    hd = cache.shape[-1]
+    n = head_idx.numel()
+    assert cache.is_contiguous()
+    nc = _pow2(triton.cdiv(T, CHUNK))
+    f32 = dict(device=cache.device, dtype=torch.float32)
+    m, l, o = torch.empty(B, n, nc, **f32), torch.empty(B, n, nc, **f32), torch.empty(B, n, nc, hd, **f32)
+    if recompute is not None:
+        xkeep, wqkv, bqkv, have = recompute
+        assert xkeep.is_contiguous() and have.dtype == torch.int8 and have.is_contiguous()
+    else:
+        xkeep = wqkv = bqkv = have = cache
+    if q is None:
+        q = o
+    else:
+        assert q.stride(2) == 1
+    _attend_kernel[(n, nc)](q, cache, head_idx, pos, m, l, o, xkeep, wqkv, bqkv, have,
+                            B, n, H, T, xkeep.shape[-1] if recompute is not None else hd, hd, scale,
+                            q.stride(0), q.stride(1), NC=nc, CHUNK=CHUNK, BLOCK_D=_pow2(hd), ATTEND=attend,
+                            RECOMPUTE=recompute is not None, BLOCK_K=32 if INTERPRET else 64,
+                            BLOCK_2HD=_pow2(2 * hd), UPCAST=INTERPRET, IEEE=_dot_in_fp32(xkeep), num_warps=4)
+    return m, l, o, nc
+
+
+def combine_partials(partials, dtype):
+    """The attention output (B, n, hd) from `attend`'s partials (what `out_proj_add` does in its prologue)."""
+    m, l, o, _ = partials
+    top = m.max(-1, keepdim=True).values
+    scale = torch.exp(m - top)
+    return ((scale[..., None] * o).sum(2) / (scale * l).sum(-1)[..., None]).to(dtype)
+
+
 def head_attention(q, cache, head_idx, pos, scale, out=None):
     """Single-token attention of selected heads over cache positions [0, pos]: q (B, n, hd) → (B, n, hd)."""
-    B, n, hd = q.shape
-    _, H, T = cache.shape[:3]
-    assert q.stride(2) == 1 and cache.is_contiguous()
+    y = combine_partials(attend(q, cache, head_idx, pos, scale), q.dtype)
     if out is None:
-        out = torch.empty(B, n, hd, device=q.device, dtype=q.dtype)
-    block_t = 16 if INTERPRET else 64
-    _attention_kernel[(B * n,)](q, cache, head_idx, pos, out, n, H, T, hd, scale, q.stride(0), q.stride(1),
-                                out.stride(0), out.stride(1), BLOCK_T=block_t, BLOCK_D=_pow2(hd),
-                                num_warps=4)
+        return y
+    out.copy_(y)
     return out
 
 
@@ -362,12 +475,38 @@ def _dot_in_fp32(t):
 def kv_recompute(xkeep, wqkv, bqkv, head_idx, head_dim, cache, have, pos):
     """Fill the missing cache entries (have == 0, t < pos) of selected heads from kept inputs xkeep (B, T, d);
     then mark have[head, t] = 1 for t ≤ pos (the caller writes position pos itself)."""
-    B, H, T = cache.shape[:3]
-    D = xkeep.shape[-1]
-    assert xkeep.is_contiguous() and have.dtype == torch.int8 and have.is_contiguous()
-    block_t = 16
-    _recompute_kernel[(head_idx.numel(), triton.cdiv(T, block_t))](
-        xkeep, wqkv, bqkv, head_idx, cache, have, pos, B, H, T, D, head_dim,
-        BLOCK_T=block_t, BLOCK_K=32 if INTERPRET else 64, BLOCK_2HD=_pow2(2 * head_dim), UPCAST=INTERPRET,
-        IEEE=_dot_in_fp32(xkeep), num_warps=4)
+    attend(None, cache, head_idx, pos, 1.0, recompute=(xkeep, wqkv, bqkv, have), attend=False)
     return cache
+
+
+# -- the decode step's fused operations (kernels.decode) -------------------------------------------------------
+def ln_qkv(h, norm, wqkv, head_idx, head_dim, cache, pos, *, part="qkv", xkeep=None):
+    """LayerNorm(h) (h: fp32 residual stream (B, d)) → q of the selected heads (returned, (B, n, hd), model
+    dtype) and their k/v written into cache[:, head, pos]; `part` "q" or "kv" computes one side only. `xkeep`
+    (B, T, d): LayerNorm(h) is also written at pos."""
+    first, last = QKV_PARTS[part]
+    q = torch.empty(h.shape[0], head_idx.numel(), head_dim, device=h.device, dtype=cache.dtype) if first == 0 else None
+    _rows(h, wqkv, None, head_idx, group=(last - first) * head_dim, row_stride=3 * head_dim,
+          row_offset=first * head_dim, out=q, out_strides=(q.stride(0), q.stride(1)) if q is not None else (0, 0),
+          norm=norm, cache=cache if last > 1 else None, pos=pos, split=head_dim, xkeep=xkeep)
+    return q
+
+
+def out_proj_add(partials, wot, bo, head_idx, head_dim, h):
+    """h += attention output of the selected heads (combined from `attend`'s partials) · WoT[heads] + bo."""
+    m, l, o, nc = partials
+    _cols(o, wot, head_idx, h, bo, group=head_dim, row_stride=head_dim, combine=(m, l, nc))
+    return h
+
+
+def ln_fc1(h, norm, w1, idx, dtype):
+    """relu(LayerNorm(h) · W1[idx]ᵀ + b1[idx]) → (B, len(idx)) in `dtype`."""
+    out = torch.empty(h.shape[0], idx.numel(), device=h.device, dtype=dtype)
+    return _rows(h, w1, None, idx, relu=True, out=out, out_strides=(out.stride(0), 1), norm=norm)
+
+
+def fc2_add(act, w2t, b2, idx, h):
+    """h += act · W2T[idx] + b2 (h: the fp32 residual stream)."""
+    assert act.stride(1) == 1
+    _cols(act, w2t, idx, h, b2)
+    return h

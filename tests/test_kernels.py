@@ -53,3 +53,23 @@ def test_head_attention(dtype, batch, pos):
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_kv_recompute_fills_only_missing_entries(dtype):
     checks.check_recompute(d=32, H=4, hd=8, T=40, keep=2, batch=2, pos=33, dtype=dtype, seed=3)
+
+
+# -- the decode step's fused operations ------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("part,xkeep", [("qkv", True), ("qkv", False), ("kv", False), ("q", False)])
+def test_ln_qkv_routes_q_kv_and_the_kept_input(dtype, part, xkeep):
+    checks.check_ln_qkv(d=48, H=4, hd=8, T=12, keep=3, batch=3, dtype=dtype, part=part, xkeep=xkeep, seed=11)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("batch,pos", [(1, 0), (2, 17), (3, 40)])
+def test_attend_then_out_proj_add(dtype, batch, pos):
+    checks.check_attend_out_proj(d=40, H=5, hd=8, T=48, keep=3, batch=batch, pos=pos, dtype=dtype, seed=12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("batch,keep", [(1, 7), (3, 24)])
+def test_ln_fc1_and_fc2_add(dtype, batch, keep):
+    checks.check_ln_fc1(d=40, F=64, keep=keep, batch=batch, dtype=dtype, seed=13)
+    checks.check_fc2_add(d=40, F=64, keep=keep, batch=batch, dtype=dtype, seed=14)
