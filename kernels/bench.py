@@ -94,10 +94,10 @@ def part_checks(small):
                 ("kv_to_cache", lambda: checks.check_kv_to_cache(d, H, hd, 64, H // 2 + 1, B, dtype, seed=6)),
                 ("attention T=256", lambda: checks.check_attention(H, hd, 256, H // 2 + 1, B, 200, dtype, seed=7)),
                 ("kv_recompute", lambda: checks.check_recompute(d, H, hd, 64, H // 2 + 1, B, 50, dtype, seed=8)),
-                ("ln_qkv (+xkeep)", lambda: checks.check_ln_qkv(d, H, hd, 64, H // 2 + 1, B, dtype, seed=9, xkeep=True)),
+                ("layer_norm (+keep)", lambda: checks.check_layer_norm(d, 64, B, dtype, seed=9, keep=True)),
+                ("qkv_to_cache", lambda: checks.check_qkv_to_cache(d, H, hd, 64, H // 2 + 1, B, dtype, seed=13)),
                 ("attend+out_proj_add T=256", lambda: checks.check_attend_out_proj(d, H, hd, 256, H // 2 + 1, B, 200,
                                                                                    dtype, seed=10)),
-                ("ln_fc1 10%+5", lambda: checks.check_ln_fc1(d, F, F // 10 + 5, B, dtype, seed=11)),
                 ("fc2_add 10%+5", lambda: checks.check_fc2_add(d, F, F // 10 + 5, B, dtype, seed=12)),
             ]
             for what, fn in run:
@@ -154,16 +154,12 @@ def part_kernel_bandwidth(small, copy_bw):
         ("out_proj heads (25% heads)", lambda: gemv.out_proj_heads(attn, wot, bo, hid, hd), (kh * hd * d + d) * e),
         ("attention 25% heads, T=256", lambda: gemv.head_attention(q, cache, hid, pos, hd ** -0.5), kh * 256 * 2 * hd * e),
     ]
-    from kernels.reference import NormFold
-
     h32 = x.float()
-    norm_qkv = NormFold.of(rnd(d) + 1, rnd(d), 1e-5, wqkv, bqkv)
-    norm_fc1 = NormFold.of(rnd(d) + 1, rnd(d), 1e-5, w1, b1)
     partials = gemv.attend(q, cache, hid, pos, hd ** -0.5)
     cases += [
-        ("[step] ln_fc1 (25% neurons)", lambda: gemv.ln_fc1(h32, norm_fc1, w1, nid, dt), kf * (d + 1) * e),
+        ("[step] layer_norm", lambda: gemv.layer_norm(h32, b2, b2, 1e-5, dt), 0),
         ("[step] fc2_add (25% neurons)", lambda: gemv.fc2_add(a, w2t, b2, nid, h32), (kf * d + d) * e),
-        ("[step] ln_qkv q/k/v -> cache (25% heads)", lambda: gemv.ln_qkv(h32, norm_qkv, wqkv, hid, hd, cache, pos),
+        ("[step] qkv_to_cache (25% heads)", lambda: gemv.qkv_to_cache(x, wqkv, bqkv, hid, hd, cache, pos),
          3 * kh * hd * (d + 1) * e),
         ("[step] out_proj_add (25% heads, combine)", lambda: gemv.out_proj_add(partials, wot, bo, hid, hd, h32),
          (kh * hd * d + d) * e),
@@ -176,6 +172,9 @@ def part_kernel_bandwidth(small, copy_bw):
         fn()  # autotune outside the timing
         ms = bench_ms(fn)
         bw = nbytes / (ms * 1e-3)
+        if not nbytes:
+            row("bandwidth", what, f"{ms * 1e3:.1f} us")
+            continue
         row("bandwidth", what, f"{ms * 1e3:.1f} us, {bw / 1e12:.2f} TB/s = {100 * bw / copy_bw:.0f}% of copy",
             f"({nbytes / 1e6:.1f} MB)")
 
@@ -354,14 +353,15 @@ def layer_breakdown(engine, heads, neurons):
     h32 = x.float()
     partials = gemv.attend(q, cache, h_idx, pos, hd ** -0.5)
     parts = [
-        ("ln_qkv, all heads (dense)", lambda: gemv.ln_qkv(h32, w.ln1, w.wqkv, all_h, hd, cache, pos)),
-        ("ln_qkv, kept heads (+xkeep)", lambda: gemv.ln_qkv(h32, w.ln1, w.wqkv, h_idx, hd, cache, pos, xkeep=xkeep)),
+        ("layer_norm (+keep)", lambda: gemv.layer_norm(h32, w.ln1_w, w.ln1_b, w.eps1, x.dtype, keep=xkeep, pos=pos)),
+        ("qkv_to_cache, all heads (dense)", lambda: gemv.qkv_to_cache(x, w.wqkv, w.bqkv, all_h, hd, cache, pos)),
+        ("qkv_to_cache, kept heads", lambda: gemv.qkv_to_cache(x, w.wqkv, w.bqkv, h_idx, hd, cache, pos)),
         ("attend, kept heads, nothing to recompute", lambda: gemv.attend(q, cache, h_idx, pos, hd ** -0.5,
                                                                           recompute=(xkeep, w.wqkv, w.bqkv, have))),
         ("out_proj_add, kept heads", lambda: gemv.out_proj_add(partials, w.wot, w.bo, h_idx, hd, h32)),
-        ("ln_fc1, kept neurons", lambda: gemv.ln_fc1(h32, w.ln2, w.w1, n_idx, engine.dtype)),
+        ("fc1, kept neurons", lambda: gemv.fc1_gather(x, w.w1, w.b1, n_idx)),
         ("fc2_add, kept neurons", lambda: gemv.fc2_add(a, w.w2t, w.b2, n_idx, h32)),
-        ("ln_fc1, all neurons (dense)", lambda: gemv.ln_fc1(h32, w.ln2, w.w1, all_n, engine.dtype)),
+        ("fc1, all neurons (dense)", lambda: gemv.fc1_gather(x, w.w1, w.b1, all_n)),
         ("fc2_add, all neurons (dense)", lambda: gemv.fc2_add(a_all, w.w2t, w.b2, all_n, h32)),
         ("lm_head (per step, not per layer)", lambda: F.linear(x, engine.lm_head)),
     ]

@@ -155,42 +155,41 @@ def check_recompute(d, H, hd, T, keep, batch, pos, dtype, seed=0, device=None):
 
 
 # -- the decode step's fused operations ------------------------------------------------------------------------
-def _residual_and_norm(g, batch, d, w, b, device):
-    """An fp32 residual stream with a non-zero mean per row, and a LayerNorm (γ, β) folded in front of (w, b)."""
-    h = _randn(g, batch, d, dtype=torch.float32, device=device, scale=2.0) + 0.5
-    gamma = (1 + _randn(g, d, dtype=torch.float32, device=device, scale=0.2)).to(w.dtype)
-    beta = _randn(g, d, dtype=w.dtype, device=device, scale=0.1)
-    return h, ref.NormFold.of(gamma, beta, 1e-5, w, b)
-
-
-def _normed(h, norm):
-    return torch.nn.functional.layer_norm(h.double(), (h.shape[-1],), norm.weight.double(), norm.bias.double(), norm.eps)
-
-
-def check_ln_qkv(d, H, hd, T, keep, batch, dtype, seed=0, part="qkv", xkeep=False, device=None):
-    """ln_qkv: q of the kept heads returned, their k/v at pos of the cache (nothing else written), LN(h) kept."""
+def check_layer_norm(d, T, batch, dtype, seed=0, keep=False, device=None):
+    """layer_norm of the fp32 stream (non-zero mean) → dtype; with `keep`, also written at pos and nowhere else."""
     device = device or _device()
     g = torch.Generator().manual_seed(seed)
-    _, wqkv, bqkv, idx = _qkv_inputs(g, batch, d, H, hd, keep, dtype, device)
-    h, norm = _residual_and_norm(g, batch, d, wqkv, bqkv, device)
+    h = _randn(g, batch, d, dtype=torch.float32, device=device, scale=2.0) + 0.5
+    weight = (1 + _randn(g, d, dtype=torch.float32, device=device, scale=0.2)).to(dtype)
+    bias = _randn(g, d, dtype=dtype, device=device, scale=0.1)
     p = T // 2
-    pos = torch.tensor([p], device=device)
+    store = torch.full((batch, T, d), float("nan"), dtype=dtype, device=device) if keep else None
+    out = gemv.layer_norm(h, weight, bias, 1e-5, dtype, keep=store, pos=torch.tensor([p], device=device))
+    expected = torch.nn.functional.layer_norm(h.double(), (d,), weight.double(), bias.double(), 1e-5)
+    err = _relerr(out, expected, dtype, f"layer_norm d={d} B={batch}")
+    if keep:
+        assert torch.isnan(store[:, torch.arange(T, device=device) != p]).all(), "layer_norm kept outside pos"
+        err = max(err, _relerr(store[:, p], expected, dtype, "layer_norm keep"))
+    return err
+
+
+def check_qkv_to_cache(d, H, hd, T, keep, batch, dtype, seed=0, part="qkv", device=None):
+    """qkv_to_cache: q of the kept heads returned, their k/v at pos of the cache, nothing else written."""
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    x, wqkv, bqkv, idx = _qkv_inputs(g, batch, d, H, hd, keep, dtype, device)
+    p = T // 2
     cache = torch.full((batch, H, T, 2, hd), float("nan"), dtype=dtype, device=device)
-    keep_store = torch.full((batch, T, d), float("nan"), dtype=dtype, device=device) if xkeep else None
-    q = gemv.ln_qkv(h, norm, wqkv, idx, hd, cache, pos, part=part, xkeep=keep_store)
-    xn = _normed(h, norm)
-    expected = ref.qkv_heads(xn, wqkv.double(), bqkv.double(), idx, hd, part="qkv")  # (B, n, 3, hd)
+    q = gemv.qkv_to_cache(x, wqkv, bqkv, idx, hd, cache, torch.tensor([p], device=device), part=part)
+    expected = ref.qkv_heads(*_d(x, wqkv, bqkv), idx, hd, part="qkv")  # (B, n, 3, hd)
     errors = []
     if part in ("qkv", "q"):
-        errors.append(_relerr(q, expected[:, :, 0], dtype, f"ln_qkv[{part}] q"))
+        errors.append(_relerr(q, expected[:, :, 0], dtype, f"qkv_to_cache[{part}] q"))
     written = torch.zeros(batch, H, T, 2, hd, dtype=torch.bool, device=device)
     if part in ("qkv", "kv"):
         written[:, idx.long(), p] = True
-        errors.append(_relerr(cache[:, idx.long(), p], expected[:, :, 1:], dtype, f"ln_qkv[{part}] k/v"))
-    assert torch.isnan(cache[~written]).all(), f"ln_qkv[{part}] wrote outside the kept heads' k/v at pos"
-    if xkeep:
-        assert torch.isnan(keep_store[:, torch.arange(T, device=device) != p]).all(), "xkeep written outside pos"
-        errors.append(_relerr(keep_store[:, p], xn, dtype, "ln_qkv xkeep"))
+        errors.append(_relerr(cache[:, idx.long(), p], expected[:, :, 1:], dtype, f"qkv_to_cache[{part}] k/v"))
+    assert torch.isnan(cache[~written]).all(), f"qkv_to_cache[{part}] wrote outside the kept heads' k/v at pos"
     return max(errors)
 
 
@@ -212,18 +211,6 @@ def check_attend_out_proj(d, H, hd, T, keep, batch, pos, dtype, seed=0, device=N
     attn = ref.head_attention(q.double(), clean, idx, p, hd ** -0.5).reshape(batch, -1)
     expected = ref.out_proj_heads(attn, wot.double(), bo.double(), idx, hd)
     return _relerr(h - h0, expected, dtype, f"attend+out_proj_add T={T} pos={pos} B={batch}")
-
-
-def check_ln_fc1(d, F, keep, batch, dtype, seed=0, device=None):
-    device = device or _device()
-    g = torch.Generator().manual_seed(seed)
-    w1 = _randn(g, F, d, dtype=dtype, device=device, scale=d ** -0.5)
-    b1 = _randn(g, F, dtype=dtype, device=device, scale=0.1)
-    h, norm = _residual_and_norm(g, batch, d, w1, b1, device)
-    idx = _index(g, F, keep, device)
-    out = gemv.ln_fc1(h, norm, w1, idx, dtype)
-    expected = ref.fc1_gather(_normed(h, norm), w1.double(), b1.double(), idx)
-    return _relerr(out, expected, dtype, f"ln_fc1 d={d} F={F} keep={keep} B={batch}")
 
 
 def check_fc2_add(d, F, keep, batch, dtype, seed=0, device=None):

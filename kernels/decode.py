@@ -39,8 +39,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import NormFold
-
 KV_MODES = ("all", "recompute")
 BACKENDS = ("triton", "torch")
 
@@ -82,12 +80,16 @@ class DenseMasks(StaticMasks):
 # ------------------------------------------------------------------------------------------------------------
 @dataclass
 class LayerWeights:
-    ln1: NormFold  # self_attn_layer_norm folded in front of the fused QKV projection
+    ln1_w: torch.Tensor  # self_attn_layer_norm
+    ln1_b: torch.Tensor
+    eps1: float
     wqkv: torch.Tensor  # (H·3·hd, d): head h's q, k, v rows are [3·hd·h, 3·hd·(h+1))
     bqkv: torch.Tensor
     wot: torch.Tensor  # (H·hd, d) = out_proj.weight.T
     bo: torch.Tensor
-    ln2: NormFold  # final_layer_norm folded in front of fc1
+    ln2_w: torch.Tensor  # final_layer_norm
+    ln2_b: torch.Tensor
+    eps2: float
     w1: torch.Tensor  # (F, d) = fc1.weight
     b1: torch.Tensor
     w2t: torch.Tensor  # (F, d) = fc2.weight.T
@@ -187,9 +189,9 @@ class SparseDecoder:
         w1, b1 = cp(layer.fc1.weight), cp(layer.fc1.bias)
         ln1, ln2 = layer.self_attn_layer_norm, layer.final_layer_norm
         return LayerWeights(
-            ln1=NormFold.of(cp(ln1.weight), cp(ln1.bias), ln1.eps, wqkv, bqkv), wqkv=wqkv, bqkv=bqkv,
+            ln1_w=cp(ln1.weight), ln1_b=cp(ln1.bias), eps1=ln1.eps, wqkv=wqkv, bqkv=bqkv,
             wot=cp(attn.out_proj.weight.T), bo=cp(attn.out_proj.bias),
-            ln2=NormFold.of(cp(ln2.weight), cp(ln2.bias), ln2.eps, w1, b1), w1=w1, b1=b1,
+            ln2_w=cp(ln2.weight), ln2_b=cp(ln2.bias), eps2=ln2.eps, w1=w1, b1=b1,
             w2t=cp(layer.fc2.weight.T), b2=cp(layer.fc2.bias))
 
     def weight_bytes(self, heads_kept=None, neurons_kept=None) -> int:
@@ -233,7 +235,7 @@ class SparseDecoder:
         for index, w in enumerate(self.layers):
             if observe is not None:  # e.g. timewise:time keeps the last prompt token's layer input
                 observe(index, h)
-            xn = F.layer_norm(h, (d,), w.ln1.weight, w.ln1.bias, w.ln1.eps)
+            xn = F.layer_norm(h, (d,), w.ln1_w, w.ln1_b, w.eps1)
             if self.kv == "recompute":
                 self.xkeep[index][:, :T0] = xn
                 self.have[index].zero_()
@@ -244,7 +246,7 @@ class SparseDecoder:
             k, v = qkv[:, :, :, 1].transpose(1, 2), qkv[:, :, :, 2].transpose(1, 2)
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
             h = h + F.linear(attn.transpose(1, 2).reshape(B, T0, d), w.wot.T, w.bo)
-            xn = F.layer_norm(h, (d,), w.ln2.weight, w.ln2.bias, w.ln2.eps)
+            xn = F.layer_norm(h, (d,), w.ln2_w, w.ln2_b, w.eps2)
             h = h + F.linear(torch.relu(F.linear(xn, w.w1, w.b1)), w.w2t.T, w.b2)
         self.pos.fill_(T0)
         self.length = T0
@@ -265,37 +267,38 @@ class SparseDecoder:
         return buf
 
     def _step_impl(self) -> torch.Tensor:
-        """One token, five fused operations per layer (see kernels.gemv): the residual stream h stays in fp32;
-        each layer's LayerNorms are folded into the GEMVs that read them, k/v go straight into the cache, and
+        """One token, seven launches per layer (see kernels.gemv): the residual stream h stays in fp32, k/v go
+        straight into the cache, attention is split over positions and combined inside out_proj, and
         out_proj/fc2 add into h."""
-        ops, B, H, hd = self.ops, self.batch, self.num_heads, self.head_dim
+        ops, B, H, hd, dt = self.ops, self.batch, self.num_heads, self.head_dim, self.dtype
         h = self.h
         h.copy_(self._embed(self.token, self.pos.expand(B)))
         if hasattr(self.masks, "begin_step"):
             self.masks.begin_step(self)
         static = getattr(self.masks, "static", False)
-        hidden = (lambda: h) if static else (lambda: h.to(self.dtype))  # noqa: E731  (predictors: model dtype)
+        hidden = (lambda: h) if static else (lambda: h.to(dt))  # noqa: E731  (predictors read the model dtype)
         neurons_hook = getattr(self.masks, "neuron_masks", None)
         recompute = self.kv == "recompute"
         for index, w in enumerate(self.layers):
             head_idx, neuron_idx = self.masks(index, hidden())
             heads = self._indices(index, head_idx, self.head_buf)
             cache = self.cache[index]
+            xn = ops.layer_norm(h, w.ln1_w, w.ln1_b, w.eps1, dt, keep=self.xkeep[index] if recompute else None,
+                                pos=self.pos)
             if self.kv == "all" and heads.numel() < H:  # k/v of every head, q of the kept ones
-                ops.ln_qkv(h, w.ln1, w.wqkv, self.all_heads, hd, cache, self.pos, part="kv")
-                q = ops.ln_qkv(h, w.ln1, w.wqkv, heads, hd, cache, self.pos, part="q")
+                ops.qkv_to_cache(xn, w.wqkv, w.bqkv, self.all_heads, hd, cache, self.pos, part="kv")
+                q = ops.qkv_to_cache(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos, part="q")
             else:
-                q = ops.ln_qkv(h, w.ln1, w.wqkv, heads, hd, cache, self.pos,
-                               xkeep=self.xkeep[index] if recompute else None)
+                q = ops.qkv_to_cache(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos)
             attn = ops.attend(q, cache, heads, self.pos, self.scaling,
                               recompute=(self.xkeep[index], w.wqkv, w.bqkv, self.have[index]) if recompute else None)
             ops.out_proj_add(attn, w.wot, w.bo, heads, hd, h)
             if neurons_hook is not None:
                 neuron_idx = neurons_hook(index, hidden())
             neurons = self._indices(index, neuron_idx, self.neuron_buf)
-            act = ops.ln_fc1(h, w.ln2, w.w1, neurons, self.dtype)
+            act = ops.fc1_gather(ops.layer_norm(h, w.ln2_w, w.ln2_b, w.eps2, dt), w.w1, w.b1, neurons)
             ops.fc2_add(act, w.w2t, w.b2, neurons, h)
-        logits = self._head(h.to(self.dtype))
+        logits = self._head(h.to(dt))
         self.pos.add_(1)
         return logits
 

@@ -13,18 +13,18 @@ and `_cols_kernel` (a reduction over selected rows, split over programs with fp3
 fp32 for every operand dtype. Block sizes are autotuned on the GPU; under TRITON_INTERPRET=1 (CPU tests) one
 small config keeps the interpreter fast.
 
-The decode step (`kernels.decode`) uses the same two kernels with fusions that cut its launches to five per
-layer (`ln_qkv`, `attend`, `out_proj_add`, `ln_fc1`, `fc2_add`):
-- *LayerNorm folded into the row GEMV*: with x the fp32 residual stream, LN(x)·w = rstd·(x·(γ∘w) − mean·Σγ∘w)
-  + β·w; the kernel accumulates Σx and Σx² in the same pass over x, and the per-row constants Σγ∘w and β·w + b
-  are precomputed once (`NormFold`). No separate LayerNorm launch, no normalised copy.
+The decode step (`kernels.decode`) runs seven launches per layer (`layer_norm`, `qkv_to_cache`, `attend`,
+`out_proj_add`, `layer_norm`, `fc1_gather`, `fc2_add`) with these fusions:
 - *routing*: the fused QKV GEMV writes q of the selected heads to a buffer and their k/v straight into the
-  static KV cache at the current position (and, for Deja Vu, the normalised input into the kept-input store).
+  static KV cache at the current position; the LayerNorm kernel also writes the normalised input to the
+  kept-input store (Deja Vu).
 - *split-T attention*: one program per (selected head, chunk of positions) writes a partial softmax (max,
   sum, weighted values); the out_proj GEMV combines the chunks in its prologue. With kv="recompute" the same
   program first recomputes the chunk's missing K/V entries of its head from the kept inputs.
 - *no finish kernel*: out_proj and fc2 add their atomics straight into the fp32 residual stream (the bias
   added once, by the first row block).
+(Folding the LayerNorm into the row GEMVs instead, one launch fewer, was measured slower on the H200: every
+program re-reads the fp32 stream and γ from L2, and fc1 of the kept neurons went from 12.6 to 22.7 µs.)
 The stand-alone projections above (their tests and GPU checks) write the model dtype through an fp32
 workspace and `_finish_kernel`.
 
@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import NormFold  # noqa: F401  (re-exported: the decode engine builds it)
+from kernels.reference import QKV_PARTS
+
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: KERNELS_AUTOTUNE=0 uses one fixed config per kernel (fast compiles, e.g. for correctness checks on a GPU)
@@ -61,8 +62,7 @@ def _row_configs():
     for bn, bk, warps in [(4, 512, 4), (8, 256, 4), (2, 1024, 4), (8, 512, 8), (16, 256, 8), (16, 512, 8),
                           (32, 256, 8), (16, 128, 4), (32, 128, 8),  # batch 1
                           (2, 256, 4), (4, 128, 4), (4, 256, 8), (2, 512, 8), (8, 128, 8)]:  # batch 8
-        for stages in (1, 3):
-            out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps))
     return out
 
 
@@ -93,21 +93,17 @@ def _prune(size_keys):
 # ------------------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_row_configs(), key=["N", "K", "G", "BLOCK_B", "RELU", "LN", "TO_CACHE", "XKEEP"],
+@triton.autotune(configs=_row_configs(), key=["N", "K", "G", "BLOCK_B", "RELU", "TO_CACHE"],
                  prune_configs_by=_prune(("BLOCK_N", "BLOCK_K")))
 @triton.jit
 def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
-                 gamma_ptr, beta_ptr, rscale_ptr, xkeep_ptr,
-                 B, N, K, row_stride, row_offset, split, eps,
-                 stride_xb, stride_ob, stride_oslot, stride_cb, stride_ch, stride_ct, stride_kb, stride_kt,
-                 G: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, LN: tl.constexpr,
-                 TO_CACHE: tl.constexpr, XKEEP: tl.constexpr,
+                 B, N, K, row_stride, row_offset, split,
+                 stride_xb, stride_ob, stride_oslot, stride_cb, stride_ch, stride_ct,
+                 G: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, TO_CACHE: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[b, j] = act(x̂[b] · W[row(j)] + bias[row(j)]) for the N = len(idx)·G outputs j, row(j) =
-    idx[j // G]·row_stride + row_offset + j % G, x̂ = x or, with LN, LayerNorm(x) (folded, see the module doc;
-    `bias` is then β·w + b and `rscale` Σγ∘w). Element e = row_offset + j % G of a unit goes to
-    out[b, j // G, j % G] if e < split, else (TO_CACHE) to cache[b, idx[j // G], pos, e − split].
-    XKEEP: program 0 also writes LayerNorm(x) to xkeep[b, pos]."""
+    """y[b, j] = act(x[b] · W[row(j)] + bias[row(j)]) for the N = len(idx)·G outputs j, row(j) =
+    idx[j // G]·row_stride + row_offset + j % G. Element e = row_offset + j % G of a unit goes to
+    out[b, j // G, j % G] if e < split, else (TO_CACHE) to cache[b, idx[j // G], pos, e − split]."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -118,25 +114,14 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
     acc = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    s1 = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
-    s2 = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         w = tl.load(w_ptr + rows[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
-                    other=0.0).to(tl.float32)
-        if LN:
-            s1 += x
-            s2 += x * x
-            x = x * tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
+                    other=0.0)
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)
-    if LN:
-        mean = tl.sum(s1, axis=1) / K
-        rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(s2, axis=1) / K - mean * mean, 0.0) + eps)
-        rscale = tl.load(rscale_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
-        y = rstd[:, None] * (y - mean[:, None] * rscale[None, :])
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if RELU:
@@ -149,19 +134,6 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
         p = tl.load(pos_ptr).to(tl.int64)
         offs = offs_b[:, None].to(tl.int64) * stride_cb + unit[None, :] * stride_ch + p * stride_ct + (e - split)[None, :]
         tl.store(cache_ptr + offs, y.to(cache_ptr.dtype.element_ty), mask=mask & (e >= split)[None, :])
-    if XKEEP:
-        if pid == 0:
-            p = tl.load(pos_ptr).to(tl.int64)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K
-                m2 = mask_b[:, None] & mask_k[None, :]
-                x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=m2, other=0.0).to(tl.float32)
-                g = tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-                bt = tl.load(beta_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-                xn = (x - mean[:, None]) * rstd[:, None] * g[None, :] + bt[None, :]
-                tl.store(xkeep_ptr + offs_b[:, None].to(tl.int64) * stride_kb + p * stride_kt + offs_k[None, :],
-                         xn.to(xkeep_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.autotune(configs=_col_configs(), key=["R", "D", "G", "BLOCK_B", "COMBINE"], restore_value=["acc_ptr"],
@@ -226,6 +198,25 @@ def _finish_kernel(acc_ptr, res_ptr, out_ptr, total, D, stride_rb, stride_ob,
         y += tl.load(res_ptr + b * stride_rb + col, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + b * stride_ob + col, y.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(acc_ptr + offs, tl.zeros((BLOCK,), dtype=tl.float32), mask=mask)
+
+
+@triton.jit
+def _layer_norm_kernel(h_ptr, w_ptr, b_ptr, out_ptr, keep_ptr, pos_ptr, D, eps, stride_hb, stride_ob, stride_kb,
+                       stride_kt, KEEP: tl.constexpr, BLOCK: tl.constexpr):
+    """out[b] = LayerNorm(h[b]) (fp32 statistics, cast to out's dtype); KEEP: also to keep[b, pos]."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    x = tl.load(h_ptr + b * stride_hb + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / D
+    centred = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + eps)
+    y = centred * rstd * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32) \
+        + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * stride_ob + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if KEEP:
+        p = tl.load(pos_ptr).to(tl.int64)
+        tl.store(keep_ptr + b * stride_kb + p * stride_kt + offs, y.to(keep_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -306,27 +297,19 @@ _NO_SPLIT = 2 ** 30  # every element to `out`
 
 
 def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, out=None, out_strides=(0, 0),
-          norm=None, cache=None, pos=None, split=_NO_SPLIT, xkeep=None):
-    """Launch `_rows_kernel`; see its docstring. `norm`: a NormFold (LayerNorm folded; `bias` is then unused)."""
+          cache=None, pos=None, split=_NO_SPLIT):
+    """Launch `_rows_kernel`; see its docstring."""
     B, K = x.shape
     _check_x(x, w.shape[1])
     assert w.is_contiguous()
     n = idx.numel() * group
-    if norm is not None:
-        assert x.dtype == torch.float32, "the folded LayerNorm reads the fp32 residual stream"
-        bias = norm.row_bias
     cs = cache.stride() if cache is not None else (0, 0, 0)
-    ks = xkeep.stride() if xkeep is not None else (0, 0)
-    dummy = w
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _rows_kernel[grid](x, w, bias if bias is not None else dummy, idx, out if out is not None else dummy,
-                       cache if cache is not None else dummy, pos if pos is not None else idx,
-                       norm.weight if norm is not None else dummy, norm.bias if norm is not None else dummy,
-                       norm.row_scale if norm is not None else dummy, xkeep if xkeep is not None else dummy,
-                       B, n, K, row_stride, row_offset, split, norm.eps if norm is not None else 0.0,
-                       x.stride(0), out_strides[0], out_strides[1], cs[0], cs[1], cs[2], ks[0], ks[1],
-                       G=group, HAS_BIAS=bias is not None, RELU=relu, LN=norm is not None,
-                       TO_CACHE=cache is not None, XKEEP=xkeep is not None, BLOCK_B=_pow2(B))
+    _rows_kernel[grid](x, w, bias if bias is not None else w, idx, out if out is not None else w,
+                       cache if cache is not None else w, pos if pos is not None else idx,
+                       B, n, K, row_stride, row_offset, split, x.stride(0), out_strides[0], out_strides[1],
+                       cs[0], cs[1], cs[2], G=group, HAS_BIAS=bias is not None, RELU=relu,
+                       TO_CACHE=cache is not None, BLOCK_B=_pow2(B))
     return out
 
 
@@ -392,9 +375,6 @@ def fc2_gather(a, w2t, b2, idx, out=None, residual=None, workspace=None):
     return gather_cols(a, w2t, b2, idx, out=out, residual=residual, workspace=workspace)
 
 
-QKV_PARTS = {"qkv": (0, 3), "q": (0, 1), "k": (1, 2), "v": (2, 3), "kv": (1, 3)}
-
-
 def qkv_heads(x, wqkv, bqkv, head_idx, head_dim, part="qkv", out=None):
     """The `part` ("qkv", "q", "kv", ...) projections of selected heads → (B, len(head_idx), n_parts, head_dim).
 
@@ -407,9 +387,7 @@ def qkv_heads(x, wqkv, bqkv, head_idx, head_dim, part="qkv", out=None):
 
 def kv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos):
     """Compute k, v of selected heads for the token x (B, d) and write them at `pos` of cache (B, H, T, 2, hd)."""
-    assert cache.is_contiguous()
-    _rows(x, wqkv, bqkv, head_idx, group=2 * head_dim, row_stride=3 * head_dim, row_offset=head_dim,
-          cache=cache, pos=pos, split=head_dim)
+    qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, part="kv")
     return cache
 
 
@@ -480,15 +458,25 @@ def kv_recompute(xkeep, wqkv, bqkv, head_idx, head_dim, cache, have, pos):
 
 
 # -- the decode step's fused operations (kernels.decode) -------------------------------------------------------
-def ln_qkv(h, norm, wqkv, head_idx, head_dim, cache, pos, *, part="qkv", xkeep=None):
-    """LayerNorm(h) (h: fp32 residual stream (B, d)) → q of the selected heads (returned, (B, n, hd), model
-    dtype) and their k/v written into cache[:, head, pos]; `part` "q" or "kv" computes one side only. `xkeep`
-    (B, T, d): LayerNorm(h) is also written at pos."""
+def layer_norm(h, weight, bias, eps, dtype, *, keep=None, pos=None):
+    """LayerNorm of the fp32 residual stream h (B, d) → (B, d) in `dtype`; `keep` (B, T, d): also written at pos."""
+    B, D = h.shape
+    out = torch.empty(B, D, device=h.device, dtype=dtype)
+    ks = keep.stride() if keep is not None else (0, 0, 0)
+    _layer_norm_kernel[(B,)](h, weight, bias, out, keep if keep is not None else out, pos if pos is not None else h,
+                             D, eps, h.stride(0), out.stride(0), ks[0], ks[1], KEEP=keep is not None,
+                             BLOCK=_pow2(D), num_warps=8 if D > 2048 else 4)
+    return out
+
+
+def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv"):
+    """q of the selected heads (returned, (B, n, hd)) and their k/v written into cache[:, head, pos], in one
+    pass over their rows; `part` "q" or "kv" computes one side only (None returned for "kv")."""
     first, last = QKV_PARTS[part]
-    q = torch.empty(h.shape[0], head_idx.numel(), head_dim, device=h.device, dtype=cache.dtype) if first == 0 else None
-    _rows(h, wqkv, None, head_idx, group=(last - first) * head_dim, row_stride=3 * head_dim,
+    q = torch.empty(x.shape[0], head_idx.numel(), head_dim, device=x.device, dtype=cache.dtype) if first == 0 else None
+    _rows(x, wqkv, bqkv, head_idx, group=(last - first) * head_dim, row_stride=3 * head_dim,
           row_offset=first * head_dim, out=q, out_strides=(q.stride(0), q.stride(1)) if q is not None else (0, 0),
-          norm=norm, cache=cache if last > 1 else None, pos=pos, split=head_dim, xkeep=xkeep)
+          cache=cache if last > 1 else None, pos=pos, split=head_dim)
     return q
 
 
@@ -497,12 +485,6 @@ def out_proj_add(partials, wot, bo, head_idx, head_dim, h):
     m, l, o, nc = partials
     _cols(o, wot, head_idx, h, bo, group=head_dim, row_stride=head_dim, combine=(m, l, nc))
     return h
-
-
-def ln_fc1(h, norm, w1, idx, dtype):
-    """relu(LayerNorm(h) · W1[idx]ᵀ + b1[idx]) → (B, len(idx)) in `dtype`."""
-    out = torch.empty(h.shape[0], idx.numel(), device=h.device, dtype=dtype)
-    return _rows(h, w1, None, idx, relu=True, out=out, out_strides=(out.stride(0), 1), norm=norm)
 
 
 def fc2_add(act, w2t, b2, idx, h):

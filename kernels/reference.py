@@ -6,32 +6,8 @@ copy) only the selected rows, but they make no claim to speed.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
-
-
-class NormFold(NamedTuple):
-    """A LayerNorm (weight γ, bias β, eps) in front of a linear layer (W, b), folded for the row GEMV:
-    LN(x)·Wᵀ + b = rstd·(x·(γ∘W)ᵀ − mean·row_scale) + row_bias, with row_scale = W·γ and row_bias = W·β + b
-    (fp32, one value per weight row). The torch references apply the LayerNorm as it is."""
-    weight: torch.Tensor
-    bias: torch.Tensor
-    eps: float
-    row_scale: torch.Tensor
-    row_bias: torch.Tensor
-    linear_bias: torch.Tensor
-
-    @classmethod
-    def of(cls, weight, bias, eps, w, b) -> "NormFold":
-        w32 = w.float()
-        return cls(weight, bias, float(eps), (w32 @ weight.float()).contiguous(),
-                   (w32 @ bias.float() + b.float()).contiguous(), b)
-
-    def apply(self, h: torch.Tensor) -> torch.Tensor:
-        """LayerNorm(h) in h's precision (fp32 for the residual stream)."""
-        return F.layer_norm(h, (h.shape[-1],), self.weight.to(h.dtype), self.bias.to(h.dtype), self.eps)
 
 QKV_PARTS = {"qkv": (0, 3), "q": (0, 1), "k": (1, 2), "v": (2, 3), "kv": (1, 3)}
 
@@ -68,9 +44,7 @@ def qkv_heads(x, wqkv, bqkv, head_idx, head_dim, part="qkv", out=None):
 
 
 def kv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos):
-    kv = qkv_heads(x, wqkv, bqkv, head_idx, head_dim, part="kv")  # (B, n, 2, hd)
-    p = pos.reshape(-1)[:1].long()
-    cache[:, head_idx.long(), p] = kv.to(cache.dtype)
+    qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, part="kv")
     return cache
 
 
@@ -110,12 +84,16 @@ def kv_recompute(xkeep, wqkv, bqkv, head_idx, head_dim, cache, have, pos):
 
 
 # -- the decode step's fused operations (same signatures as kernels.gemv's) -----------------------------------
-def ln_qkv(h, norm, wqkv, head_idx, head_dim, cache, pos, *, part="qkv", xkeep=None):
-    xn = norm.apply(h)
-    if xkeep is not None:
-        xkeep[:, pos.reshape(-1)[:1].long()] = xn.unsqueeze(1).to(xkeep.dtype)
+def layer_norm(h, weight, bias, eps, dtype, *, keep=None, pos=None):
+    y = F.layer_norm(h, (h.shape[-1],), weight.to(h.dtype), bias.to(h.dtype), eps).to(dtype)
+    if keep is not None:
+        keep[:, pos.reshape(-1)[:1].long()] = y.unsqueeze(1).to(keep.dtype)
+    return y
+
+
+def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv"):
     first, last = QKV_PARTS[part]
-    y = qkv_heads(xn, wqkv, norm.linear_bias, head_idx, head_dim, part=part)
+    y = qkv_heads(x, wqkv, bqkv, head_idx, head_dim, part=part)
     if last > 1:
         cache[:, head_idx.long(), pos.reshape(-1)[:1].long()] = y[:, :, 1 - first:].to(cache.dtype)
     return y[:, :, 0].to(cache.dtype) if first == 0 else None
@@ -133,10 +111,6 @@ def out_proj_add(attn, wot, bo, head_idx, head_dim, h):
     rows = _rows(wot, head_idx, head_dim, head_dim, 0)
     h += attn.reshape(h.shape[0], -1).to(h.dtype) @ wot.index_select(0, rows).to(h.dtype) + bo.to(h.dtype)
     return h
-
-
-def ln_fc1(h, norm, w1, idx, dtype):
-    return fc1_gather(norm.apply(h), w1, norm.linear_bias, idx).to(dtype)
 
 
 def fc2_add(act, w2t, b2, idx, h):

@@ -57,9 +57,15 @@ def test_kv_recompute_fills_only_missing_entries(dtype):
 
 # -- the decode step's fused operations ------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-@pytest.mark.parametrize("part,xkeep", [("qkv", True), ("qkv", False), ("kv", False), ("q", False)])
-def test_ln_qkv_routes_q_kv_and_the_kept_input(dtype, part, xkeep):
-    checks.check_ln_qkv(d=48, H=4, hd=8, T=12, keep=3, batch=3, dtype=dtype, part=part, xkeep=xkeep, seed=11)
+@pytest.mark.parametrize("part", ["qkv", "kv", "q"])
+def test_qkv_to_cache_routes_q_and_kv(dtype, part):
+    checks.check_qkv_to_cache(d=48, H=4, hd=8, T=12, keep=3, batch=3, dtype=dtype, part=part, seed=11)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("batch,keep", [(1, False), (3, True)])
+def test_layer_norm_of_the_fp32_stream(dtype, batch, keep):
+    checks.check_layer_norm(d=40, T=6, batch=batch, dtype=dtype, keep=keep, seed=15)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
@@ -70,6 +76,5 @@ def test_attend_then_out_proj_add(dtype, batch, pos):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("batch,keep", [(1, 7), (3, 24)])
-def test_ln_fc1_and_fc2_add(dtype, batch, keep):
-    checks.check_ln_fc1(d=40, F=64, keep=keep, batch=batch, dtype=dtype, seed=13)
+def test_fc2_add(dtype, batch, keep):
     checks.check_fc2_add(d=40, F=64, keep=keep, batch=batch, dtype=dtype, seed=14)
