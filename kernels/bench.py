@@ -99,6 +99,8 @@ def part_checks(small):
                 ("attend+out_proj_add T=256", lambda: checks.check_attend_out_proj(d, H, hd, 256, H // 2 + 1, B, 200,
                                                                                    dtype, seed=10)),
                 ("fc2_add 10%+5", lambda: checks.check_fc2_add(d, F, F // 10 + 5, B, dtype, seed=12)),
+                ("topk neurons 10%", lambda: checks.check_topk(F, F // 10, B, seed=14)),
+                ("topk heads 50%", lambda: checks.check_topk(H, H // 2, B, seed=15)),
             ]
             for what, fn in run:
                 try:

@@ -225,3 +225,20 @@ def check_fc2_add(d, F, keep, batch, dtype, seed=0, device=None):
     gemv.fc2_add(a, w2t, b2, idx, h)
     expected = ref.fc2_gather(*_d(a, w2t, b2), idx)
     return _relerr(h - h0, expected, dtype, f"fc2_add d={d} F={F} keep={keep} B={batch}")
+
+
+def check_topk(n, k, batch, seed=0, device=None):
+    """kernels.topk.select: exactly the k largest batch-mean scores, as int32 in ascending order."""
+    from kernels.topk import select
+
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(batch, n, generator=g).to(device=device, dtype=torch.float16)
+    got = select(scores, k)
+    expected = torch.topk(scores.float().mean(0, keepdim=True), k, dim=-1).indices
+    assert got.dtype == torch.int32 or not scores.is_cuda, "GPU selection must give int32 indices"
+    kth = scores.float().mean(0)[expected[0]].min()
+    chosen = scores.float().mean(0)[got[0].long()]
+    assert got.shape == expected.shape and chosen.min() >= kth, f"topk n={n} k={k}: not the k largest"
+    assert got[0].unique().numel() == k, f"topk n={n} k={k}: repeated indices"
+    return 0.0

@@ -16,8 +16,11 @@ token. Two ways to have those keys/values:
                   normed input of every past token and, when a selected head lacks K/V for some past tokens,
                   recomputes exactly those entries from the kept inputs before attention.
 
-Weights are re-laid-out once so that selected rows are contiguous: fused QKV head-major (H·3·hd, d), out_proj
-head-major transposed (H·hd, d), fc1 as is (F, d), fc2 neuron-major (F, d).
+The step keeps the residual stream in fp32 and runs seven launches per layer (`kernels.gemv`: LayerNorm, QKV
+with k/v routed into the cache, split-T attention (with the recompute inside), out_proj adding into the stream,
+LayerNorm, fc1, fc2 adding into the stream). Weights are re-laid-out once so that selected rows are
+contiguous: fused QKV head-major (H·3·hd, d), out_proj head-major transposed (H·hd, d), fc1 as is (F, d), fc2
+neuron-major (F, d).
 
 Masks come from a *mask source*: a callable `masks(layer, hidden) -> (head_idx, neuron_idx)` called inside the
 step at the start of every layer with the residual stream entering that layer (B, d), so a method's predictor
@@ -26,8 +29,10 @@ heads/neurons per layer is fixed (index buffers of fixed length); the values may
 extras of a source: `neuron_masks(layer, hidden)` (neuron indices from the MLP input, called after attention; it
 overrides the second element), `begin_step(engine)` (called once per step, before layer 0), `prefill_layer(layer,
 hidden)` (called in prefill with the residual stream (B, T0, d) entering each layer), `counts` (per-layer
-(n_heads, n_neurons), used when the engine is not told the counts) and `static = True` (its tensors never
-change, so the engine reads them directly instead of copying into its buffers). Indices are shared by the batch.
+(n_heads, n_neurons), used when the engine is not told the counts) and `static = True` (it ignores `hidden`, so
+the engine passes its fp32 residual stream as it is instead of a model-dtype copy). Indices are shared by the
+batch; contiguous int32/int64 index tensors on the device are read in place, anything else is copied into the
+layer's fixed-size buffer.
 
 backend="triton" runs the kernels of `kernels.gemv` (CPU: set TRITON_INTERPRET=1 first); backend="torch" runs
 their references (`kernels.reference`), e.g. on a CPU. CUDA graphs are used only on CUDA (cuda_graph=True).
@@ -254,15 +259,17 @@ class SparseDecoder:
 
     # -- one token -----------------------------------------------------------------------------------------
     def _indices(self, layer, got, buffers):
+        """The source's indices for this layer as the kernels read them: used in place when they are already a
+        contiguous int32/int64 tensor on the device (inside a CUDA graph their address is fixed too), else
+        copied into the layer's fixed-size buffer."""
         if got is None:
             raise ValueError(f"the mask source gave no indices for layer {layer}")
         buf = buffers[layer]
         if got.numel() != buf.numel():
             raise ValueError(f"layer {layer}: the mask source gave {got.numel()} indices, the engine keeps "
                              f"{buf.numel()} (counts are fixed per layer)")
-        if getattr(self.masks, "static", False) and got.dtype in (torch.int32, torch.int64) \
-                and got.device == self.device and got.is_contiguous():
-            return got
+        if got.dtype in (torch.int32, torch.int64) and got.device == self.device and got.is_contiguous():
+            return got.reshape(-1)
         buf.copy_(got.reshape(-1))
         return buf
 

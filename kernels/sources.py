@@ -20,7 +20,8 @@ method by method) and the predictor's cost is part of every step (and of its CUD
             last prompt token after prefill, as the masked engine carries it).
 
 Each predictor's input standardisation is folded into its first linear layer once (computed in float64), and
-the top-k is unsorted: the same selection as the masked engine's `lowest_k_mask` (ties aside), fewer launches.
+the top-k is one Triton launch on the GPU (`kernels.topk`, int32 indices the GEMVs read directly): the same
+selection as the masked engine's `lowest_k_mask` (ties aside).
 The number of kept units per layer is fixed (the allocation's keep count; dense layers keep all), as the
 engine's index buffers need. Indices are shared by the batch: with batch > 1 the batch-mean score is ranked
 (the masked engine would choose per sequence; equivalence holds for batch 1). Not decodable with fixed counts:
@@ -37,6 +38,7 @@ from torch import nn
 from harness.engine import Allocation, ForwardState, MaskedEngine, lowest_k_mask
 from harness.errors import HarnessError
 from kernels.decode import DenseMasks, StaticMasks
+from kernels.topk import select
 
 
 def keep_counts(allocation: Allocation, num_layers: int, num_heads: int, ffn_dim: int, *, heads=True, neurons=True):
@@ -111,13 +113,6 @@ class Group:
         return sum(t.numel() * t.element_size() for t in (self.w1, self.b1) if t is not None) + sum(
             w2.numel() * w2.element_size() + (b2.numel() * b2.element_size() if b2 is not None else 0)
             for _, _, _, w2, b2 in self.parts)
-
-
-def select(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest scores over the last dim, shared by the batch (batch-mean score)."""
-    if scores.dim() > 1 and scores.shape[0] > 1:
-        scores = scores.float().mean(0, keepdim=True)
-    return torch.topk(scores, k, dim=-1, sorted=False).indices
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -78,3 +78,27 @@ def test_attend_then_out_proj_add(dtype, batch, pos):
 @pytest.mark.parametrize("batch,keep", [(1, 7), (3, 24)])
 def test_fc2_add(dtype, batch, keep):
     checks.check_fc2_add(d=40, F=64, keep=keep, batch=batch, dtype=dtype, seed=14)
+
+
+# -- top-k selection of the predictors -------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,k", [((1, 40), 20), ((3, 40), 7), ((2, 3, 37), 5), ((1, 300), 299), ((1, 8), 1)])
+def test_topk_select_is_the_set_of_the_k_largest_batch_means(shape, k):
+    from kernels.topk import select_triton
+
+    g = torch.Generator().manual_seed(sum(shape) + k)
+    scores = torch.randn(*shape, generator=g) * torch.tensor(10.0) ** torch.randint(-3, 3, shape, generator=g)
+    scores[..., 0] = -scores[..., 0].abs()  # negative values in play
+    got = select_triton(scores, k)
+    expected = torch.topk(scores.mean(0, keepdim=True), k, dim=-1).indices
+    assert got.dtype == torch.int32 and got.shape == expected.shape
+    assert torch.equal(got.sort(-1).values.long(), expected.sort(-1).values)
+    assert torch.equal(got.long(), got.long().sort(-1).values), "indices come back in ascending order"
+
+
+def test_topk_select_breaks_ties_at_the_threshold_by_lowest_index():
+    from kernels.topk import select_triton
+
+    scores = torch.tensor([[1.0, 5.0, 3.0, 3.0, 3.0, -2.0, 3.0]])
+    assert select_triton(scores, 3).tolist() == [[1, 2, 3]]
+    assert select_triton(scores, 1).tolist() == [[1]]
+    assert select_triton(scores, 7).tolist() == [[0, 1, 2, 3, 4, 5, 6]]
