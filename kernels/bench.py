@@ -184,7 +184,7 @@ def part_kernel_bandwidth(small, copy_bw):
 # ------------------------------------------------------------------------------------------------------------
 # (c) engine vs masked engine, (d) decode timing
 # ------------------------------------------------------------------------------------------------------------
-def build_model(small, layers=None, perturb=False):
+def build_model(small, layers=None, perturb=False, name="opt-13b"):
     from transformers import OPTConfig, OPTForCausalLM
 
     from harness.models import opt_config
@@ -193,7 +193,7 @@ def build_model(small, layers=None, perturb=False):
         config = OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
                            word_embed_proj_dim=64, max_position_embeddings=512, dropout=0.0)
     else:
-        config = opt_config("opt-13b")
+        config = opt_config(name)
     if layers is not None:
         config.num_hidden_layers = layers
     config._attn_implementation = "sdpa"

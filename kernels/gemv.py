@@ -424,8 +424,9 @@ def attend(q, cache, head_idx, pos, scale, *, recompute=None, attend=True):
     _attend_kernel[(n, nc)](q, cache, head_idx, pos, m, l, o, xkeep, wqkv, bqkv, have,
                             B, n, H, T, xkeep.shape[-1] if recompute is not None else hd, hd, scale,
                             q.stride(0), q.stride(1), NC=nc, CHUNK=CHUNK, BLOCK_D=_pow2(hd), ATTEND=attend,
-                            RECOMPUTE=recompute is not None, BLOCK_K=32 if INTERPRET else 64,
-                            BLOCK_2HD=_pow2(2 * hd), UPCAST=INTERPRET, IEEE=_dot_in_fp32(xkeep), num_warps=4)
+                            RECOMPUTE=recompute is not None, BLOCK_K=32 if INTERPRET else 128,
+                            BLOCK_2HD=_pow2(2 * hd), UPCAST=INTERPRET, IEEE=_dot_in_fp32(xkeep),
+                            num_warps=8 if recompute is not None else 4, num_stages=2)
     return m, l, o, nc
 
 
