@@ -20,8 +20,9 @@ method by method) and the predictor's cost is part of every step (and of its CUD
             last prompt token after prefill, as the masked engine carries it).
 
 Each predictor's input standardisation is folded into its first linear layer once (computed in float64), and
-the top-k is one Triton launch on the GPU (`kernels.topk`, int32 indices the GEMVs read directly): the same
-selection as the masked engine's `lowest_k_mask` (ties aside).
+the top-k is `kernels.topk.select` (on the GPU one Triton launch for head rows, torch.topk for neuron rows; the
+engine reads either index tensor in place): the same selection as the masked engine's `lowest_k_mask` (ties
+aside).
 The number of kept units per layer is fixed (the allocation's keep count; dense layers keep all), as the
 engine's index buffers need. Indices are shared by the batch: with batch > 1 the batch-mean score is ranked
 (the masked engine would choose per sequence; equivalence holds for batch 1). Not decodable with fixed counts:
