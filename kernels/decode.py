@@ -29,8 +29,9 @@ heads/neurons per layer is fixed (index buffers of fixed length); the values may
 extras of a source: `neuron_masks(layer, hidden)` (neuron indices from the MLP input, called after attention; it
 overrides the second element), `begin_step(engine)` (called once per step, before layer 0), `prefill_layer(layer,
 hidden)` (called in prefill with the residual stream (B, T0, d) entering each layer), `counts` (per-layer
-(n_heads, n_neurons), used when the engine is not told the counts) and `static = True` (it ignores `hidden`, so
-the engine passes its fp32 residual stream as it is instead of a model-dtype copy). Indices are shared by the
+(n_heads, n_neurons), used when the engine is not told the counts) and `static = True` (it ignores `hidden` and
+its indices never change, so the engine passes its fp32 residual stream as it is instead of a model-dtype copy,
+and the kernels may read weights before the previous kernel ends: KERNELS_PDL=prefetch). Indices are shared by the
 batch; contiguous int32/int64 index tensors on the device are read in place, anything else is copied into the
 layer's fixed-size buffer.
 
@@ -293,18 +294,19 @@ class SparseDecoder:
             xn = ops.layer_norm(h, w.ln1_w, w.ln1_b, w.eps1, dt, keep=self.xkeep[index] if recompute else None,
                                 pos=self.pos)
             if self.kv == "all" and heads.numel() < H:  # k/v of every head, q of the kept ones
-                ops.qkv_to_cache(xn, w.wqkv, w.bqkv, self.all_heads, hd, cache, self.pos, part="kv")
-                q = ops.qkv_to_cache(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos, part="q")
+                ops.qkv_to_cache(xn, w.wqkv, w.bqkv, self.all_heads, hd, cache, self.pos, part="kv", fixed=True)
+                q = ops.qkv_to_cache(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos, part="q", fixed=static)
             else:
-                q = ops.qkv_to_cache(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos)
+                q = ops.qkv_to_cache(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos, fixed=static)
             attn = ops.attend(q, cache, heads, self.pos, self.scaling,
                               recompute=(self.xkeep[index], w.wqkv, w.bqkv, self.have[index]) if recompute else None)
-            ops.out_proj_add(attn, w.wot, w.bo, heads, hd, h)
+            ops.out_proj_add(attn, w.wot, w.bo, heads, hd, h, fixed=static)
             if neurons_hook is not None:
                 neuron_idx = neurons_hook(index, hidden())
             neurons = self._indices(index, neuron_idx, self.neuron_buf)
-            act = ops.fc1_gather(ops.layer_norm(h, w.ln2_w, w.ln2_b, w.eps2, dt), w.w1, w.b1, neurons)
-            ops.fc2_add(act, w.w2t, w.b2, neurons, h)
+            act = ops.fc1_gather(ops.layer_norm(h, w.ln2_w, w.ln2_b, w.eps2, dt), w.w1, w.b1, neurons,
+                                 fixed=static)
+            ops.fc2_add(act, w.w2t, w.b2, neurons, h, fixed=static)
         logits = self._head(h.to(dt))
         self.pos.add_(1)
         return logits

@@ -37,6 +37,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.reference import QKV_PARTS
 
@@ -44,6 +45,25 @@ from kernels.reference import QKV_PARTS
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: KERNELS_AUTOTUNE=0 uses one fixed config per kernel (fast compiles, e.g. for correctness checks on a GPU)
 AUTOTUNE = not INTERPRET and os.environ.get("KERNELS_AUTOTUNE", "1") != "0"
+
+
+def _pdl_mode() -> str:
+    """Programmatic dependent launch (Hopper+): each step kernel lets the next one launch at its start and waits
+    (griddepcontrol.wait) before touching anything an earlier kernel writes, so launch and ramp-up overlap the
+    previous kernel's tail. KERNELS_PDL: "0" off, "1" on, "prefetch" also loads a GEMV's first weight tile
+    before the wait when the indices are fixed for the whole step (static masks, dense). Default: "1" on a GPU
+    of compute capability ≥ 9, else off."""
+    mode = os.environ.get("KERNELS_PDL", "1")
+    if mode not in ("0", "1", "prefetch"):
+        raise ValueError(f"KERNELS_PDL must be 0, 1 or prefetch, not {mode!r}")
+    if INTERPRET or mode == "0" or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        return "0"
+    return mode
+
+
+PDL_MODE = _pdl_mode()
+PDL = PDL_MODE != "0"
+_LAUNCH = {"launch_pdl": True} if PDL else {}  # launch options of the step kernels
 
 
 def _pow2(n: int) -> int:
@@ -100,11 +120,18 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
                  B, N, K, row_stride, row_offset, split,
                  stride_xb, stride_ob, stride_oslot, stride_cb, stride_ch, stride_ct,
                  G: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, TO_CACHE: tl.constexpr,
+                 PDL: tl.constexpr, PREFETCH: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[b, j] = act(x[b] · W[row(j)] + bias[row(j)]) for the N = len(idx)·G outputs j, row(j) =
     idx[j // G]·row_stride + row_offset + j % G. Element e = row_offset + j % G of a unit goes to
-    out[b, j // G, j % G] if e < split, else (TO_CACHE) to cache[b, idx[j // G], pos, e − split]."""
+    out[b, j // G, j % G] if e < split, else (TO_CACHE) to cache[b, idx[j // G], pos, e − split].
+    PDL: wait for the previous kernel before the first read of x/idx (PREFETCH: idx is fixed, so the first
+    weight tile is loaded before the wait)."""
     pid = tl.program_id(0)
+    if PDL:
+        gdc_launch_dependents()
+        if not PREFETCH:
+            gdc_wait()
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     slot = offs_n // G
@@ -113,8 +140,16 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
     rows = unit * row_stride + row_offset + within
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
-    acc = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    w = tl.load(w_ptr + rows[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    if PDL:
+        if PREFETCH:
+            gdc_wait()
+    x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
+                other=0.0)
+    acc = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         w = tl.load(w_ptr + rows[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
@@ -136,33 +171,52 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
         tl.store(cache_ptr + offs, y.to(cache_ptr.dtype.element_ty), mask=mask & (e >= split)[None, :])
 
 
+@triton.jit
+def _cols_weights(w_ptr, idx_ptr, pid_r, i, offs_d, mask_d, R, D, row_stride, G: tl.constexpr,
+                  BLOCK_R: tl.constexpr, ITERS: tl.constexpr):
+    """Block i of this program's selected rows of W: the tile (BLOCK_R, BLOCK_D), its row offsets and mask."""
+    offs_r = (pid_r * ITERS + i) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    unit = tl.load(idx_ptr + offs_r // G, mask=mask_r, other=0).to(tl.int64)
+    rows = unit * row_stride + offs_r % G
+    w = tl.load(w_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+    return w, offs_r, mask_r
+
+
 @triton.autotune(configs=_col_configs(), key=["R", "D", "G", "BLOCK_B", "COMBINE"], restore_value=["acc_ptr"],
                  prune_configs_by=_prune(("BLOCK_R", "BLOCK_D")))
 @triton.jit
 def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr, m_ptr, l_ptr,
                  B, R, D, row_stride, stride_ab, stride_accb,
                  G: tl.constexpr, HAS_BIAS: tl.constexpr, COMBINE: tl.constexpr, NC: tl.constexpr,
+                 PDL: tl.constexpr, PREFETCH: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ITERS: tl.constexpr):
     """acc[b, :] += Σ_r a[b, r] · W[row(r)] over this program's ITERS·BLOCK_R selected rows, row(r) =
     idx[r // G]·row_stride + r % G (+ bias, added by the first row block). With COMBINE, a is the attention
     output of selected head r // G, element r % G, combined here from NC partial softmaxes: max m, sum l
-    (B, n, NC) and weighted values a_ptr (B, n, NC, G)."""
+    (B, n, NC) and weighted values a_ptr (B, n, NC, G). PDL/PREFETCH as in `_rows_kernel`."""
     pid_d = tl.program_id(0)
     pid_r = tl.program_id(1)
+    if PDL:
+        gdc_launch_dependents()
+        if not PREFETCH:
+            gdc_wait()
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
+    w, offs_r, mask_r = _cols_weights(w_ptr, idx_ptr, pid_r, 0, offs_d, mask_d, R, D, row_stride, G, BLOCK_R, ITERS)
+    if PDL:
+        if PREFETCH:
+            gdc_wait()
     acc = tl.zeros((BLOCK_B, BLOCK_R, BLOCK_D), dtype=tl.float32)
     for i in tl.static_range(ITERS):
-        offs_r = (pid_r * ITERS + i) * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        slot = offs_r // G
-        unit = tl.load(idx_ptr + slot, mask=mask_r, other=0).to(tl.int64)
-        rows = unit * row_stride + offs_r % G
-        w = tl.load(w_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+        if i > 0:
+            w, offs_r, mask_r = _cols_weights(w_ptr, idx_ptr, pid_r, i, offs_d, mask_d, R, D, row_stride, G,
+                                              BLOCK_R, ITERS)
         mask_a = mask_b[:, None] & mask_r[None, :]
         if COMBINE:
+            slot = offs_r // G
             offs_c = tl.arange(0, NC)
             part = (offs_b[:, None] * (R // G) + slot[None, :]) * NC  # (BLOCK_B, BLOCK_R)
             mask3 = mask_a[:, :, None] & (offs_c < NC)[None, None, :]
@@ -202,17 +256,21 @@ def _finish_kernel(acc_ptr, res_ptr, out_ptr, total, D, stride_rb, stride_ob,
 
 @triton.jit
 def _layer_norm_kernel(h_ptr, w_ptr, b_ptr, out_ptr, keep_ptr, pos_ptr, D, eps, stride_hb, stride_ob, stride_kb,
-                       stride_kt, KEEP: tl.constexpr, BLOCK: tl.constexpr):
+                       stride_kt, KEEP: tl.constexpr, PDL: tl.constexpr, BLOCK: tl.constexpr):
     """out[b] = LayerNorm(h[b]) (fp32 statistics, cast to out's dtype); KEEP: also to keep[b, pos]."""
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
+    gamma = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    beta = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     x = tl.load(h_ptr + b * stride_hb + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=0) / D
     centred = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + eps)
-    y = centred * rstd * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32) \
-        + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = centred * rstd * gamma + beta
     tl.store(out_ptr + b * stride_ob + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
     if KEEP:
         p = tl.load(pos_ptr).to(tl.int64)
@@ -225,7 +283,8 @@ def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr,
                    B, n_sel, H, T_max, D, HD, scale, stride_qb, stride_qh,
                    NC: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
                    ATTEND: tl.constexpr, RECOMPUTE: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_2HD: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_K: tl.constexpr, BLOCK_2HD: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                   PDL: tl.constexpr):
     """Program (slot, c): selected head idx[slot], positions t of chunk c; cache (B, H, T, 2, HD).
 
     RECOMPUTE (Deja Vu): entries with t < pos and not have[head, t] are computed from the kept normalised layer
@@ -234,6 +293,9 @@ def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr,
     Σ p·V (unnormalised) to m/l (B, n, NC) and o (B, n, NC, HD); a chunk past pos writes m = −inf, l = 0."""
     slot = tl.program_id(0)
     c = tl.program_id(1)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     head = tl.load(idx_ptr + slot).to(tl.int64)
     pos = tl.load(pos_ptr).to(tl.int32)
     offs_t = c * CHUNK + tl.arange(0, CHUNK)
@@ -296,9 +358,13 @@ def _check_x(x: torch.Tensor, k: int) -> None:
 _NO_SPLIT = 2 ** 30  # every element to `out`
 
 
+def _prefetch(fixed: bool) -> bool:
+    return fixed and PDL_MODE == "prefetch"
+
+
 def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, out=None, out_strides=(0, 0),
-          cache=None, pos=None, split=_NO_SPLIT):
-    """Launch `_rows_kernel`; see its docstring."""
+          cache=None, pos=None, split=_NO_SPLIT, fixed=False):
+    """Launch `_rows_kernel`; see its docstring. `fixed`: idx does not change during the step (PDL prefetch)."""
     B, K = x.shape
     _check_x(x, w.shape[1])
     assert w.is_contiguous()
@@ -309,21 +375,21 @@ def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, o
                        cache if cache is not None else w, pos if pos is not None else idx,
                        B, n, K, row_stride, row_offset, split, x.stride(0), out_strides[0], out_strides[1],
                        cs[0], cs[1], cs[2], G=group, HAS_BIAS=bias is not None, RELU=relu,
-                       TO_CACHE=cache is not None, BLOCK_B=_pow2(B))
+                       TO_CACHE=cache is not None, PDL=PDL, PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH)
     return out
 
 
-def gather_rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, out=None):
+def gather_rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, out=None, fixed=False):
     """out[b, slot, g] = act(x[b] · w[idx[slot]·row_stride + row_offset + g] + bias[...]), g < group → (B, len(idx), group)."""
     if out is None:
         out = torch.empty(x.shape[0], idx.numel(), group, device=x.device, dtype=x.dtype)
     return _rows(x, w, bias, idx, group=group, row_stride=row_stride, row_offset=row_offset, relu=relu, out=out,
-                 out_strides=(out.stride(0), out.stride(1)))
+                 out_strides=(out.stride(0), out.stride(1)), fixed=fixed)
 
 
-def _cols(a, w, idx, acc, bias, *, group=1, row_stride=1, combine=None):
+def _cols(a, w, idx, acc, bias, *, group=1, row_stride=1, combine=None, fixed=False):
     """Launch `_cols_kernel`: acc (fp32, (B, D)) += a · w[rows] (+ bias). `combine` = (m, l, NC) when `a` holds
-    attention partials."""
+    attention partials; `fixed` as in `_rows`."""
     B = acc.shape[0]
     D = w.shape[1]
     R = idx.numel() * group
@@ -332,7 +398,7 @@ def _cols(a, w, idx, acc, bias, *, group=1, row_stride=1, combine=None):
     grid = lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(R, meta["BLOCK_R"] * meta["ITERS"]))  # noqa: E731
     _cols_kernel[grid](a, w, idx, acc, bias if bias is not None else w, m, l, B, R, D, row_stride,
                        a.stride(0), acc.stride(0), G=group, HAS_BIAS=bias is not None, COMBINE=combine is not None,
-                       NC=nc, BLOCK_B=_pow2(B))
+                       NC=nc, PDL=PDL, PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH)
 
 
 _WORKSPACES: dict = {}
@@ -364,9 +430,10 @@ def gather_cols(a, w, bias, idx, *, group=1, row_stride=1, out=None, residual=No
 
 
 # -- the four projections ------------------------------------------------------------------------------------
-def fc1_gather(x, w1, b1, idx, out=None):
+def fc1_gather(x, w1, b1, idx, out=None, *, fixed=False):
     """relu(x · W1[idx]ᵀ + b1[idx]) → (B, len(idx)); W1 is fc1.weight (F, d)."""
-    res = gather_rows(x, w1, b1, idx, relu=True, out=None if out is None else out.view(out.shape[0], -1, 1))
+    res = gather_rows(x, w1, b1, idx, relu=True, out=None if out is None else out.view(out.shape[0], -1, 1),
+                      fixed=fixed)
     return res.view(x.shape[0], idx.numel())
 
 
@@ -426,7 +493,7 @@ def attend(q, cache, head_idx, pos, scale, *, recompute=None, attend=True):
                             q.stride(0), q.stride(1), NC=nc, CHUNK=CHUNK, BLOCK_D=_pow2(hd), ATTEND=attend,
                             RECOMPUTE=recompute is not None, BLOCK_K=32 if INTERPRET else 128,
                             BLOCK_2HD=_pow2(2 * hd), UPCAST=INTERPRET, IEEE=_dot_in_fp32(xkeep),
-                            num_warps=8 if recompute is not None else 4, num_stages=2)
+                            PDL=PDL, num_warps=8 if recompute is not None else 4, num_stages=2, **_LAUNCH)
     return m, l, o, nc
 
 
@@ -465,31 +532,32 @@ def layer_norm(h, weight, bias, eps, dtype, *, keep=None, pos=None):
     out = torch.empty(B, D, device=h.device, dtype=dtype)
     ks = keep.stride() if keep is not None else (0, 0, 0)
     _layer_norm_kernel[(B,)](h, weight, bias, out, keep if keep is not None else out, pos if pos is not None else h,
-                             D, eps, h.stride(0), out.stride(0), ks[0], ks[1], KEEP=keep is not None,
-                             BLOCK=_pow2(D), num_warps=8 if D > 2048 else 4)
+                             D, eps, h.stride(0), out.stride(0), ks[0], ks[1], KEEP=keep is not None, PDL=PDL,
+                             BLOCK=_pow2(D), num_warps=8 if D > 2048 else 4, **_LAUNCH)
     return out
 
 
-def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv"):
+def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv", fixed=False):
     """q of the selected heads (returned, (B, n, hd)) and their k/v written into cache[:, head, pos], in one
-    pass over their rows; `part` "q" or "kv" computes one side only (None returned for "kv")."""
+    pass over their rows; `part` "q" or "kv" computes one side only (None returned for "kv"). `fixed`: the
+    indices stay the same for the whole step (static masks; lets PDL prefetch weights)."""
     first, last = QKV_PARTS[part]
     q = torch.empty(x.shape[0], head_idx.numel(), head_dim, device=x.device, dtype=cache.dtype) if first == 0 else None
     _rows(x, wqkv, bqkv, head_idx, group=(last - first) * head_dim, row_stride=3 * head_dim,
           row_offset=first * head_dim, out=q, out_strides=(q.stride(0), q.stride(1)) if q is not None else (0, 0),
-          cache=cache if last > 1 else None, pos=pos, split=head_dim)
+          cache=cache if last > 1 else None, pos=pos, split=head_dim, fixed=fixed)
     return q
 
 
-def out_proj_add(partials, wot, bo, head_idx, head_dim, h):
+def out_proj_add(partials, wot, bo, head_idx, head_dim, h, *, fixed=False):
     """h += attention output of the selected heads (combined from `attend`'s partials) · WoT[heads] + bo."""
     m, l, o, nc = partials
-    _cols(o, wot, head_idx, h, bo, group=head_dim, row_stride=head_dim, combine=(m, l, nc))
+    _cols(o, wot, head_idx, h, bo, group=head_dim, row_stride=head_dim, combine=(m, l, nc), fixed=fixed)
     return h
 
 
-def fc2_add(act, w2t, b2, idx, h):
+def fc2_add(act, w2t, b2, idx, h, *, fixed=False):
     """h += act · W2T[idx] + b2 (h: the fp32 residual stream)."""
     assert act.stride(1) == 1
-    _cols(act, w2t, idx, h, b2)
+    _cols(act, w2t, idx, h, b2, fixed=fixed)
     return h

@@ -1,11 +1,13 @@
 """Where the time of one decode step goes, kernel by kernel (torch.profiler), for a method's mask source.
 
-    python3 -m kernels.profile_step --model opt-13b --layers 4 --methods static,timewise,dejavu,shadow
+    python3 -m kernels.profile_step --model opt-13b --layers 4 --methods dense,static,timewise,dejavu,shadow
 
 Builds a random-weight model with the first `--layers` decoder layers of `--model`'s shape, the method's source
-with seeded untrained predictors (as kernels.latency_bench does), runs a prompt, then profiles `--steps` decode
-steps without the CUDA graph and prints the CUDA time per kernel name (top `--top`) and per step. Without the
-graph the launch gaps are the host's, so read the kernel times, not the wall time.
+with seeded untrained predictors (as kernels.latency_bench does), runs a prompt, captures the step in a CUDA
+graph and profiles `--steps` replays. Prints, per method: the graph replay time per step (CUDA events), the
+CUDA time per kernel name (top `--top`), and the timeline of one layer (second layer of the first profiled
+step): each kernel's duration and its start relative to the previous kernel's end (negative = overlap, e.g.
+programmatic dependent launch). `--no-graph` profiles eager steps instead (launch gaps are then the host's).
 """
 from __future__ import annotations
 
@@ -14,55 +16,102 @@ import argparse
 import torch
 
 
+def replay_ms(engine, n=20) -> float:
+    """Mean ms of n back-to-back graph replays (the step without the host; each advances the position)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        engine.graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def kernel_events(prof):
+    """(name, start µs, duration µs) of every CUDA kernel the profiler saw, in start order."""
+    out = []
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0:
+            out.append((e.name(), e.start_ns() / 1e3, e.duration_ns() / 1e3))
+    return sorted(out, key=lambda e: e[1])
+
+
+def layer_timeline(events, marker="_layer_norm_kernel"):
+    """The kernels from the 3rd to the 5th `marker` launch (two layer norms per layer: the second layer)."""
+    at = [i for i, e in enumerate(events) if e[0].startswith(marker)]
+    if len(at) < 5:
+        return events[:16]
+    return events[at[2]:at[4]]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="opt-13b")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--methods", default="static,timewise,dejavu,shadow")
+    parser.add_argument("--methods", default="dense,static,timewise,dejavu,shadow")
     parser.add_argument("--heads", type=float, default=0.5)
     parser.add_argument("--neurons", type=float, default=0.9)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=14)
+    parser.add_argument("--no-graph", action="store_true")
     args = parser.parse_args(argv)
 
     from torch.profiler import ProfilerActivity, profile
 
     from harness.engine import Allocation
+    from kernels import gemv
     from kernels import latency_bench as lb
     from kernels.bench import build_model
-    from kernels.decode import SparseDecoder
+    from kernels.decode import DenseMasks, SparseDecoder
     from kernels.sources import source_for
 
     model = build_model(False, layers=args.layers, name=args.model)
     c = model.config
     prompt = torch.randint(0, c.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0)).cuda()
+    print(f"KERNELS_PDL={gemv.PDL_MODE}; {args.model} shape, {c.num_hidden_layers} layers, "
+          f"{'eager steps' if args.no_graph else 'CUDA graph replays'}")
     layers = None
     for method in args.methods.split(","):
-        if method == "static":
-            policy, allocation = lb.static_policy(model), Allocation(args.heads, args.neurons)
+        if method == "dense":
+            source = DenseMasks(c.num_hidden_layers)
+        elif method == "static":
+            source = source_for(lb.static_policy(model), Allocation(args.heads, args.neurons), model)
         elif method == "shadow":
-            policy, allocation = lb.predictors(method, model), Allocation(args.heads, args.neurons, dense_layers=(0,))
+            source = source_for(lb.predictors(method, model), Allocation(args.heads, args.neurons, dense_layers=(0,)),
+                                model)
         elif method == "timewise":
-            policy, allocation = lb.predictors(method, model), Allocation(args.heads, 0.0)
+            source = source_for(lb.predictors(method, model), Allocation(args.heads, 0.0), model)
         else:
-            policy, allocation = lb.predictors(method, model), Allocation(args.heads, args.neurons)
-        engine = SparseDecoder(model, source_for(policy, allocation, model), max_len=160, kv="recompute",
-                               cuda_graph=False, layers=layers)
+            source = source_for(lb.predictors(method, model), Allocation(args.heads, args.neurons), model)
+        engine = SparseDecoder(model, source, max_len=192, kv="recompute", cuda_graph=not args.no_graph,
+                               layers=layers)
         layers = engine.layers
         logits = engine.prefill(prompt)
-        for _ in range(3):  # autotune, warm caches
+        for _ in range(3):  # autotune, capture, warm caches
             logits = engine.step(logits.argmax(-1))
         torch.cuda.synchronize()
+        replay = replay_ms(engine) if engine.graph is not None else float("nan")
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
                 logits = engine.step(logits.argmax(-1))
             torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.device_time_total > 0]
         total = sum(e.self_device_time_total for e in events) / args.steps
-        print(f"\n== {method} @ h{args.heads}/n{args.neurons}, {args.model} shape, {c.num_hidden_layers} layers: "
+        print(f"\n== {method} @ h{args.heads}/n{args.neurons}: graph replay {replay * 1e3:.1f} us/step; "
               f"{total:.1f} us of kernels per step ({total / c.num_hidden_layers:.1f} per layer)")
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.top]:
             print(f"  {e.self_device_time_total / args.steps:9.1f} us/step  {e.count // args.steps:4d}x  {e.key[:90]}")
+        timeline = layer_timeline(kernel_events(prof))
+        if not timeline:
+            print("  (the profiler saw no kernels)")
+        else:
+            print("  one layer:   start-after-prev-end   duration   kernel")
+            prev_end = timeline[0][1]
+            for name, start, dur in timeline:
+                print(f"  {start - prev_end:+24.1f} us {dur:8.1f} us   {name[:70]}")
+                prev_end = start + dur
+            span = timeline[-1][1] + timeline[-1][2] - timeline[0][1]
+            print(f"  layer span {span:.1f} us, kernels {sum(d for _, _, d in timeline):.1f} us")
         del engine
 
 

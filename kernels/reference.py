@@ -21,7 +21,7 @@ def _rows(w, idx, group, row_stride, row_offset):
     return (idx[:, None] * row_stride + row_offset + torch.arange(group, device=idx.device)).reshape(-1)
 
 
-def fc1_gather(x, w1, b1, idx, out=None):
+def fc1_gather(x, w1, b1, idx, out=None, *, fixed=False):
     c = _acc(x)
     rows = idx.long()
     y = torch.relu(x.to(c) @ w1.index_select(0, rows).to(c).T + b1.index_select(0, rows).to(c))
@@ -84,6 +84,7 @@ def kv_recompute(xkeep, wqkv, bqkv, head_idx, head_dim, cache, have, pos):
 
 
 # -- the decode step's fused operations (same signatures as kernels.gemv's) -----------------------------------
+# (`fixed`, a hint that lets the GPU kernels prefetch weights under PDL, changes nothing here.)
 def layer_norm(h, weight, bias, eps, dtype, *, keep=None, pos=None):
     y = F.layer_norm(h, (h.shape[-1],), weight.to(h.dtype), bias.to(h.dtype), eps).to(dtype)
     if keep is not None:
@@ -91,7 +92,7 @@ def layer_norm(h, weight, bias, eps, dtype, *, keep=None, pos=None):
     return y
 
 
-def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv"):
+def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv", fixed=False):
     first, last = QKV_PARTS[part]
     y = qkv_heads(x, wqkv, bqkv, head_idx, head_dim, part=part)
     if last > 1:
@@ -107,13 +108,13 @@ def attend(q, cache, head_idx, pos, scale, *, recompute=None):
     return head_attention(q, cache, head_idx, pos, scale)
 
 
-def out_proj_add(attn, wot, bo, head_idx, head_dim, h):
+def out_proj_add(attn, wot, bo, head_idx, head_dim, h, *, fixed=False):
     rows = _rows(wot, head_idx, head_dim, head_dim, 0)
     h += attn.reshape(h.shape[0], -1).to(h.dtype) @ wot.index_select(0, rows).to(h.dtype) + bo.to(h.dtype)
     return h
 
 
-def fc2_add(act, w2t, b2, idx, h):
+def fc2_add(act, w2t, b2, idx, h, *, fixed=False):
     h += act.to(h.dtype) @ w2t.index_select(0, idx.long()).to(h.dtype) + b2.to(h.dtype)
     return h
 
