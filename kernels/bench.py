@@ -157,13 +157,13 @@ def part_kernel_bandwidth(small, copy_bw):
         ("attention 25% heads, T=256", lambda: gemv.head_attention(q, cache, hid, pos, hd ** -0.5), kh * 256 * 2 * hd * e),
     ]
     h32 = x.float()
-    partials = gemv.attend(q, cache, hid, pos, hd ** -0.5)
+    attn_out = gemv.attend(q, cache, hid, pos, hd ** -0.5)
     cases += [
         ("[step] layer_norm", lambda: gemv.layer_norm(h32, b2, b2, 1e-5, dt), 0),
         ("[step] fc2_add (25% neurons)", lambda: gemv.fc2_add(a, w2t, b2, nid, h32), (kf * d + d) * e),
         ("[step] qkv_to_cache (25% heads)", lambda: gemv.qkv_to_cache(x, wqkv, bqkv, hid, hd, cache, pos),
          3 * kh * hd * (d + 1) * e),
-        ("[step] out_proj_add (25% heads, combine)", lambda: gemv.out_proj_add(partials, wot, bo, hid, hd, h32),
+        ("[step] out_proj_add (25% heads)", lambda: gemv.out_proj_add(attn_out, wot, bo, hid, hd, h32),
          (kh * hd * d + d) * e),
         ("[step] attend 25% heads, T=256", lambda: gemv.attend(q, cache, hid, pos, hd ** -0.5), kh * 256 * 2 * hd * e),
     ]
@@ -353,14 +353,14 @@ def layer_breakdown(engine, heads, neurons):
     have = torch.ones(engine.num_heads, cache.shape[2], dtype=torch.int8, device=dev)
     xkeep = torch.randn(B, cache.shape[2], d, device=dev, dtype=engine.dtype)
     h32 = x.float()
-    partials = gemv.attend(q, cache, h_idx, pos, hd ** -0.5)
+    attn_out = gemv.attend(q, cache, h_idx, pos, hd ** -0.5)
     parts = [
         ("layer_norm (+keep)", lambda: gemv.layer_norm(h32, w.ln1_w, w.ln1_b, w.eps1, x.dtype, keep=xkeep, pos=pos)),
         ("qkv_to_cache, all heads (dense)", lambda: gemv.qkv_to_cache(x, w.wqkv, w.bqkv, all_h, hd, cache, pos)),
         ("qkv_to_cache, kept heads", lambda: gemv.qkv_to_cache(x, w.wqkv, w.bqkv, h_idx, hd, cache, pos)),
         ("attend, kept heads, nothing to recompute", lambda: gemv.attend(q, cache, h_idx, pos, hd ** -0.5,
                                                                           recompute=(xkeep, w.wqkv, w.bqkv, have))),
-        ("out_proj_add, kept heads", lambda: gemv.out_proj_add(partials, w.wot, w.bo, h_idx, hd, h32)),
+        ("out_proj_add, kept heads", lambda: gemv.out_proj_add(attn_out, w.wot, w.bo, h_idx, hd, h32)),
         ("fc1, kept neurons", lambda: gemv.fc1_gather(x, w.w1, w.b1, n_idx)),
         ("fc2_add, kept neurons", lambda: gemv.fc2_add(a, w.w2t, w.b2, n_idx, h32)),
         ("fc1, all neurons (dense)", lambda: gemv.fc1_gather(x, w.w1, w.b1, all_n)),

@@ -194,7 +194,8 @@ def check_qkv_to_cache(d, H, hd, T, keep, batch, dtype, seed=0, part="qkv", devi
 
 
 def check_attend_out_proj(d, H, hd, T, keep, batch, pos, dtype, seed=0, device=None):
-    """attend (split-T partials) + out_proj_add (combined in its prologue, added into the fp32 stream)."""
+    """attend (split-T, the chunks combined by each head's last program) + out_proj_add (added into the fp32
+    stream). attend runs twice: its arrival counters must be back at zero after a launch."""
     device = device or _device()
     g = torch.Generator().manual_seed(seed)
     cache = _randn(g, batch, H, T, 2, hd, dtype=dtype, device=device)
@@ -206,7 +207,9 @@ def check_attend_out_proj(d, H, hd, T, keep, batch, pos, dtype, seed=0, device=N
     h = _randn(g, batch, d, dtype=torch.float32, device=device)
     h0 = h.clone()
     p = torch.tensor([pos], device=device)
+    first = gemv.attend(q, cache, idx, p, hd ** -0.5)
     gemv.out_proj_add(gemv.attend(q, cache, idx, p, hd ** -0.5), wot, bo, idx, hd, h)
+    assert torch.equal(first, gemv.attend(q, cache, idx, p, hd ** -0.5)), "attend differs between launches"
     clean = torch.nan_to_num(cache.double(), nan=0.0)
     attn = ref.head_attention(q.double(), clean, idx, p, hd ** -0.5).reshape(batch, -1)
     expected = ref.out_proj_heads(attn, wot.double(), bo.double(), idx, hd)

@@ -19,8 +19,11 @@ The decode step (`kernels.decode`) runs seven launches per layer (`layer_norm`, 
   static KV cache at the current position; the LayerNorm kernel also writes the normalised input to the
   kept-input store (Deja Vu).
 - *split-T attention*: one program per (selected head, chunk of positions) writes a partial softmax (max,
-  sum, weighted values); the out_proj GEMV combines the chunks in its prologue. With kv="recompute" the same
-  program first recomputes the chunk's missing K/V entries of its head from the kept inputs.
+  sum, weighted values); the head's last program to finish (an arrival counter) combines them. With
+  kv="recompute" the same program first recomputes the chunk's missing K/V entries of its head from the kept
+  inputs. (Combining in out_proj's prologue instead cost every out_proj program the exps again: out_proj of
+  all heads took 28 µs for 52 MB on the H200.)
+- *programmatic dependent launch* (Hopper): see `_pdl_mode`.
 - *no finish kernel*: out_proj and fc2 add their atomics straight into the fp32 residual stream (the bias
   added once, by the first row block).
 (Folding the LayerNorm into the row GEMVs instead, one launch fewer, was measured slower on the H200: every
@@ -47,23 +50,34 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = not INTERPRET and os.environ.get("KERNELS_AUTOTUNE", "1") != "0"
 
 
-def _pdl_mode() -> str:
-    """Programmatic dependent launch (Hopper+): each step kernel lets the next one launch at its start and waits
-    (griddepcontrol.wait) before touching anything an earlier kernel writes, so launch and ramp-up overlap the
-    previous kernel's tail. KERNELS_PDL: "0" off, "1" on, "prefetch" also loads a GEMV's first weight tile
-    before the wait when the indices are fixed for the whole step (static masks, dense). Default: "1" on a GPU
-    of compute capability ≥ 9, else off."""
-    mode = os.environ.get("KERNELS_PDL", "1")
-    if mode not in ("0", "1", "prefetch"):
-        raise ValueError(f"KERNELS_PDL must be 0, 1 or prefetch, not {mode!r}")
-    if INTERPRET or mode == "0" or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
-        return "0"
+PDL_MODES = ("0", "1", "prefetch")
+
+
+def set_pdl(mode: str | None = None, prefetch_mb: float | None = None) -> str:
+    """Programmatic dependent launch (Hopper+) for the step kernels; returns the mode in force.
+
+    "1": each step kernel lets the next one launch at its start (griddepcontrol.launch_dependents) and waits
+    (griddepcontrol.wait) before touching anything an earlier kernel writes, so its launch and ramp-up overlap
+    the previous kernel's tail. "prefetch": also, when the indices are fixed for the step (static masks, dense:
+    `fixed=True`), a GEMV issues L2 bulk prefetches of its weight rows (up to `prefetch_mb` per kernel, first
+    programs first) and loads its first weight tile before the wait, so the weights stream while the
+    previous kernel (a LayerNorm, the attention) still runs. "0": off. Without an argument: the environment's
+    KERNELS_PDL (default "prefetch") and KERNELS_PREFETCH_MB (default 16). Off under the interpreter and on
+    GPUs before compute capability 9. Kernels already captured in a CUDA graph keep the mode they had."""
+    global PDL_MODE, PDL, PREFETCH_BYTES, _LAUNCH
+    mode = mode if mode is not None else os.environ.get("KERNELS_PDL", "prefetch")
+    if mode not in PDL_MODES:
+        raise ValueError(f"KERNELS_PDL must be one of {', '.join(PDL_MODES)}, not {mode!r}")
+    if INTERPRET or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        mode = "0"
+    mb = prefetch_mb if prefetch_mb is not None else float(os.environ.get("KERNELS_PREFETCH_MB", "16"))
+    PDL_MODE, PDL, PREFETCH_BYTES = mode, mode != "0", int(mb * 2 ** 20)
+    _LAUNCH = {"launch_pdl": True} if PDL else {}
     return mode
 
 
-PDL_MODE = _pdl_mode()
-PDL = PDL_MODE != "0"
-_LAUNCH = {"launch_pdl": True} if PDL else {}  # launch options of the step kernels
+PDL_MODE, PDL, PREFETCH_BYTES, _LAUNCH = "0", False, 0, {}
+set_pdl()
 
 
 def _pow2(n: int) -> int:
@@ -113,11 +127,18 @@ def _prune(size_keys):
 # ------------------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _prefetch_l2(ptrs, nbytes):
+    """cp.async.bulk.prefetch.L2 of nbytes (a multiple of 16) at each 16-byte-aligned address of ptrs."""
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+                              [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.autotune(configs=_row_configs(), key=["N", "K", "G", "BLOCK_B", "RELU", "TO_CACHE"],
                  prune_configs_by=_prune(("BLOCK_N", "BLOCK_K")))
 @triton.jit
 def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
-                 B, N, K, row_stride, row_offset, split,
+                 B, N, K, row_stride, row_offset, split, prefetch_bytes,
                  stride_xb, stride_ob, stride_oslot, stride_cb, stride_ch, stride_ct,
                  G: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, TO_CACHE: tl.constexpr,
                  PDL: tl.constexpr, PREFETCH: tl.constexpr,
@@ -125,8 +146,8 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
     """y[b, j] = act(x[b] · W[row(j)] + bias[row(j)]) for the N = len(idx)·G outputs j, row(j) =
     idx[j // G]·row_stride + row_offset + j % G. Element e = row_offset + j % G of a unit goes to
     out[b, j // G, j % G] if e < split, else (TO_CACHE) to cache[b, idx[j // G], pos, e − split].
-    PDL: wait for the previous kernel before the first read of x/idx (PREFETCH: idx is fixed, so the first
-    weight tile is loaded before the wait)."""
+    PDL: wait for the previous kernel before the first read of x/idx (PREFETCH: idx is fixed, so the weight rows
+    are prefetched to L2 (the programs within prefetch_bytes) and the first tile loaded before the wait)."""
     pid = tl.program_id(0)
     if PDL:
         gdc_launch_dependents()
@@ -138,6 +159,11 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
     within = offs_n % G
     unit = tl.load(idx_ptr + slot, mask=mask_n, other=0).to(tl.int64)
     rows = unit * row_stride + row_offset + within
+    if PDL:
+        if PREFETCH:
+            if pid * BLOCK_N * K * w_ptr.dtype.element_ty.primitive_bitwidth // 8 < prefetch_bytes:
+                _prefetch_l2(w_ptr + rows * K, tl.full((BLOCK_N,), 0, tl.int32)
+                             + K * w_ptr.dtype.element_ty.primitive_bitwidth // 8)
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
     offs_k = tl.arange(0, BLOCK_K)
@@ -171,30 +197,15 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
         tl.store(cache_ptr + offs, y.to(cache_ptr.dtype.element_ty), mask=mask & (e >= split)[None, :])
 
 
-@triton.jit
-def _cols_weights(w_ptr, idx_ptr, pid_r, i, offs_d, mask_d, R, D, row_stride, G: tl.constexpr,
-                  BLOCK_R: tl.constexpr, ITERS: tl.constexpr):
-    """Block i of this program's selected rows of W: the tile (BLOCK_R, BLOCK_D), its row offsets and mask."""
-    offs_r = (pid_r * ITERS + i) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
-    unit = tl.load(idx_ptr + offs_r // G, mask=mask_r, other=0).to(tl.int64)
-    rows = unit * row_stride + offs_r % G
-    w = tl.load(w_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
-    return w, offs_r, mask_r
-
-
-@triton.autotune(configs=_col_configs(), key=["R", "D", "G", "BLOCK_B", "COMBINE"], restore_value=["acc_ptr"],
+@triton.autotune(configs=_col_configs(), key=["R", "D", "G", "BLOCK_B"], restore_value=["acc_ptr"],
                  prune_configs_by=_prune(("BLOCK_R", "BLOCK_D")))
 @triton.jit
-def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr, m_ptr, l_ptr,
-                 B, R, D, row_stride, stride_ab, stride_accb,
-                 G: tl.constexpr, HAS_BIAS: tl.constexpr, COMBINE: tl.constexpr, NC: tl.constexpr,
-                 PDL: tl.constexpr, PREFETCH: tl.constexpr,
+def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr,
+                 B, R, D, row_stride, stride_ab, stride_accb, prefetch_bytes,
+                 G: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ITERS: tl.constexpr):
     """acc[b, :] += Σ_r a[b, r] · W[row(r)] over this program's ITERS·BLOCK_R selected rows, row(r) =
-    idx[r // G]·row_stride + r % G (+ bias, added by the first row block). With COMBINE, a is the attention
-    output of selected head r // G, element r % G, combined here from NC partial softmaxes: max m, sum l
-    (B, n, NC) and weighted values a_ptr (B, n, NC, G). PDL/PREFETCH as in `_rows_kernel`."""
+    idx[r // G]·row_stride + r % G (+ bias, added by the first row block). PDL/PREFETCH as in `_rows_kernel`."""
     pid_d = tl.program_id(0)
     pid_r = tl.program_id(1)
     if PDL:
@@ -205,32 +216,29 @@ def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr, m_ptr, l_ptr,
     mask_d = offs_d < D
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
-    w, offs_r, mask_r = _cols_weights(w_ptr, idx_ptr, pid_r, 0, offs_d, mask_d, R, D, row_stride, G, BLOCK_R, ITERS)
     if PDL:
         if PREFETCH:
-            gdc_wait()
+            esize = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+            if (pid_r * tl.num_programs(0) + pid_d) * ITERS * BLOCK_R * BLOCK_D * esize < prefetch_bytes:
+                seg = tl.minimum(BLOCK_D, D - pid_d * BLOCK_D) * esize
+                for i in tl.static_range(ITERS):
+                    offs_r = (pid_r * ITERS + i) * BLOCK_R + tl.arange(0, BLOCK_R)
+                    unit = tl.load(idx_ptr + offs_r // G, mask=offs_r < R, other=0).to(tl.int64)
+                    _prefetch_l2(w_ptr + (unit * row_stride + offs_r % G) * D + pid_d * BLOCK_D,
+                                 tl.full((BLOCK_R,), 0, tl.int32) + seg)
     acc = tl.zeros((BLOCK_B, BLOCK_R, BLOCK_D), dtype=tl.float32)
     for i in tl.static_range(ITERS):
-        if i > 0:
-            w, offs_r, mask_r = _cols_weights(w_ptr, idx_ptr, pid_r, i, offs_d, mask_d, R, D, row_stride, G,
-                                              BLOCK_R, ITERS)
-        mask_a = mask_b[:, None] & mask_r[None, :]
-        if COMBINE:
-            slot = offs_r // G
-            offs_c = tl.arange(0, NC)
-            part = (offs_b[:, None] * (R // G) + slot[None, :]) * NC  # (BLOCK_B, BLOCK_R)
-            mask3 = mask_a[:, :, None] & (offs_c < NC)[None, None, :]
-            m = tl.load(m_ptr + part[:, :, None] + offs_c[None, None, :], mask=mask3, other=float("-inf"))
-            top = tl.max(m, axis=2)
-            top = tl.where(mask_a, top, 0.0)
-            scale = tl.exp(m - top[:, :, None])
-            den = tl.sum(scale * tl.load(l_ptr + part[:, :, None] + offs_c[None, None, :], mask=mask3, other=0.0),
-                         axis=2)
-            val = tl.load(a_ptr + (part[:, :, None] + offs_c[None, None, :]) * G + (offs_r % G)[None, :, None],
-                          mask=mask3, other=0.0)
-            a = tl.where(mask_a, tl.sum(scale * val, axis=2) / tl.where(mask_a, den, 1.0), 0.0)
-        else:
-            a = tl.load(a_ptr + offs_b[:, None] * stride_ab + offs_r[None, :], mask=mask_a, other=0.0).to(tl.float32)
+        offs_r = (pid_r * ITERS + i) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        unit = tl.load(idx_ptr + offs_r // G, mask=mask_r, other=0).to(tl.int64)
+        rows = unit * row_stride + offs_r % G
+        w = tl.load(w_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+        if PDL:
+            if PREFETCH:
+                if i == 0:
+                    gdc_wait()
+        a = tl.load(a_ptr + offs_b[:, None] * stride_ab + offs_r[None, :], mask=mask_b[:, None] & mask_r[None, :],
+                    other=0.0).to(tl.float32)
         acc += a[:, :, None] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -278,7 +286,7 @@ def _layer_norm_kernel(h_ptr, w_ptr, b_ptr, out_ptr, keep_ptr, pos_ptr, D, eps, 
 
 
 @triton.jit
-def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr,
+def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, out_ptr, count_ptr,
                    x_ptr, w_ptr, bias_ptr, have_ptr,
                    B, n_sel, H, T_max, D, HD, scale, stride_qb, stride_qh,
                    NC: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -290,7 +298,9 @@ def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr,
     RECOMPUTE (Deja Vu): entries with t < pos and not have[head, t] are computed from the kept normalised layer
     inputs x (B, T, D): cache[b, head, t] = x[b, t] · Wkv[head]ᵀ + bkv[head]; then have[head, t] = 1 for t ≤ pos.
     ATTEND: the chunk's partial softmax of q[b, slot] · K[b, head, t ≤ pos] · scale: its max m, its sum l and
-    Σ p·V (unnormalised) to m/l (B, n, NC) and o (B, n, NC, HD); a chunk past pos writes m = −inf, l = 0."""
+    Σ p·V (unnormalised) to m/l (B, n, NC) and o (B, n, NC, HD) (a chunk past pos writes m = −inf, l = 0); the
+    head's last program to arrive (count[slot]) combines them into out (B, n, HD). With NC = 1 the one program
+    writes out directly."""
     slot = tl.program_id(0)
     c = tl.program_id(1)
     if PDL:
@@ -342,10 +352,29 @@ def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr,
             m = tl.max(scores, axis=0)
             p = tl.exp(scores - tl.where(m == float("-inf"), 0.0, m))
             v = tl.load(ptrs + HD, mask=mask, other=0.0).to(tl.float32)
-            part = (b * n_sel + slot) * NC + c
-            tl.store(m_ptr + part, m)
-            tl.store(l_ptr + part, tl.sum(p, axis=0))
-            tl.store(o_ptr + part * HD + offs_d, tl.sum(p[:, None] * v, axis=0), mask=mask_d)
+            if NC == 1:
+                tl.store(out_ptr + (b * n_sel + slot) * HD + offs_d, tl.sum(p[:, None] * v, axis=0) / tl.sum(p, axis=0),
+                         mask=mask_d)
+            else:
+                part = (b * n_sel + slot) * NC + c
+                tl.store(m_ptr + part, m)
+                tl.store(l_ptr + part, tl.sum(p, axis=0))
+                tl.store(o_ptr + part * HD + offs_d, tl.sum(p[:, None] * v, axis=0), mask=mask_d)
+        if NC > 1:  # the head's last chunk program to finish combines the NC partials into out (B, n, HD)
+            tl.debug_barrier()  # every thread's partials are stored before the (releasing) count
+            done = tl.atomic_add(count_ptr + slot, 1)
+            if done == NC - 1:
+                offs_c = tl.arange(0, NC)
+                for b in range(0, B):
+                    part = (b * n_sel + slot) * NC + offs_c
+                    m_c = tl.load(m_ptr + part, cache_modifier=".cg")
+                    w_c = tl.exp(m_c - tl.max(m_c, axis=0))  # chunk 0 always holds position 0: the max is finite
+                    den = tl.sum(w_c * tl.load(l_ptr + part, cache_modifier=".cg"), axis=0)
+                    o_c = tl.load(o_ptr + part[:, None] * HD + offs_d[None, :], mask=mask_d[None, :], other=0.0,
+                                  cache_modifier=".cg")
+                    tl.store(out_ptr + (b * n_sel + slot) * HD + offs_d, tl.sum(w_c[:, None] * o_c, axis=0) / den,
+                             mask=mask_d)
+                tl.atomic_xchg(count_ptr + slot, 0)  # ready for the next launch (or graph replay)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -358,8 +387,9 @@ def _check_x(x: torch.Tensor, k: int) -> None:
 _NO_SPLIT = 2 ** 30  # every element to `out`
 
 
-def _prefetch(fixed: bool) -> bool:
-    return fixed and PDL_MODE == "prefetch"
+def _prefetch(fixed: bool, w: torch.Tensor) -> bool:
+    """Prefetch w's rows before the PDL wait: the indices are fixed, and rows start 16-byte aligned (bulk copy)."""
+    return fixed and PDL_MODE == "prefetch" and w.data_ptr() % 16 == 0 and w.shape[1] * w.element_size() % 16 == 0
 
 
 def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, out=None, out_strides=(0, 0),
@@ -373,9 +403,10 @@ def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, o
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _rows_kernel[grid](x, w, bias if bias is not None else w, idx, out if out is not None else w,
                        cache if cache is not None else w, pos if pos is not None else idx,
-                       B, n, K, row_stride, row_offset, split, x.stride(0), out_strides[0], out_strides[1],
-                       cs[0], cs[1], cs[2], G=group, HAS_BIAS=bias is not None, RELU=relu,
-                       TO_CACHE=cache is not None, PDL=PDL, PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH)
+                       B, n, K, row_stride, row_offset, split, PREFETCH_BYTES,
+                       x.stride(0), out_strides[0], out_strides[1], cs[0], cs[1], cs[2], G=group, HAS_BIAS=bias is not None, RELU=relu,
+                       TO_CACHE=cache is not None, PDL=PDL, PREFETCH=_prefetch(fixed, w), BLOCK_B=_pow2(B),
+                       **_LAUNCH)
     return out
 
 
@@ -387,18 +418,17 @@ def gather_rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=Fa
                  out_strides=(out.stride(0), out.stride(1)), fixed=fixed)
 
 
-def _cols(a, w, idx, acc, bias, *, group=1, row_stride=1, combine=None, fixed=False):
-    """Launch `_cols_kernel`: acc (fp32, (B, D)) += a · w[rows] (+ bias). `combine` = (m, l, NC) when `a` holds
-    attention partials; `fixed` as in `_rows`."""
+def _cols(a, w, idx, acc, bias, *, group=1, row_stride=1, fixed=False):
+    """Launch `_cols_kernel`: acc (fp32, (B, D)) += a · w[rows] (+ bias); `fixed` as in `_rows`."""
     B = acc.shape[0]
     D = w.shape[1]
     R = idx.numel() * group
     assert w.is_contiguous() and acc.dtype == torch.float32 and acc.stride(1) == 1
-    m, l, nc = combine if combine is not None else (a, a, 1)
+    assert a.stride(-1) == 1
     grid = lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(R, meta["BLOCK_R"] * meta["ITERS"]))  # noqa: E731
-    _cols_kernel[grid](a, w, idx, acc, bias if bias is not None else w, m, l, B, R, D, row_stride,
-                       a.stride(0), acc.stride(0), G=group, HAS_BIAS=bias is not None, COMBINE=combine is not None,
-                       NC=nc, PDL=PDL, PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH)
+    _cols_kernel[grid](a, w, idx, acc, bias if bias is not None else w, B, R, D, row_stride,
+                       a.stride(0), acc.stride(0), PREFETCH_BYTES, G=group, HAS_BIAS=bias is not None, PDL=PDL,
+                       PREFETCH=_prefetch(fixed, w), BLOCK_B=_pow2(B), **_LAUNCH)
 
 
 _WORKSPACES: dict = {}
@@ -468,46 +498,57 @@ def out_proj_heads(attn, wot, bo, head_idx, head_dim, out=None, residual=None, w
 CHUNK = 16 if INTERPRET else 32  # positions per attention program
 
 
+_COUNTERS: dict = {}
+
+
+def _counters(n: int, device) -> torch.Tensor:
+    """Per-head arrival counters of `_attend_kernel` (zero between launches: the last program resets its own).
+    One buffer per device, so attention launches on a device must not run concurrently (one stream)."""
+    key = str(device)
+    if key not in _COUNTERS or _COUNTERS[key].numel() < n:
+        _COUNTERS[key] = torch.zeros(max(n, 128), device=device, dtype=torch.int32)
+    return _COUNTERS[key]
+
+
 def attend(q, cache, head_idx, pos, scale, *, recompute=None, attend=True):
-    """Split-T attention of the selected heads over cache positions [0, pos] → partials (m, l, o, NC) that
-    `out_proj_add` combines (or `combine_partials`). `recompute` = (xkeep, wqkv, bqkv, have) fills the missing
-    K/V entries first (Deja Vu; see `_attend_kernel`)."""
+    """Attention of the selected heads' queries q (B, n, hd) over cache positions [0, pos] → (B, n, hd) fp32.
+    Split over positions (one program per (head, chunk of CHUNK positions); the head's last program to finish
+    combines the chunks' partial softmaxes). `recompute` = (xkeep, wqkv, bqkv, have) fills the missing K/V
+    entries first (Deja Vu; see `_attend_kernel`); attend=False only does that (returns None)."""
     B, H, T = cache.shape[:3]
     hd = cache.shape[-1]
     n = head_idx.numel()
     assert cache.is_contiguous()
     nc = _pow2(triton.cdiv(T, CHUNK))
     f32 = dict(device=cache.device, dtype=torch.float32)
-    m, l, o = torch.empty(B, n, nc, **f32), torch.empty(B, n, nc, **f32), torch.empty(B, n, nc, hd, **f32)
+    out = torch.empty(B, n, hd, **f32) if attend else None
+    if attend and nc > 1:
+        m, l, o = torch.empty(B, n, nc, **f32), torch.empty(B, n, nc, **f32), torch.empty(B, n, nc, hd, **f32)
+        count = _counters(n, cache.device)
+    else:
+        m = l = o = count = out if attend else cache
     if recompute is not None:
         xkeep, wqkv, bqkv, have = recompute
         assert xkeep.is_contiguous() and have.dtype == torch.int8 and have.is_contiguous()
     else:
         xkeep = wqkv = bqkv = have = cache
     if q is None:
-        q = o
+        q = cache
     else:
         assert q.stride(2) == 1
-    _attend_kernel[(n, nc)](q, cache, head_idx, pos, m, l, o, xkeep, wqkv, bqkv, have,
+    _attend_kernel[(n, nc)](q, cache, head_idx, pos, m, l, o, out if out is not None else cache, count,
+                            xkeep, wqkv, bqkv, have,
                             B, n, H, T, xkeep.shape[-1] if recompute is not None else hd, hd, scale,
                             q.stride(0), q.stride(1), NC=nc, CHUNK=CHUNK, BLOCK_D=_pow2(hd), ATTEND=attend,
                             RECOMPUTE=recompute is not None, BLOCK_K=32 if INTERPRET else 128,
                             BLOCK_2HD=_pow2(2 * hd), UPCAST=INTERPRET, IEEE=_dot_in_fp32(xkeep),
                             PDL=PDL, num_warps=8 if recompute is not None else 4, num_stages=2, **_LAUNCH)
-    return m, l, o, nc
-
-
-def combine_partials(partials, dtype):
-    """The attention output (B, n, hd) from `attend`'s partials (what `out_proj_add` does in its prologue)."""
-    m, l, o, _ = partials
-    top = m.max(-1, keepdim=True).values
-    scale = torch.exp(m - top)
-    return ((scale[..., None] * o).sum(2) / (scale * l).sum(-1)[..., None]).to(dtype)
+    return out
 
 
 def head_attention(q, cache, head_idx, pos, scale, out=None):
     """Single-token attention of selected heads over cache positions [0, pos]: q (B, n, hd) → (B, n, hd)."""
-    y = combine_partials(attend(q, cache, head_idx, pos, scale), q.dtype)
+    y = attend(q, cache, head_idx, pos, scale).to(q.dtype)
     if out is None:
         return y
     out.copy_(y)
@@ -549,10 +590,9 @@ def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv", f
     return q
 
 
-def out_proj_add(partials, wot, bo, head_idx, head_dim, h, *, fixed=False):
-    """h += attention output of the selected heads (combined from `attend`'s partials) · WoT[heads] + bo."""
-    m, l, o, nc = partials
-    _cols(o, wot, head_idx, h, bo, group=head_dim, row_stride=head_dim, combine=(m, l, nc), fixed=fixed)
+def out_proj_add(attn, wot, bo, head_idx, head_dim, h, *, fixed=False):
+    """h += attention output attn (B, n, hd) of the selected heads · WoT[heads] + bo."""
+    _cols(attn.reshape(attn.shape[0], -1), wot, head_idx, h, bo, group=head_dim, row_stride=head_dim, fixed=fixed)
     return h
 
 

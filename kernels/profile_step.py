@@ -1,6 +1,6 @@
 """Where the time of one decode step goes, kernel by kernel (torch.profiler), for a method's mask source.
 
-    python3 -m kernels.profile_step --model opt-13b --layers 4 --methods dense,static,timewise,dejavu,shadow
+    python3 -m kernels.profile_step --model opt-13b --layers 4 --methods dense,static,timewise,dejavu,shadow [--pdl 0,prefetch]
 
 Builds a random-weight model with the first `--layers` decoder layers of `--model`'s shape, the method's source
 with seeded untrained predictors (as kernels.latency_bench does), runs a prompt, captures the step in a CUDA
@@ -16,15 +16,34 @@ import argparse
 import torch
 
 
-def replay_ms(engine, n=20) -> float:
-    """Mean ms of n back-to-back graph replays (the step without the host; each advances the position)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        engine.graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / n
+def snapshot(engine):
+    """What a step changes besides the cache: the position (device and host) and Deja Vu's have-flags."""
+    return engine.pos.clone(), engine.length, [h.clone() for h in getattr(engine, "have", [])]
+
+
+def restore(engine, state):
+    pos, length, have = state
+    engine.pos.copy_(pos)
+    engine.length = length
+    for now, saved in zip(getattr(engine, "have", []), have):
+        now.copy_(saved)
+
+
+def replay_ms(engine, state, n=20, repeats=5) -> float:
+    """Median over `repeats` of the mean ms of n back-to-back graph replays from the same state (the step
+    without the host)."""
+    times = []
+    for _ in range(repeats):
+        restore(engine, state)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            engine.graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / n)
+    restore(engine, state)
+    return sorted(times)[len(times) // 2]
 
 
 def kernel_events(prof):
@@ -44,6 +63,26 @@ def layer_timeline(events, marker="_layer_norm_kernel"):
     return events[at[2]:at[4]]
 
 
+def report(prof, title, replay, num_layers, args):
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) / args.steps
+    print(f"\n== {title}: graph replay {replay * 1e3:.1f} us/step (median); {total:.1f} us of kernels per step "
+          f"({total / num_layers:.1f} per layer)")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.top]:
+        print(f"  {e.self_device_time_total / args.steps:9.1f} us/step  {e.count // args.steps:4d}x  {e.key[:90]}")
+    timeline = layer_timeline(kernel_events(prof))
+    if not timeline:
+        print("  (the profiler saw no kernels)")
+        return
+    print("  one layer:   start-after-prev-end   duration   kernel")
+    prev_end = timeline[0][1]
+    for name, start, dur in timeline:
+        print(f"  {start - prev_end:+24.1f} us {dur:8.1f} us   {name[:70]}")
+        prev_end = start + dur
+    span = timeline[-1][1] + timeline[-1][2] - timeline[0][1]
+    print(f"  layer span {span:.1f} us, kernels {sum(d for _, _, d in timeline):.1f} us")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="opt-13b")
@@ -54,6 +93,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=14)
     parser.add_argument("--no-graph", action="store_true")
+    parser.add_argument("--pdl", default=None, help="comma-separated KERNELS_PDL modes to compare (default: the "
+                        "environment's)")
     args = parser.parse_args(argv)
 
     from torch.profiler import ProfilerActivity, profile
@@ -68,8 +109,7 @@ def main(argv=None):
     model = build_model(False, layers=args.layers, name=args.model)
     c = model.config
     prompt = torch.randint(0, c.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0)).cuda()
-    print(f"KERNELS_PDL={gemv.PDL_MODE}; {args.model} shape, {c.num_hidden_layers} layers, "
-          f"{'eager steps' if args.no_graph else 'CUDA graph replays'}")
+    print(f"{args.model} shape, {c.num_hidden_layers} layers, {'eager steps' if args.no_graph else 'CUDA graph replays'}")
     layers = None
     for method in args.methods.split(","):
         if method == "dense":
@@ -87,31 +127,22 @@ def main(argv=None):
                                layers=layers)
         layers = engine.layers
         logits = engine.prefill(prompt)
-        for _ in range(3):  # autotune, capture, warm caches
-            logits = engine.step(logits.argmax(-1))
-        torch.cuda.synchronize()
-        replay = replay_ms(engine) if engine.graph is not None else float("nan")
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(args.steps):
+        state = snapshot(engine)
+        for mode in (args.pdl.split(",") if args.pdl else [gemv.PDL_MODE]):
+            gemv.set_pdl(mode)
+            engine.graph = None  # captured again with this mode's launches
+            restore(engine, state)
+            for _ in range(3):  # autotune, capture, warm caches
                 logits = engine.step(logits.argmax(-1))
             torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.device_time_total > 0]
-        total = sum(e.self_device_time_total for e in events) / args.steps
-        print(f"\n== {method} @ h{args.heads}/n{args.neurons}: graph replay {replay * 1e3:.1f} us/step; "
-              f"{total:.1f} us of kernels per step ({total / c.num_hidden_layers:.1f} per layer)")
-        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.top]:
-            print(f"  {e.self_device_time_total / args.steps:9.1f} us/step  {e.count // args.steps:4d}x  {e.key[:90]}")
-        timeline = layer_timeline(kernel_events(prof))
-        if not timeline:
-            print("  (the profiler saw no kernels)")
-        else:
-            print("  one layer:   start-after-prev-end   duration   kernel")
-            prev_end = timeline[0][1]
-            for name, start, dur in timeline:
-                print(f"  {start - prev_end:+24.1f} us {dur:8.1f} us   {name[:70]}")
-                prev_end = start + dur
-            span = timeline[-1][1] + timeline[-1][2] - timeline[0][1]
-            print(f"  layer span {span:.1f} us, kernels {sum(d for _, _, d in timeline):.1f} us")
+            replay = replay_ms(engine, state) if engine.graph is not None else float("nan")
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.steps):
+                    logits = engine.step(logits.argmax(-1))
+                torch.cuda.synchronize()
+            restore(engine, state)
+            report(prof, f"{method} @ h{args.heads}/n{args.neurons}, KERNELS_PDL={gemv.PDL_MODE}", replay,
+                   c.num_hidden_layers, args)
         del engine
 
 

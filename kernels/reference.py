@@ -101,7 +101,7 @@ def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv", f
 
 
 def attend(q, cache, head_idx, pos, scale, *, recompute=None):
-    """The attention output itself (B, n, hd) stands for the Triton kernel's partials."""
+    """The attention output (B, n, hd) (the kernel's is fp32; this one the model dtype)."""
     if recompute is not None:
         xkeep, wqkv, bqkv, have = recompute
         kv_recompute(xkeep, wqkv, bqkv, head_idx, q.shape[-1], cache, have, pos)
