@@ -59,9 +59,9 @@ def set_pdl(mode: str | None = None, prefetch_mb: float | None = None) -> str:
     "1": each step kernel lets the next one launch at its start (griddepcontrol.launch_dependents) and waits
     (griddepcontrol.wait) before touching anything an earlier kernel writes, so its launch and ramp-up overlap
     the previous kernel's tail. "prefetch": also, when the indices are fixed for the step (static masks, dense:
-    `fixed=True`), a GEMV issues L2 bulk prefetches of its weight rows (up to `prefetch_mb` per kernel, first
-    programs first) and loads its first weight tile before the wait, so the weights stream while the
-    previous kernel (a LayerNorm, the attention) still runs. "0": off. Without an argument: the environment's
+    `fixed=True`), a GEMV loads its first weight tile before the wait and issues L2 bulk prefetches of its
+    weight rows (up to `prefetch_mb` per kernel, first programs first; 0: none), so the weights stream while
+    the previous kernel (a LayerNorm, the attention) still runs. "0": off. Without an argument: the environment's
     KERNELS_PDL (default "prefetch") and KERNELS_PREFETCH_MB (default 16). Off under the interpreter and on
     GPUs before compute capability 9. Kernels already captured in a CUDA graph keep the mode they had."""
     global PDL_MODE, PDL, PREFETCH_BYTES, _LAUNCH
@@ -108,6 +108,7 @@ def _col_configs():
     out = []
     for br, bd, it, warps in [(16, 128, 4, 4), (8, 256, 4, 4), (16, 256, 4, 8), (32, 128, 2, 8),
                               (16, 256, 8, 8), (16, 128, 16, 4), (32, 128, 8, 8), (8, 512, 8, 8),  # batch 1
+                              (16, 256, 32, 8), (32, 128, 16, 8), (8, 512, 32, 8),  # batch 1, many rows
                               (4, 128, 8, 4), (8, 64, 8, 4), (4, 256, 8, 8), (8, 128, 4, 8)]:  # batch 8
         out.append(triton.Config({"BLOCK_R": br, "BLOCK_D": bd, "ITERS": it}, num_warps=warps))
     return out
