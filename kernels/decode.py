@@ -286,7 +286,8 @@ class SparseDecoder:
         static = getattr(self.masks, "static", False)
         hidden = (lambda: h) if static else (lambda: h.to(dt))  # noqa: E731  (predictors read the model dtype)
         neurons_hook = getattr(self.masks, "neuron_masks", None)
-        recompute = self.kv == "recompute"
+        # static masks: a kept head computed its K/V at every token, so nothing is ever missing (no recompute check)
+        recompute = self.kv == "recompute" and not static
         for index, w in enumerate(self.layers):
             head_idx, neuron_idx = self.masks(index, hidden())
             heads = self._indices(index, head_idx, self.head_buf)

@@ -151,7 +151,6 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
     are prefetched to L2 (the programs within prefetch_bytes) and the first tile loaded before the wait)."""
     pid = tl.program_id(0)
     if PDL:
-        gdc_launch_dependents()
         if not PREFETCH:
             gdc_wait()
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -183,6 +182,8 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
         x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
                     other=0.0)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    if PDL:  # the next kernel may launch once every program is past its weights (not earlier: it would hold slots)
+        gdc_launch_dependents()
     y = tl.sum(acc, axis=2)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -210,7 +211,6 @@ def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr,
     pid_d = tl.program_id(0)
     pid_r = tl.program_id(1)
     if PDL:
-        gdc_launch_dependents()
         if not PREFETCH:
             gdc_wait()
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -241,6 +241,8 @@ def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr,
         a = tl.load(a_ptr + offs_b[:, None] * stride_ab + offs_r[None, :], mask=mask_b[:, None] & mask_r[None, :],
                     other=0.0).to(tl.float32)
         acc += a[:, :, None] * w.to(tl.float32)[None, :, :]
+    if PDL:
+        gdc_launch_dependents()
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         if pid_r == 0:
@@ -289,7 +291,7 @@ def _layer_norm_kernel(h_ptr, w_ptr, b_ptr, out_ptr, keep_ptr, pos_ptr, D, eps, 
 @triton.jit
 def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, out_ptr, count_ptr,
                    x_ptr, w_ptr, bias_ptr, have_ptr,
-                   B, n_sel, H, T_max, D, HD, scale, stride_qb, stride_qh,
+                   B, n_sel, H, T_max, D, HD, scale, stride_qb, stride_qh, n_chunks,
                    NC: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
                    ATTEND: tl.constexpr, RECOMPUTE: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_2HD: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -299,7 +301,8 @@ def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, out_
     RECOMPUTE (Deja Vu): entries with t < pos and not have[head, t] are computed from the kept normalised layer
     inputs x (B, T, D): cache[b, head, t] = x[b, t] · Wkv[head]ᵀ + bkv[head]; then have[head, t] = 1 for t ≤ pos.
     ATTEND: the chunk's partial softmax of q[b, slot] · K[b, head, t ≤ pos] · scale: its max m, its sum l and
-    Σ p·V (unnormalised) to m/l (B, n, NC) and o (B, n, NC, HD) (a chunk past pos writes m = −inf, l = 0); the
+    Σ p·V (unnormalised) to m/l (B, n, NC) and o (B, n, NC, HD) (NC = n_chunks rounded up to a power of two;
+    a chunk past pos writes m = −inf, l = 0); the
     head's last program to arrive (count[slot]) combines them into out (B, n, HD). With NC = 1 the one program
     writes out directly."""
     slot = tl.program_id(0)
@@ -361,18 +364,19 @@ def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, out_
                 tl.store(m_ptr + part, m)
                 tl.store(l_ptr + part, tl.sum(p, axis=0))
                 tl.store(o_ptr + part * HD + offs_d, tl.sum(p[:, None] * v, axis=0), mask=mask_d)
-        if NC > 1:  # the head's last chunk program to finish combines the NC partials into out (B, n, HD)
+        if NC > 1:  # the head's last chunk program to finish combines the n_chunks partials into out (B, n, HD)
             tl.debug_barrier()  # every thread's partials are stored before the (releasing) count
             done = tl.atomic_add(count_ptr + slot, 1)
-            if done == NC - 1:
+            if done == n_chunks - 1:
                 offs_c = tl.arange(0, NC)
+                mask_c = offs_c < n_chunks
                 for b in range(0, B):
                     part = (b * n_sel + slot) * NC + offs_c
-                    m_c = tl.load(m_ptr + part, cache_modifier=".cg")
+                    m_c = tl.load(m_ptr + part, mask=mask_c, other=float("-inf"), cache_modifier=".cg")
                     w_c = tl.exp(m_c - tl.max(m_c, axis=0))  # chunk 0 always holds position 0: the max is finite
-                    den = tl.sum(w_c * tl.load(l_ptr + part, cache_modifier=".cg"), axis=0)
-                    o_c = tl.load(o_ptr + part[:, None] * HD + offs_d[None, :], mask=mask_d[None, :], other=0.0,
-                                  cache_modifier=".cg")
+                    den = tl.sum(w_c * tl.load(l_ptr + part, mask=mask_c, other=0.0, cache_modifier=".cg"), axis=0)
+                    o_c = tl.load(o_ptr + part[:, None] * HD + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :],
+                                  other=0.0, cache_modifier=".cg")
                     tl.store(out_ptr + (b * n_sel + slot) * HD + offs_d, tl.sum(w_c[:, None] * o_c, axis=0) / den,
                              mask=mask_d)
                 tl.atomic_xchg(count_ptr + slot, 0)  # ready for the next launch (or graph replay)
@@ -520,7 +524,8 @@ def attend(q, cache, head_idx, pos, scale, *, recompute=None, attend=True):
     hd = cache.shape[-1]
     n = head_idx.numel()
     assert cache.is_contiguous()
-    nc = _pow2(triton.cdiv(T, CHUNK))
+    n_chunks = triton.cdiv(T, CHUNK)
+    nc = _pow2(n_chunks)  # the partials' stride (a power of two for the combine's arange)
     f32 = dict(device=cache.device, dtype=torch.float32)
     out = torch.empty(B, n, hd, **f32) if attend else None
     if attend and nc > 1:
@@ -537,13 +542,13 @@ def attend(q, cache, head_idx, pos, scale, *, recompute=None, attend=True):
         q = cache
     else:
         assert q.stride(2) == 1
-    _attend_kernel[(n, nc)](q, cache, head_idx, pos, m, l, o, out if out is not None else cache, count,
-                            xkeep, wqkv, bqkv, have,
-                            B, n, H, T, xkeep.shape[-1] if recompute is not None else hd, hd, scale,
-                            q.stride(0), q.stride(1), NC=nc, CHUNK=CHUNK, BLOCK_D=_pow2(hd), ATTEND=attend,
-                            RECOMPUTE=recompute is not None, BLOCK_K=32 if INTERPRET else 128,
-                            BLOCK_2HD=_pow2(2 * hd), UPCAST=INTERPRET, IEEE=_dot_in_fp32(xkeep),
-                            PDL=PDL, num_warps=8 if recompute is not None else 4, num_stages=2, **_LAUNCH)
+    _attend_kernel[(n, n_chunks)](q, cache, head_idx, pos, m, l, o, out if out is not None else cache, count,
+                                  xkeep, wqkv, bqkv, have,
+                                  B, n, H, T, xkeep.shape[-1] if recompute is not None else hd, hd, scale,
+                                  q.stride(0), q.stride(1), n_chunks, NC=nc, CHUNK=CHUNK, BLOCK_D=_pow2(hd), ATTEND=attend,
+                                  RECOMPUTE=recompute is not None, BLOCK_K=32 if INTERPRET else 128,
+                                  BLOCK_2HD=_pow2(2 * hd), UPCAST=INTERPRET, IEEE=_dot_in_fp32(xkeep),
+                                  PDL=PDL, num_warps=8 if recompute is not None else 4, num_stages=2, **_LAUNCH)
     return out
 
 
