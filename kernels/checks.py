@@ -245,3 +245,43 @@ def check_topk(n, k, batch, seed=0, device=None):
     assert got.shape == expected.shape and chosen.min() >= kth, f"topk n={n} k={k}: not the k largest"
     assert got[0].unique().numel() == k, f"topk n={n} k={k}: repeated indices"
     return 0.0
+
+
+# -- the PDL variants build for Hopper (no GPU needed: the triton wheel ships ptxas) ---------------------------
+_P = "*fp16"
+_HOPPER_SIGNATURES = {
+    "rows": (gemv._rows_kernel, dict(
+        x_ptr=_P, w_ptr=_P, bias_ptr=_P, idx_ptr="*i32", out_ptr=_P, cache_ptr=_P, pos_ptr="*i64", B="i32", N="i32",
+        K="i32", row_stride="i32", row_offset="i32", split="i32", stride_xb="i32", stride_ob="i32",
+        stride_oslot="i32", stride_cb="i32", stride_ch="i32", stride_ct="i32"),
+        dict(G=384, HAS_BIAS=True, RELU=False, TO_CACHE=True, BLOCK_B=1, BLOCK_N=8, BLOCK_K=256)),
+    "cols": (gemv._cols_kernel, dict(
+        a_ptr="*fp32", w_ptr=_P, idx_ptr="*i32", acc_ptr="*fp32", bias_ptr=_P, B="i32", R="i32", D="i32",
+        row_stride="i32", stride_ab="i32", stride_accb="i32"),
+        dict(G=128, HAS_BIAS=True, BLOCK_B=1, BLOCK_R=16, BLOCK_D=256, ITERS=8)),
+    "layer_norm": (gemv._layer_norm_kernel, dict(
+        h_ptr="*fp32", w_ptr=_P, b_ptr=_P, out_ptr=_P, keep_ptr=_P, pos_ptr="*i64", D="i32", eps="fp32",
+        stride_hb="i32", stride_ob="i32", stride_kb="i32", stride_kt="i32"), dict(KEEP=True, BLOCK=8192)),
+    "attend": (gemv._attend_kernel, dict(
+        q_ptr=_P, cache_ptr=_P, idx_ptr="*i32", pos_ptr="*i64", m_ptr="*fp32", l_ptr="*fp32", o_ptr="*fp32",
+        out_ptr="*fp32", count_ptr="*i32", x_ptr=_P, w_ptr=_P, bias_ptr=_P, have_ptr="*i8", B="i32", n_sel="i32",
+        H="i32", T_max="i32", D="i32", HD="i32", scale="fp32", stride_qb="i32", stride_qh="i32", n_chunks="i32"),
+        dict(NC=16, CHUNK=32, BLOCK_D=128, ATTEND=True, RECOMPUTE=True, BLOCK_K=128, BLOCK_2HD=256, UPCAST=False,
+             IEEE=False)),
+}
+
+
+def hopper_ptx(name: str, pdl: bool, prefetch: bool = False) -> str:
+    """PTX of step kernel `name` compiled for sm_90 (OPT-13B-like constants), with PDL on or off."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    kernel, signature, constants = _HOPPER_SIGNATURES[name]
+    while hasattr(kernel, "fn"):  # autotuner → JITFunction (or the interpreter's wrapper) → the Python function
+        kernel = kernel.fn
+    constants = {**constants, "PDL": pdl, **({"PREFETCH": prefetch} if name in ("rows", "cols") else {})}
+    source = ASTSource(fn=JITFunction(kernel), signature={**signature, **{k: "constexpr" for k in constants}},
+                       constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]

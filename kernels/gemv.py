@@ -53,30 +53,33 @@ AUTOTUNE = not INTERPRET and os.environ.get("KERNELS_AUTOTUNE", "1") != "0"
 PDL_MODES = ("0", "1", "prefetch")
 
 
-def set_pdl(mode: str | None = None, prefetch_mb: float | None = None) -> str:
+def set_pdl(mode: str | None = None) -> str:
     """Programmatic dependent launch (Hopper+) for the step kernels; returns the mode in force.
 
-    "1": each step kernel lets the next one launch at its start (griddepcontrol.launch_dependents) and waits
-    (griddepcontrol.wait) before touching anything an earlier kernel writes, so its launch and ramp-up overlap
-    the previous kernel's tail. "prefetch": also, when the indices are fixed for the step (static masks, dense:
-    `fixed=True`), a GEMV loads its first weight tile before the wait and issues L2 bulk prefetches of its
-    weight rows (up to `prefetch_mb` per kernel, first programs first; 0: none), so the weights stream while
-    the previous kernel (a LayerNorm, the attention) still runs. "0": off. Without an argument: the environment's
-    KERNELS_PDL (default "prefetch") and KERNELS_PREFETCH_MB (default 16). Off under the interpreter and on
-    GPUs before compute capability 9. Kernels already captured in a CUDA graph keep the mode they had."""
-    global PDL_MODE, PDL, PREFETCH_BYTES, _LAUNCH
+    "1": a step kernel waits (griddepcontrol.wait) before touching anything an earlier kernel writes, and lets
+    the next kernel launch (griddepcontrol.launch_dependents) at its start (LayerNorm, attention) or after its
+    main loop (the GEMVs), so launches and ramp-ups overlap the previous kernel's tail. "prefetch" (the
+    default): also, when the indices are fixed for the step (static masks, dense: `fixed=True`), a GEMV loads
+    its first weight tile before the wait. "0": off. Without an argument: the environment's KERNELS_PDL. Off
+    under the interpreter and on GPUs before compute capability 9. A step already captured in a CUDA graph keeps
+    the mode it was captured with.
+
+    Measured on the H200 (`kernels.profile_step --layers 8 --pdl 0,1,prefetch`, results/reports/
+    pdl-h200.txt): static 50% heads + 90% neurons 675 → 644 → 620 µs per 8-layer step, dense 1657 → 1623 →
+    1616 µs. Issuing L2 bulk prefetches of the whole weight share before the wait was slower (726 / 1716 µs),
+    as was letting the next GEMV launch at a GEMV's start (its programs then hold slots while they wait)."""
+    global PDL_MODE, PDL, _LAUNCH
     mode = mode if mode is not None else os.environ.get("KERNELS_PDL", "prefetch")
     if mode not in PDL_MODES:
         raise ValueError(f"KERNELS_PDL must be one of {', '.join(PDL_MODES)}, not {mode!r}")
     if INTERPRET or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         mode = "0"
-    mb = prefetch_mb if prefetch_mb is not None else float(os.environ.get("KERNELS_PREFETCH_MB", "16"))
-    PDL_MODE, PDL, PREFETCH_BYTES = mode, mode != "0", int(mb * 2 ** 20)
+    PDL_MODE, PDL = mode, mode != "0"
     _LAUNCH = {"launch_pdl": True} if PDL else {}
     return mode
 
 
-PDL_MODE, PDL, PREFETCH_BYTES, _LAUNCH = "0", False, 0, {}
+PDL_MODE, PDL, _LAUNCH = "0", False, {}
 set_pdl()
 
 
@@ -128,18 +131,11 @@ def _prune(size_keys):
 # ------------------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _prefetch_l2(ptrs, nbytes):
-    """cp.async.bulk.prefetch.L2 of nbytes (a multiple of 16) at each 16-byte-aligned address of ptrs."""
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
-                              [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.autotune(configs=_row_configs(), key=["N", "K", "G", "BLOCK_B", "RELU", "TO_CACHE"],
                  prune_configs_by=_prune(("BLOCK_N", "BLOCK_K")))
 @triton.jit
 def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
-                 B, N, K, row_stride, row_offset, split, prefetch_bytes,
+                 B, N, K, row_stride, row_offset, split,
                  stride_xb, stride_ob, stride_oslot, stride_cb, stride_ch, stride_ct,
                  G: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, TO_CACHE: tl.constexpr,
                  PDL: tl.constexpr, PREFETCH: tl.constexpr,
@@ -147,8 +143,8 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
     """y[b, j] = act(x[b] · W[row(j)] + bias[row(j)]) for the N = len(idx)·G outputs j, row(j) =
     idx[j // G]·row_stride + row_offset + j % G. Element e = row_offset + j % G of a unit goes to
     out[b, j // G, j % G] if e < split, else (TO_CACHE) to cache[b, idx[j // G], pos, e − split].
-    PDL: wait for the previous kernel before the first read of x/idx (PREFETCH: idx is fixed, so the weight rows
-    are prefetched to L2 (the programs within prefetch_bytes) and the first tile loaded before the wait)."""
+    PDL: wait for the previous kernel before the first read of x/idx (PREFETCH: idx is fixed for the step, so the
+    first weight tile is loaded before the wait)."""
     pid = tl.program_id(0)
     if PDL:
         if not PREFETCH:
@@ -159,11 +155,6 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
     within = offs_n % G
     unit = tl.load(idx_ptr + slot, mask=mask_n, other=0).to(tl.int64)
     rows = unit * row_stride + row_offset + within
-    if PDL:
-        if PREFETCH:
-            if pid * BLOCK_N * K * w_ptr.dtype.element_ty.primitive_bitwidth // 8 < prefetch_bytes:
-                _prefetch_l2(w_ptr + rows * K, tl.full((BLOCK_N,), 0, tl.int32)
-                             + K * w_ptr.dtype.element_ty.primitive_bitwidth // 8)
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
     offs_k = tl.arange(0, BLOCK_K)
@@ -203,7 +194,7 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
                  prune_configs_by=_prune(("BLOCK_R", "BLOCK_D")))
 @triton.jit
 def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr,
-                 B, R, D, row_stride, stride_ab, stride_accb, prefetch_bytes,
+                 B, R, D, row_stride, stride_ab, stride_accb,
                  G: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ITERS: tl.constexpr):
     """acc[b, :] += Σ_r a[b, r] · W[row(r)] over this program's ITERS·BLOCK_R selected rows, row(r) =
@@ -217,16 +208,6 @@ def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr,
     mask_d = offs_d < D
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
-    if PDL:
-        if PREFETCH:
-            esize = w_ptr.dtype.element_ty.primitive_bitwidth // 8
-            if (pid_r * tl.num_programs(0) + pid_d) * ITERS * BLOCK_R * BLOCK_D * esize < prefetch_bytes:
-                seg = tl.minimum(BLOCK_D, D - pid_d * BLOCK_D) * esize
-                for i in tl.static_range(ITERS):
-                    offs_r = (pid_r * ITERS + i) * BLOCK_R + tl.arange(0, BLOCK_R)
-                    unit = tl.load(idx_ptr + offs_r // G, mask=offs_r < R, other=0).to(tl.int64)
-                    _prefetch_l2(w_ptr + (unit * row_stride + offs_r % G) * D + pid_d * BLOCK_D,
-                                 tl.full((BLOCK_R,), 0, tl.int32) + seg)
     acc = tl.zeros((BLOCK_B, BLOCK_R, BLOCK_D), dtype=tl.float32)
     for i in tl.static_range(ITERS):
         offs_r = (pid_r * ITERS + i) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -392,9 +373,9 @@ def _check_x(x: torch.Tensor, k: int) -> None:
 _NO_SPLIT = 2 ** 30  # every element to `out`
 
 
-def _prefetch(fixed: bool, w: torch.Tensor) -> bool:
-    """Prefetch w's rows before the PDL wait: the indices are fixed, and rows start 16-byte aligned (bulk copy)."""
-    return fixed and PDL_MODE == "prefetch" and w.data_ptr() % 16 == 0 and w.shape[1] * w.element_size() % 16 == 0
+def _prefetch(fixed: bool) -> bool:
+    """Load the first weight tile before the PDL wait (the indices are fixed for the step)."""
+    return fixed and PDL_MODE == "prefetch"
 
 
 def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, out=None, out_strides=(0, 0),
@@ -408,9 +389,9 @@ def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, o
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _rows_kernel[grid](x, w, bias if bias is not None else w, idx, out if out is not None else w,
                        cache if cache is not None else w, pos if pos is not None else idx,
-                       B, n, K, row_stride, row_offset, split, PREFETCH_BYTES,
+                       B, n, K, row_stride, row_offset, split,
                        x.stride(0), out_strides[0], out_strides[1], cs[0], cs[1], cs[2], G=group, HAS_BIAS=bias is not None, RELU=relu,
-                       TO_CACHE=cache is not None, PDL=PDL, PREFETCH=_prefetch(fixed, w), BLOCK_B=_pow2(B),
+                       TO_CACHE=cache is not None, PDL=PDL, PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B),
                        **_LAUNCH)
     return out
 
@@ -432,8 +413,8 @@ def _cols(a, w, idx, acc, bias, *, group=1, row_stride=1, fixed=False):
     assert a.stride(-1) == 1
     grid = lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(R, meta["BLOCK_R"] * meta["ITERS"]))  # noqa: E731
     _cols_kernel[grid](a, w, idx, acc, bias if bias is not None else w, B, R, D, row_stride,
-                       a.stride(0), acc.stride(0), PREFETCH_BYTES, G=group, HAS_BIAS=bias is not None, PDL=PDL,
-                       PREFETCH=_prefetch(fixed, w), BLOCK_B=_pow2(B), **_LAUNCH)
+                       a.stride(0), acc.stride(0), G=group, HAS_BIAS=bias is not None, PDL=PDL,
+                       PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH)
 
 
 _WORKSPACES: dict = {}

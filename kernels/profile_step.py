@@ -1,6 +1,6 @@
 """Where the time of one decode step goes, kernel by kernel (torch.profiler), for a method's mask source.
 
-    python3 -m kernels.profile_step --model opt-13b --layers 4 --methods dense,static,timewise,dejavu,shadow [--pdl 0,1,prefetch@0]
+    python3 -m kernels.profile_step --model opt-13b --layers 4 --methods dense,static,timewise,dejavu,shadow [--pdl 0,1,prefetch]
 
 Builds a random-weight model with the first `--layers` decoder layers of `--model`'s shape, the method's source
 with seeded untrained predictors (as kernels.latency_bench does), runs a prompt, captures the step in a CUDA
@@ -93,8 +93,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=14)
     parser.add_argument("--no-graph", action="store_true")
-    parser.add_argument("--pdl", default=None, help="comma-separated KERNELS_PDL modes to compare, each optionally "
-                        "@MB of L2 prefetch, e.g. 0,1,prefetch@0,prefetch@16 (default: the environment's)")
+    parser.add_argument("--pdl", default=None, help="comma-separated KERNELS_PDL modes to compare, e.g. 0,1,prefetch "
+                        "(default: the environment's)")
     args = parser.parse_args(argv)
 
     from torch.profiler import ProfilerActivity, profile
@@ -129,9 +129,8 @@ def main(argv=None):
         layers = engine.layers
         logits = engine.prefill(prompt)
         state = snapshot(engine)
-        for item in (args.pdl.split(",") if args.pdl else [gemv.PDL_MODE]):
-            mode, _, mb = item.partition("@")
-            gemv.set_pdl(mode, float(mb) if mb else None)
+        for mode in (args.pdl.split(",") if args.pdl else [gemv.PDL_MODE]):
+            gemv.set_pdl(mode)
             engine.graph = None  # captured again with this mode's launches
             restore(engine, state)
             for _ in range(3):  # autotune, capture, warm caches
@@ -143,8 +142,7 @@ def main(argv=None):
                     logits = engine.step(logits.argmax(-1))
                 torch.cuda.synchronize()
             restore(engine, state)
-            report(prof, f"{method} @ h{args.heads}/n{args.neurons}, KERNELS_PDL={gemv.PDL_MODE} "
-                   f"(L2 prefetch {gemv.PREFETCH_BYTES >> 20} MB)", replay,
+            report(prof, f"{method} @ h{args.heads}/n{args.neurons}, KERNELS_PDL={gemv.PDL_MODE}", replay,
                    c.num_hidden_layers, args)
         del engine
 

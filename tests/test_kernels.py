@@ -3,6 +3,11 @@
 Each check poisons the output with NaN first (every element must be written), draws fresh non-zero random
 inputs, and uses index sets of several sizes, also ones that are not multiples of the block sizes.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -103,3 +108,23 @@ def test_topk_select_breaks_ties_at_the_threshold_by_lowest_index():
     assert select_triton(scores, 3).tolist() == [[1, 2, 3]]
     assert select_triton(scores, 1).tolist() == [[1]]
     assert select_triton(scores, 7).tolist() == [[0, 1, 2, 3, 4, 5, 6]]
+
+
+@pytest.mark.parametrize("name", ["rows", "cols", "layer_norm", "attend"])
+def test_step_kernels_build_for_hopper_with_and_without_pdl(name):
+    """The PDL variants compile to sm_90 PTX and through ptxas here (no GPU): griddepcontrol.wait and
+    .launch_dependents appear with PDL on, never with it off. (A subprocess: the interpreter, on in these
+    tests, patches triton.language and cannot compile.)"""
+    cases = [(False, False), (True, False)] + ([(True, True)] if name in ("rows", "cols") else [])
+    code = ("import sys; from kernels import checks\n"
+            f"for pdl, prefetch in {cases!r}:\n"
+            f"    ptx = checks.hopper_ptx({name!r}, pdl, prefetch)\n"
+            "    print(pdl, 'griddepcontrol.wait' in ptx, 'griddepcontrol.launch_dependents' in ptx)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.split()
+    assert len(lines) == 3 * len(cases), done.stdout
+    for i, (pdl, _) in enumerate(cases):
+        assert lines[3 * i: 3 * i + 3] == [str(pdl)] * 3, (done.stdout, pdl)
