@@ -169,7 +169,13 @@ def part_kernel_bandwidth(small, copy_bw):
     ]
     w_dense = rnd(kf, d)
     cases.append(("[cuBLAS] dense GEMV, fc1-sized rows", lambda: torch.nn.functional.linear(x, w_dense), kf * d * e))
-    log(f"kernel bandwidth at {name} shapes (d={d}, F={F}, H={H}), fp16, batch 1, 25% density")
+    log(f"kernel bandwidth at {name} shapes (d={d}, F={F}, H={H}), fp16, batch 1, 25% density, each kernel alone "
+        f"(PDL off: back-to-back launches would overlap)")
+    with gemv.pdl_off():
+        _time_cases(cases, copy_bw)
+
+
+def _time_cases(cases, copy_bw):
     for what, fn, nbytes in cases:
         fn()  # autotune outside the timing
         ms = bench_ms(fn)
@@ -375,7 +381,8 @@ def layer_breakdown(engine, heads, neurons):
 def main():
     global LOG
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["checks", "perf", "all"], default="all")
+    parser.add_argument("--part", choices=["checks", "perf", "bandwidth", "all"], default="all",
+                        help="perf = bandwidth + engine equivalence + decode timing")
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "results/kernels-bench")
     args = parser.parse_args()
@@ -387,18 +394,22 @@ def main():
         props = torch.cuda.get_device_properties(0)
         log(f"device: {props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB; "
             f"torch {torch.__version__}")
-    import triton
     import transformers
+    import triton
+
+    from kernels import gemv
 
     log(f"triton {triton.__version__}, transformers {transformers.__version__}, "
-        f"KERNELS_AUTOTUNE={os.environ.get('KERNELS_AUTOTUNE', '1')}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+        f"KERNELS_AUTOTUNE={os.environ.get('KERNELS_AUTOTUNE', '1')}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
+        f"KERNELS_PDL={gemv.PDL_MODE}")
     if args.part in ("checks", "all"):
         part_checks(args.small)
         log(f"checks done at {time.time() - T0:.0f} s")
-    if args.part in ("perf", "all"):
+    if args.part in ("perf", "bandwidth", "all"):
         copy_bw = copy_bandwidth(args.small)
         part_kernel_bandwidth(args.small, copy_bw)
         log(f"bandwidth done at {time.time() - T0:.0f} s")
+    if args.part in ("perf", "all"):
         part_equivalence(args.small)
         log(f"equivalence done at {time.time() - T0:.0f} s")
         part_decode_timing(args.small, copy_bw)

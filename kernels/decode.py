@@ -40,6 +40,7 @@ their references (`kernels.reference`), e.g. on a CPU. CUDA graphs are used only
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -332,14 +333,17 @@ class SparseDecoder:
         return logits
 
     def _capture(self, warmup: int = 2) -> None:
-        """Warm up (autotunes the kernels) on a side stream, undo the warm-up's effects, capture one step."""
+        """Warm up (autotunes the kernels, the first step with PDL off) on a side stream, undo the warm-up's
+        effects, capture one step."""
         saved_pos = self.pos.clone()
         saved_have = [h.clone() for h in self.have] if self.kv == "recompute" else []
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        tuning = getattr(self.ops, "pdl_off", contextlib.nullcontext)
         with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                self._step_impl()
+            for i in range(warmup):
+                with tuning() if i == 0 else contextlib.nullcontext():  # autotune without PDL (see gemv.pdl_off)
+                    self._step_impl()
                 self.pos.copy_(saved_pos)
         torch.cuda.current_stream().wait_stream(stream)
         for have, saved in zip(self.have if self.kv == "recompute" else [], saved_have):

@@ -35,6 +35,7 @@ Limits: index tensors are int32 or int64 and shared by the batch (batch ≤ 8 is
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -81,6 +82,18 @@ def set_pdl(mode: str | None = None) -> str:
 
 PDL_MODE, PDL, _LAUNCH = "0", False, {}
 set_pdl()
+
+
+@contextlib.contextmanager
+def pdl_off():
+    """PDL off inside the block. Autotune under it: with PDL the autotuner's back-to-back timing runs of one
+    kernel overlap each other, and the configs it then picks are not the best ones for the step."""
+    saved = PDL_MODE
+    set_pdl("0")
+    try:
+        yield
+    finally:
+        set_pdl(saved)
 
 
 def _pow2(n: int) -> int:

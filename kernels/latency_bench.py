@@ -335,7 +335,7 @@ class Bench:
             stats["cuda_graph"] = False
         model_bytes = engine.weight_bytes()
         pred_bytes = source.predictor_bytes() if hasattr(source, "predictor_bytes") else 0
-        stats.update(kv=kv, weight_bytes=model_bytes, predictor_bytes=pred_bytes,
+        stats.update(kv=kv, pdl=_pdl_mode(), weight_bytes=model_bytes, predictor_bytes=pred_bytes,
                      floor_ms=(model_bytes + pred_bytes) / self.bw * 1e3, floor_model_ms=model_bytes / self.bw * 1e3)
         achieved = (sum(1 - k / self.H for k in engine.heads_kept) / self.L,
                     sum(1 - k / self.F for k in engine.neurons_kept) / self.L)
@@ -454,6 +454,12 @@ def sweep_plot():
     return path
 
 
+def _pdl_mode() -> str:
+    from kernels import gemv
+
+    return gemv.PDL_MODE
+
+
 def write_report():
     from harness.latency import latency_markdown
 
@@ -467,7 +473,8 @@ def write_report():
              f"Machine: {STATE['machine']}", "",
              "Command (one call of the device tool, from the repository root; see the lead's commit for the full line):",
              "", "```", f"python3 -m kernels.latency_bench --out $OUT --budget {ARGS.budget:.0f}", "```", "",
-             f"Wall time of the script: {time.time() - T0:.0f} s (budget {ARGS.budget:.0f} s).", "",
+             f"Wall time of the script: {time.time() - T0:.0f} s (budget {ARGS.budget:.0f} s). Our engine's kernels: "
+             f"programmatic dependent launch mode {_pdl_mode()!r} (KERNELS_PDL; see kernels.gemv.set_pdl).", "",
              "Random weights (seeded), fp16, batch 1, prompt 128 + 128 generated tokens (greedy); per model one warm-up "
              "request then 2 measured requests for our engine (254 step times), 1 for the Hugging Face baselines "
              "(127). Medians of CUDA-event times around each step (argmax + step); request ms is a host timer. "
