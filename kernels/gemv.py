@@ -125,7 +125,6 @@ def _col_configs():
     for br, bd, it, warps in [(16, 128, 4, 4), (8, 256, 4, 4), (16, 256, 4, 8), (32, 128, 2, 8),
                               (16, 256, 8, 8), (16, 128, 16, 4), (32, 128, 8, 8), (8, 512, 8, 8),  # batch 1
                               (16, 256, 32, 8), (32, 128, 16, 8), (8, 512, 32, 8),  # batch 1, many rows
-                              (16, 64, 16, 2), (32, 64, 16, 4), (16, 64, 32, 2),  # narrow: fewer atomics per address
                               (4, 128, 8, 4), (8, 64, 8, 4), (4, 256, 8, 8), (8, 128, 4, 8)]:  # batch 8
         out.append(triton.Config({"BLOCK_R": br, "BLOCK_D": bd, "ITERS": it}, num_warps=warps))
     return out
