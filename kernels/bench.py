@@ -411,8 +411,8 @@ def layer_breakdown(engine, heads, neurons):
 def main():
     global LOG
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["checks", "perf", "bandwidth", "all"], default="all",
-                        help="perf = bandwidth + engine equivalence + decode timing")
+    parser.add_argument("--part", choices=["checks", "perf", "bandwidth", "equivalence", "all"], default="all",
+                        help="perf = bandwidth + equivalence (engine vs masked engine) + decode timing")
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "results/kernels-bench")
     args = parser.parse_args()
@@ -439,9 +439,10 @@ def main():
         copy_bw = copy_bandwidth(args.small)
         part_kernel_bandwidth(args.small, copy_bw)
         log(f"bandwidth done at {time.time() - T0:.0f} s")
-    if args.part in ("perf", "all"):
+    if args.part in ("perf", "equivalence", "all"):
         part_equivalence(args.small)
         log(f"equivalence done at {time.time() - T0:.0f} s")
+    if args.part in ("perf", "all"):
         part_decode_timing(args.small, copy_bw)
         log(f"decode timing done at {time.time() - T0:.0f} s")
     lines = ["| section | what | figure | note |", "| --- | --- | --- | --- |"]

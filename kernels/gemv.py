@@ -138,16 +138,18 @@ def _head_col_configs():
     if not AUTOTUNE:
         return [triton.Config({"BLOCK_N": 8}, num_warps=2)]
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bn, w in [(4, 1), (8, 2), (16, 4), (32, 4), (32, 8), (64, 8)] for st in (3, 5)]
+            for bn, w in [(4, 1), (8, 2), (16, 4), (32, 4), (32, 8), (64, 8), (2, 1), (4, 2)] for st in (3, 5)]
 
 
 def _prune(size_keys):
     """Keep configs whose fp32 accumulator (BLOCK_B × two block dims) holds 16 to 64 values per thread:
     larger spills registers, smaller leaves too few loads in flight (and costs compile time)."""
     def prune(configs, named_args, **kwargs):
-        bb = named_args.get("BLOCK_B", kwargs.get("BLOCK_B", 1))
-        kept = [c for c in configs
-                if 16 * 32 * c.num_warps <= bb * c.kwargs[size_keys[0]] * c.kwargs[size_keys[1]] <= 64 * 32 * c.num_warps]
+        def value(c, key, default=1):  # a config's block size, or one the call fixes (BLOCK_B, BLOCK_HD)
+            return c.kwargs.get(key, named_args.get(key, kwargs.get(key, default)))
+
+        kept = [c for c in configs if 16 * 32 * c.num_warps
+                <= value(c, "BLOCK_B") * value(c, size_keys[0]) * value(c, size_keys[1]) <= 64 * 32 * c.num_warps]
         return kept or configs[:1]
     return {"early_config_prune": prune}
 
@@ -256,7 +258,7 @@ def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr,
 
 
 @triton.autotune(configs=_head_col_configs(), key=["N", "K", "BLOCK_HD", "BLOCK_B", "HAS_RES"],
-                 prune_configs_by=_prune(("BLOCK_N", "BLOCK_HD")))
+                 restore_value=["out_ptr"], prune_configs_by=_prune(("BLOCK_N", "BLOCK_HD")))
 @triton.jit
 def _head_cols_kernel(a_ptr, w_ptr, idx_ptr, bias_ptr, res_ptr, out_ptr,
                       B, N, K, n_sel, hd, stride_ab, stride_rb, stride_ob,
