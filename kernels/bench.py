@@ -139,7 +139,7 @@ def part_kernel_bandwidth(small, copy_bw):
     rnd = lambda *s: (torch.randn(*s, generator=g) * 0.02).to(dev, dt)  # noqa: E731
     sel = lambda n, k: torch.randperm(n, generator=g)[:k].sort().values.to(torch.int32).to(dev)  # noqa: E731
     x, w1, b1, w2t, b2 = rnd(B, d), rnd(F, d), rnd(F), rnd(F, d), rnd(d)
-    wqkv, bqkv, wo, bo = rnd(3 * d, d), rnd(3 * d), rnd(d, d), rnd(d)
+    wqkv, bqkv, wot, bo = rnd(3 * d, d), rnd(3 * d), rnd(d, d), rnd(d)
     nid, hid, all_h = sel(F, kf), sel(H, kh), torch.arange(H, device=dev, dtype=torch.int32)
     a = rnd(B, kf).abs()
     attn = rnd(B, kh * hd)
@@ -153,7 +153,7 @@ def part_kernel_bandwidth(small, copy_bw):
         ("qkv heads (25% heads)", lambda: gemv.qkv_heads(x, wqkv, bqkv, hid, hd, "qkv"), 3 * kh * hd * (d + 1) * e),
         ("q heads (25% heads)", lambda: gemv.qkv_heads(x, wqkv, bqkv, hid, hd, "q"), kh * hd * (d + 1) * e),
         ("kv all heads -> cache", lambda: gemv.kv_to_cache(x, wqkv, bqkv, all_h, hd, cache, pos), 2 * H * hd * (d + 1) * e),
-        ("out_proj heads (25% heads)", lambda: gemv.out_proj_heads(attn, wo, bo, hid, hd), (kh * hd * d + d) * e),
+        ("out_proj heads (25% heads)", lambda: gemv.out_proj_heads(attn, wot, bo, hid, hd), (kh * hd * d + d) * e),
         ("attention 25% heads, T=256", lambda: gemv.head_attention(q, cache, hid, pos, hd ** -0.5), kh * 256 * 2 * hd * e),
     ]
     h32 = x.float()
@@ -163,7 +163,7 @@ def part_kernel_bandwidth(small, copy_bw):
         ("[step] fc2_add (25% neurons)", lambda: gemv.fc2_add(a, w2t, b2, nid, h32), (kf * d + d) * e),
         ("[step] qkv_to_cache (25% heads)", lambda: gemv.qkv_to_cache(x, wqkv, bqkv, hid, hd, cache, pos),
          3 * kh * hd * (d + 1) * e),
-        ("[step] out_proj_add (25% heads)", lambda: gemv.out_proj_add(attn_out, wo, bo, hid, hd, h32),
+        ("[step] out_proj_add (25% heads)", lambda: gemv.out_proj_add(attn_out, wot, bo, hid, hd, h32),
          (kh * hd * d + d) * e),
         ("[step] attend 25% heads, T=256", lambda: gemv.attend(q, cache, hid, pos, hd ** -0.5), kh * 256 * 2 * hd * e),
     ]
@@ -396,7 +396,7 @@ def layer_breakdown(engine, heads, neurons):
         ("qkv_to_cache, kept heads", lambda: gemv.qkv_to_cache(x, w.wqkv, w.bqkv, h_idx, hd, cache, pos)),
         ("attend, kept heads, nothing to recompute", lambda: gemv.attend(q, cache, h_idx, pos, hd ** -0.5,
                                                                           recompute=(xkeep, w.wqkv, w.bqkv, have))),
-        ("out_proj_add, kept heads", lambda: gemv.out_proj_add(attn_out, w.wo, w.bo, h_idx, hd, h32)),
+        ("out_proj_add, kept heads", lambda: gemv.out_proj_add(attn_out, w.wot, w.bo, h_idx, hd, h32)),
         ("fc1, kept neurons", lambda: gemv.fc1_gather(x, w.w1, w.b1, n_idx)),
         ("fc2_add, kept neurons", lambda: gemv.fc2_add(a, w.w2t, w.b2, n_idx, h32)),
         ("fc1, all neurons (dense)", lambda: gemv.fc1_gather(x, w.w1, w.b1, all_n)),

@@ -91,12 +91,12 @@ def check_out_proj(d, H, hd, keep, batch, dtype, seed=0, device=None):
     device = device or _device()
     g = torch.Generator().manual_seed(seed)
     attn = _randn(g, batch, keep * hd, dtype=dtype, device=device)
-    wo = _randn(g, d, H * hd, dtype=dtype, device=device, scale=(H * hd) ** -0.5)
+    wot = _randn(g, H * hd, d, dtype=dtype, device=device, scale=(H * hd) ** -0.5)
     bo = _randn(g, d, dtype=dtype, device=device, scale=0.1)
     idx = _index(g, H, keep, device)
     out = torch.full((batch, d), float("nan"), dtype=dtype, device=device)
-    gemv.out_proj_heads(attn, wo, bo, idx, hd, out=out)
-    expected = ref.out_proj_heads(*_d(attn, wo, bo), idx, hd)
+    gemv.out_proj_heads(attn, wot, bo, idx, hd, out=out)
+    expected = ref.out_proj_heads(*_d(attn, wot, bo), idx, hd)
     return _relerr(out, expected, dtype, f"out_proj d={d} H={H} keep={keep} B={batch}")
 
 
@@ -201,18 +201,18 @@ def check_attend_out_proj(d, H, hd, T, keep, batch, pos, dtype, seed=0, device=N
     cache = _randn(g, batch, H, T, 2, hd, dtype=dtype, device=device)
     cache[:, :, pos + 1:] = float("nan")  # positions after pos must not be read
     q = _randn(g, batch, keep, hd, dtype=dtype, device=device)
-    wo = _randn(g, d, H * hd, dtype=dtype, device=device, scale=(H * hd) ** -0.5)
+    wot = _randn(g, H * hd, d, dtype=dtype, device=device, scale=(H * hd) ** -0.5)
     bo = _randn(g, d, dtype=dtype, device=device, scale=0.1)
     idx = _index(g, H, keep, device)
     h = _randn(g, batch, d, dtype=torch.float32, device=device)
     h0 = h.clone()
     p = torch.tensor([pos], device=device)
     first = gemv.attend(q, cache, idx, p, hd ** -0.5)
-    gemv.out_proj_add(gemv.attend(q, cache, idx, p, hd ** -0.5), wo, bo, idx, hd, h)
+    gemv.out_proj_add(gemv.attend(q, cache, idx, p, hd ** -0.5), wot, bo, idx, hd, h)
     assert torch.equal(first, gemv.attend(q, cache, idx, p, hd ** -0.5)), "attend differs between launches"
     clean = torch.nan_to_num(cache.double(), nan=0.0)
     attn = ref.head_attention(q.double(), clean, idx, p, hd ** -0.5).reshape(batch, -1)
-    expected = ref.out_proj_heads(attn, wo.double(), bo.double(), idx, hd)
+    expected = ref.out_proj_heads(attn, wot.double(), bo.double(), idx, hd)
     return _relerr(h - h0, expected, dtype, f"attend+out_proj_add T={T} pos={pos} B={batch}")
 
 
@@ -255,10 +255,6 @@ _HOPPER_SIGNATURES = {
         K="i32", row_stride="i32", row_offset="i32", split="i32", stride_xb="i32", stride_ob="i32",
         stride_oslot="i32", stride_cb="i32", stride_ch="i32", stride_ct="i32"),
         dict(G=384, HAS_BIAS=True, RELU=False, TO_CACHE=True, BLOCK_B=1, BLOCK_N=8, BLOCK_K=256)),
-    "head_cols": (gemv._head_cols_kernel, dict(
-        a_ptr="*fp32", w_ptr=_P, idx_ptr="*i32", bias_ptr=_P, res_ptr="*fp32", out_ptr="*fp32", B="i32", N="i32",
-        K="i32", n_sel="i32", hd="i32", stride_ab="i32", stride_rb="i32", stride_ob="i32"),
-        dict(HAS_BIAS=True, HAS_RES=True, BLOCK_B=1, BLOCK_N=16, BLOCK_HD=128)),
     "cols": (gemv._cols_kernel, dict(
         a_ptr="*fp32", w_ptr=_P, idx_ptr="*i32", acc_ptr="*fp32", bias_ptr=_P, B="i32", R="i32", D="i32",
         row_stride="i32", stride_ab="i32", stride_accb="i32"),
@@ -285,7 +281,7 @@ def hopper_ptx(name: str, pdl: bool, prefetch: bool = False) -> str:
     kernel, signature, constants = _HOPPER_SIGNATURES[name]
     while hasattr(kernel, "fn"):  # autotuner → JITFunction (or the interpreter's wrapper) → the Python function
         kernel = kernel.fn
-    constants = {**constants, "PDL": pdl, **({"PREFETCH": prefetch} if name in ("rows", "cols", "head_cols") else {})}
+    constants = {**constants, "PDL": pdl, **({"PREFETCH": prefetch} if name in ("rows", "cols") else {})}
     source = ASTSource(fn=JITFunction(kernel), signature={**signature, **{k: "constexpr" for k in constants}},
                        constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]

@@ -92,7 +92,7 @@ class LayerWeights:
     eps1: float
     wqkv: torch.Tensor  # (H·3·hd, d): head h's q, k, v rows are [3·hd·h, 3·hd·(h+1))
     bqkv: torch.Tensor
-    wo: torch.Tensor  # (d, H·hd) = out_proj.weight (head h: columns [hd·h, hd·(h+1)))
+    wot: torch.Tensor  # (H·hd, d) = out_proj.weight.T
     bo: torch.Tensor
     ln2_w: torch.Tensor  # final_layer_norm
     ln2_b: torch.Tensor
@@ -197,7 +197,7 @@ class SparseDecoder:
         ln1, ln2 = layer.self_attn_layer_norm, layer.final_layer_norm
         return LayerWeights(
             ln1_w=cp(ln1.weight), ln1_b=cp(ln1.bias), eps1=ln1.eps, wqkv=wqkv, bqkv=bqkv,
-            wo=cp(attn.out_proj.weight), bo=cp(attn.out_proj.bias),
+            wot=cp(attn.out_proj.weight.T), bo=cp(attn.out_proj.bias),
             ln2_w=cp(ln2.weight), ln2_b=cp(ln2.bias), eps2=ln2.eps, w1=w1, b1=b1,
             w2t=cp(layer.fc2.weight.T), b2=cp(layer.fc2.bias))
 
@@ -252,7 +252,7 @@ class SparseDecoder:
             q = (qkv[:, :, :, 0] * self.scaling).transpose(1, 2)
             k, v = qkv[:, :, :, 1].transpose(1, 2), qkv[:, :, :, 2].transpose(1, 2)
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
-            h = h + F.linear(attn.transpose(1, 2).reshape(B, T0, d), w.wo, w.bo)
+            h = h + F.linear(attn.transpose(1, 2).reshape(B, T0, d), w.wot.T, w.bo)
             xn = F.layer_norm(h, (d,), w.ln2_w, w.ln2_b, w.eps2)
             h = h + F.linear(torch.relu(F.linear(xn, w.w1, w.b1)), w.w2t.T, w.b2)
         self.pos.fill_(T0)
@@ -302,7 +302,7 @@ class SparseDecoder:
                 q = ops.qkv_to_cache(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos, fixed=static)
             attn = ops.attend(q, cache, heads, self.pos, self.scaling,
                               recompute=(self.xkeep[index], w.wqkv, w.bqkv, self.have[index]) if recompute else None)
-            ops.out_proj_add(attn, w.wo, w.bo, heads, hd, h, fixed=static)
+            ops.out_proj_add(attn, w.wot, w.bo, heads, hd, h, fixed=static)
             if neurons_hook is not None:
                 neuron_idx = neurons_hook(index, hidden())
             neurons = self._indices(index, neuron_idx, self.neuron_buf)

@@ -6,12 +6,10 @@ the selected rows (the bytes it must read):
 - fc1, `W1` (F, d) as Hugging Face stores it: `fc1_gather` computes y[b, j] = relu(x[b] · W1[idx[j]] + b1[idx[j]]).
 - fc2, stored neuron-major `W2T` (F, d) = fc2.weight.T: `fc2_gather` computes y[b] = Σ_j a[b, j] W2T[idx[j]] + b2.
 - fused QKV, head-major `Wqkv` (H, 3, hd, d) viewed (3·H·hd, d): `qkv_heads` computes q/k/v of selected heads.
-- out_proj, `Wo` (d, H·hd) as Hugging Face stores it: head h is the contiguous column block [h·hd, (h+1)·hd) of
-  every row, so `out_proj_heads` reads hd-wide slices of each row, one per selected head.
+- out_proj, head-major transposed `WoT` (H·hd, d) = out_proj.weight.T: `out_proj_heads` sums selected heads.
 
-Three kernels do all four: `_rows_kernel` (one output per selected weight row, `row = idx[j // G]·S + O + j % G`),
-`_cols_kernel` (a reduction over selected rows, split over programs with fp32 atomics) and `_head_cols_kernel`
-(one output per weight row, reduced over the selected heads' column blocks, no atomics). Accumulation is
+Two kernels do all four: `_rows_kernel` (one output per selected weight row, `row = idx[j // G]·S + O + j % G`)
+and `_cols_kernel` (a reduction over selected rows, split over programs with fp32 atomics). Accumulation is
 fp32 for every operand dtype. Block sizes are autotuned on the GPU; under TRITON_INTERPRET=1 (CPU tests) one
 small config keeps the interpreter fast.
 
@@ -25,13 +23,13 @@ The decode step (`kernels.decode`) runs seven launches per layer (`layer_norm`, 
   kv="recompute" the same program first recomputes the chunk's missing K/V entries of its head from the kept
   inputs. (Combining in out_proj's prologue instead cost every out_proj program the exps again: out_proj of
   all heads took 28 µs for 52 MB on the H200.)
-- *programmatic dependent launch* (Hopper): see `set_pdl`.
-- *no finish kernel*: out_proj adds its outputs into the fp32 residual stream (each output has one owner), fc2
-  its fp32 atomics (the bias added once, by the first row block).
+- *programmatic dependent launch* (Hopper): see `_pdl_mode`.
+- *no finish kernel*: out_proj and fc2 add their atomics straight into the fp32 residual stream (the bias
+  added once, by the first row block).
 (Folding the LayerNorm into the row GEMVs instead, one launch fewer, was measured slower on the H200: every
 program re-reads the fp32 stream and γ from L2, and fc1 of the kept neurons went from 12.6 to 22.7 µs.)
-The stand-alone fc1/fc2/qkv projections above (their tests and GPU checks) write the model dtype (fc2 through
-an fp32 workspace and `_finish_kernel`).
+The stand-alone projections above (their tests and GPU checks) write the model dtype through an fp32
+workspace and `_finish_kernel`.
 
 Limits: index tensors are int32 or int64 and shared by the batch (batch ≤ 8 is the target; any works).
 """
@@ -132,24 +130,13 @@ def _col_configs():
     return out
 
 
-def _head_col_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 8}, num_warps=4)]
-    if not AUTOTUNE:
-        return [triton.Config({"BLOCK_N": 8}, num_warps=2)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bn, w in [(4, 1), (8, 2), (16, 4), (32, 4), (32, 8), (64, 8), (2, 1), (4, 2)] for st in (3, 5)]
-
-
 def _prune(size_keys):
     """Keep configs whose fp32 accumulator (BLOCK_B × two block dims) holds 16 to 64 values per thread:
     larger spills registers, smaller leaves too few loads in flight (and costs compile time)."""
     def prune(configs, named_args, **kwargs):
-        def value(c, key, default=1):  # a config's block size, or one the call fixes (BLOCK_B, BLOCK_HD)
-            return c.kwargs.get(key, named_args.get(key, kwargs.get(key, default)))
-
-        kept = [c for c in configs if 16 * 32 * c.num_warps
-                <= value(c, "BLOCK_B") * value(c, size_keys[0]) * value(c, size_keys[1]) <= 64 * 32 * c.num_warps]
+        bb = named_args.get("BLOCK_B", kwargs.get("BLOCK_B", 1))
+        kept = [c for c in configs
+                if 16 * 32 * c.num_warps <= bb * c.kwargs[size_keys[0]] * c.kwargs[size_keys[1]] <= 64 * 32 * c.num_warps]
         return kept or configs[:1]
     return {"early_config_prune": prune}
 
@@ -255,53 +242,6 @@ def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr,
         if pid_r == 0:
             y += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     tl.atomic_add(acc_ptr + offs_b[:, None] * stride_accb + offs_d[None, :], y, mask=mask_b[:, None] & mask_d[None, :])
-
-
-@triton.autotune(configs=_head_col_configs(), key=["N", "K", "BLOCK_HD", "BLOCK_B", "HAS_RES"],
-                 restore_value=["out_ptr"], prune_configs_by=_prune(("BLOCK_N", "BLOCK_HD")))
-@triton.jit
-def _head_cols_kernel(a_ptr, w_ptr, idx_ptr, bias_ptr, res_ptr, out_ptr,
-                      B, N, K, n_sel, hd, stride_ab, stride_rb, stride_ob,
-                      HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                      BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HD: tl.constexpr):
-    """out[b, j] = res[b, j] + bias[j] + Σ_s a[b, s, :] · W[j, idx[s]·hd : (idx[s]+1)·hd] for the N rows j of
-    W (N, K): each program owns BLOCK_N outputs and walks the selected heads (a is (B, n_sel, hd), row stride
-    stride_ab). out may be res (an in-place add: every element is read and written by its one program).
-    PDL/PREFETCH as in `_rows_kernel`."""
-    pid = tl.program_id(0)
-    if PDL:
-        if not PREFETCH:
-            gdc_wait()
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_h = tl.arange(0, BLOCK_HD)
-    mask_h = offs_h < hd
-    offs_b = tl.arange(0, BLOCK_B)
-    mask_b = offs_b < B
-    mask_w = mask_n[:, None] & mask_h[None, :]
-    mask_a = mask_b[:, None] & mask_h[None, :]
-    rows = w_ptr + offs_n[:, None].to(tl.int64) * K + offs_h[None, :]
-    head = tl.load(idx_ptr).to(tl.int64)
-    w = tl.load(rows + head * hd, mask=mask_w, other=0.0)
-    if PDL:
-        if PREFETCH:
-            gdc_wait()
-    a = tl.load(a_ptr + offs_b[:, None] * stride_ab + offs_h[None, :], mask=mask_a, other=0.0)
-    acc = a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    for s in range(1, n_sel):
-        head = tl.load(idx_ptr + s).to(tl.int64)
-        w = tl.load(rows + head * hd, mask=mask_w, other=0.0)
-        a = tl.load(a_ptr + offs_b[:, None] * stride_ab + s * hd + offs_h[None, :], mask=mask_a, other=0.0)
-        acc += a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    if PDL:
-        gdc_launch_dependents()
-    y = tl.sum(acc, axis=2)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    mask = mask_b[:, None] & mask_n[None, :]
-    if HAS_RES:
-        y += tl.load(res_ptr + offs_b[:, None] * stride_rb + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -547,26 +487,10 @@ def kv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos):
     return cache
 
 
-def head_cols(attn, w, bias, head_idx, out, residual=None, *, fixed=False):
-    """out (B, N) = attn · W[:, columns of the selected heads]ᵀ + bias (+ residual): attn (B, n, hd) (last dim
-    contiguous), W (N, H·hd). `out` may be `residual` (in place); `fixed` as in `_rows`."""
-    B, n, hd = attn.shape
-    N, K = w.shape
-    assert attn.stride(2) == 1 and w.is_contiguous() and n == head_idx.numel() and out.stride(1) == 1
-    res = residual if residual is not None else out
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _head_cols_kernel[grid](attn, w, head_idx, bias if bias is not None else w, res, out,
-                            B, N, K, n, hd, attn.stride(0), res.stride(0), out.stride(0),
-                            HAS_BIAS=bias is not None, HAS_RES=residual is not None, PDL=PDL,
-                            PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), BLOCK_HD=_pow2(hd), **_LAUNCH)
-    return out
-
-
-def out_proj_heads(attn, wo, bo, head_idx, head_dim, out=None, residual=None):
-    """attn (B, len(head_idx)·hd) of selected heads · Wo[:, heads]ᵀ + bo (+ residual) → (B, d); Wo = out_proj.weight."""
-    if out is None:
-        out = torch.empty(attn.shape[0], wo.shape[0], device=attn.device, dtype=attn.dtype)
-    return head_cols(attn.reshape(attn.shape[0], head_idx.numel(), head_dim), wo, bo, head_idx, out, residual)
+def out_proj_heads(attn, wot, bo, head_idx, head_dim, out=None, residual=None, workspace=None):
+    """attn (B, len(head_idx)·hd) of selected heads · WoT[heads]  + bo (+ residual) → (B, d); WoT = out_proj.weight.T."""
+    return gather_cols(attn, wot, bo, head_idx, group=head_dim, row_stride=head_dim, out=out, residual=residual,
+                       workspace=workspace)
 
 
 # -- attention -------------------------------------------------------------------------------------------------
@@ -666,9 +590,9 @@ def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv", f
     return q
 
 
-def out_proj_add(attn, wo, bo, head_idx, head_dim, h, *, fixed=False):
-    """h += attention output attn (B, n, hd) of the selected heads · Wo[:, heads]ᵀ + bo (h: the fp32 stream)."""
-    head_cols(attn, wo, bo, head_idx, h, h, fixed=fixed)
+def out_proj_add(attn, wot, bo, head_idx, head_dim, h, *, fixed=False):
+    """h += attention output attn (B, n, hd) of the selected heads · WoT[heads] + bo."""
+    _cols(attn.reshape(attn.shape[0], -1), wot, head_idx, h, bo, group=head_dim, row_stride=head_dim, fixed=fixed)
     return h
 
 

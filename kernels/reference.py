@@ -48,10 +48,10 @@ def kv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos):
     return cache
 
 
-def out_proj_heads(attn, wo, bo, head_idx, head_dim, out=None, residual=None):
-    cols = _rows(wo, head_idx, head_dim, head_dim, 0)
+def out_proj_heads(attn, wot, bo, head_idx, head_dim, out=None, residual=None, workspace=None):
+    rows = _rows(wot, head_idx, head_dim, head_dim, 0)
     c = _acc(attn)
-    y = attn.to(c) @ wo.index_select(1, cols).to(c).T
+    y = attn.to(c) @ wot.index_select(0, rows).to(c)
     return _finish(y, bo, residual, out, attn.dtype)
 
 
@@ -108,9 +108,9 @@ def attend(q, cache, head_idx, pos, scale, *, recompute=None):
     return head_attention(q, cache, head_idx, pos, scale)
 
 
-def out_proj_add(attn, wo, bo, head_idx, head_dim, h, *, fixed=False):
-    cols = _rows(wo, head_idx, head_dim, head_dim, 0)
-    h += attn.reshape(h.shape[0], -1).to(h.dtype) @ wo.index_select(1, cols).to(h.dtype).T + bo.to(h.dtype)
+def out_proj_add(attn, wot, bo, head_idx, head_dim, h, *, fixed=False):
+    rows = _rows(wot, head_idx, head_dim, head_dim, 0)
+    h += attn.reshape(h.shape[0], -1).to(h.dtype) @ wot.index_select(0, rows).to(h.dtype) + bo.to(h.dtype)
     return h
 
 
