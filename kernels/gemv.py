@@ -296,9 +296,8 @@ def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, out_
     inputs x (B, T, D): cache[b, head, t] = x[b, t] · Wkv[head]ᵀ + bkv[head]; then have[head, t] = 1 for t ≤ pos.
     ATTEND: the chunk's partial softmax of q[b, slot] · K[b, head, t ≤ pos] · scale: its max m, its sum l and
     Σ p·V (unnormalised) to m/l (B, n, NC) and o (B, n, NC, HD) (NC = n_chunks rounded up to a power of two;
-    a chunk past pos writes m = −inf, l = 0); the
-    head's last program to arrive (count[slot]) combines them into out (B, n, HD). With NC = 1 the one program
-    writes out directly."""
+    a chunk past pos writes m = −inf, l = 0); the head's last program to arrive (count[slot]) combines them into
+    out (B, n, HD). With NC = 1 the one program writes out directly."""
     slot = tl.program_id(0)
     c = tl.program_id(1)
     if PDL:
@@ -403,9 +402,9 @@ def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, o
     _rows_kernel[grid](x, w, bias if bias is not None else w, idx, out if out is not None else w,
                        cache if cache is not None else w, pos if pos is not None else idx,
                        B, n, K, row_stride, row_offset, split,
-                       x.stride(0), out_strides[0], out_strides[1], cs[0], cs[1], cs[2], G=group, HAS_BIAS=bias is not None, RELU=relu,
-                       TO_CACHE=cache is not None, PDL=PDL, PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B),
-                       **_LAUNCH)
+                       x.stride(0), out_strides[0], out_strides[1], cs[0], cs[1], cs[2],
+                       G=group, HAS_BIAS=bias is not None, RELU=relu, TO_CACHE=cache is not None,
+                       PDL=PDL, PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH)
     return out
 
 
@@ -498,6 +497,7 @@ CHUNK = 16 if INTERPRET else 32  # positions per attention program
 
 
 _COUNTERS: dict = {}
+_OUTGROWN: list = []  # counters replaced by larger ones: kept alive, a captured CUDA graph may still use them
 
 
 def _counters(n: int, device) -> torch.Tensor:
@@ -505,6 +505,8 @@ def _counters(n: int, device) -> torch.Tensor:
     One buffer per device, so attention launches on a device must not run concurrently (one stream)."""
     key = str(device)
     if key not in _COUNTERS or _COUNTERS[key].numel() < n:
+        if key in _COUNTERS:
+            _OUTGROWN.append(_COUNTERS[key])
         _COUNTERS[key] = torch.zeros(max(n, 128), device=device, dtype=torch.int32)
     return _COUNTERS[key]
 

@@ -128,3 +128,13 @@ def test_step_kernels_build_for_hopper_with_and_without_pdl(name):
     assert len(lines) == 3 * len(cases), done.stdout
     for i, (pdl, _) in enumerate(cases):
         assert lines[3 * i: 3 * i + 3] == [str(pdl)] * 3, (done.stdout, pdl)
+
+
+def test_pdl_modes_are_checked_and_off_without_hopper():
+    from kernels import gemv
+
+    with pytest.raises(ValueError, match="KERNELS_PDL"):
+        gemv.set_pdl("2")
+    assert gemv.set_pdl("prefetch") == "0" and gemv.PDL is False  # the interpreter (and CPUs) never use PDL
+    with gemv.pdl_off():
+        assert gemv.PDL_MODE == "0"
