@@ -5,7 +5,7 @@ Task `decode` (masked=False: it builds its own engine from the job's method, all
 `session.job`). A request = prefill of `prompt` tokens + `new_tokens` generated greedily (the first from the
 prefill's logits, then new_tokens−1 decode steps), batch `batch`. `warmup` requests first (graph capture,
 autotuning, torch.compile), then `repeats` measured ones. Timing: CUDA events around the prefill and around
-every step (argmax + step) on a GPU, host timers (perf_counter) on a CPU; the request total is a host timer with
+every step (its greedy argmax is computed inside it) on a GPU, host timers (perf_counter) on a CPU; the request total is a host timer with
 a synchronize at its end. Records (one per metric):
 
   prefill_ms         median prefill time
@@ -168,7 +168,8 @@ def prompt_ids(config, batch: int, length: int, seed: int, device) -> torch.Tens
 
 @torch.no_grad()
 def measure_ours(engine, prompt, settings, device) -> dict:
-    """Requests on a SparseDecoder (kernels.decode): prefill, then argmax + step per token."""
+    """Requests on a SparseDecoder (kernels.decode): prefill, then one step per token (the greedy argmax of
+    each step's logits is computed inside the step: `engine.next_token`)."""
     clock, new = Clock(device), settings["new_tokens"]
     prefill, steps, requests = [], [], []
     with PeakMemory(device) as memory:
@@ -176,11 +177,11 @@ def measure_ours(engine, prompt, settings, device) -> dict:
             clock.sync()
             begin = time.perf_counter()
             a = clock.mark()
-            logits = engine.prefill(prompt)
+            engine.prefill(prompt)
             b = clock.mark()
             marks = [b]
             for _ in range(new - 1):
-                logits = engine.step(logits.argmax(-1))
+                engine.step(engine.next_token)
                 marks.append(clock.mark())
             clock.sync()
             total = (time.perf_counter() - begin) * 1e3

@@ -101,6 +101,11 @@ def part_checks(small):
                 ("attend+out_proj_add T=256", lambda: checks.check_attend_out_proj(d, H, hd, 256, H // 2 + 1, B, 200,
                                                                                    dtype, seed=10)),
                 ("fc2_add 10%+5", lambda: checks.check_fc2_add(d, F, F // 10 + 5, B, dtype, seed=12)),
+                ("qkv_attend T=256", lambda: checks.check_qkv_attend(d, H, hd, 256, H // 2 + 1, B, 200, dtype, seed=16)),
+                ("qkv_attend[q] T=256", lambda: checks.check_qkv_attend(d, H, hd, 256, H // 4 + 1, B, 255, dtype,
+                                                                        seed=17, part="q")),
+                ("argmax vocab", lambda: checks.check_argmax(50272, B, seed=18)),
+                ("embed", lambda: checks.check_embed(d, 1000, 256, B, dtype, seed=19)),
                 ("topk neurons 10%", lambda: checks.check_topk(F, F // 10, B, seed=14)),
                 ("topk heads 50%", lambda: checks.check_topk(H, H // 2, B, seed=15)),
             ]
@@ -339,12 +344,11 @@ def quantile(values, q):
 
 @torch.no_grad()
 def time_decode(engine, prompt, new):
-    logits = engine.prefill(prompt)
-    token = logits.argmax(-1)
-    logits = engine.step(token)  # capture + autotune (not timed)
+    engine.prefill(prompt)
+    engine.step(engine.next_token)  # capture + autotune (not timed)
     times = []
     for _ in range(new - 1):
-        token = logits.argmax(-1)
+        token = engine.next_token  # the step's greedy token, computed inside the step
         if cuda():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

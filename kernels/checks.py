@@ -216,6 +216,71 @@ def check_attend_out_proj(d, H, hd, T, keep, batch, pos, dtype, seed=0, device=N
     return _relerr(h - h0, expected, dtype, f"attend+out_proj_add T={T} pos={pos} B={batch}")
 
 
+def check_qkv_attend(d, H, hd, T, keep, batch, pos, dtype, seed=0, part="qkv", device=None):
+    """qkv_attend (QKV with each head's attention by the last program to finish its rows): the attention output
+    of the kept heads over positions [0, pos], with k/v at pos from this launch (part="qkv") or already in the
+    cache (part="q"); only the kept heads' k/v at pos written; positions after pos never read (NaN there); run
+    twice, the same result (the arrival counters are back at zero)."""
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    x, wqkv, bqkv, idx = _qkv_inputs(g, batch, d, H, hd, keep, dtype, device)
+    cache = _randn(g, batch, H, T, 2, hd, dtype=dtype, device=device)
+    cache[:, :, pos + 1:] = float("nan")
+    if part == "qkv":
+        cache[:, idx.long(), pos] = float("nan")  # this launch must write them before attending
+    before = cache.clone()
+    p = torch.tensor([pos], device=device)
+    first = gemv.qkv_attend(x, wqkv, bqkv, idx, hd, cache, p, hd ** -0.5, part=part)
+    assert torch.equal(first, gemv.qkv_attend(x, wqkv, bqkv, idx, hd, cache, p, hd ** -0.5, part=part)), \
+        "qkv_attend differs between launches"
+    written = torch.zeros(batch, H, T, 2, hd, dtype=torch.bool, device=device)
+    if part == "qkv":
+        written[:, idx.long(), pos] = True
+    assert torch.equal(torch.nan_to_num(cache[~written], nan=7.0), torch.nan_to_num(before[~written], nan=7.0)), \
+        f"qkv_attend[{part}] wrote outside the kept heads' k/v at pos"
+    qkv = ref.qkv_heads(*_d(x, wqkv, bqkv), idx, hd, part="qkv")  # (B, n, 3, hd)
+    expected_cache = torch.nan_to_num(before.double(), nan=0.0)
+    if part == "qkv":
+        expected_cache[:, idx.long(), pos] = qkv[:, :, 1:].to(dtype).double()  # the cache holds them rounded
+    expected = ref.head_attention(qkv[:, :, 0].to(dtype).double(), expected_cache, idx, p, hd ** -0.5)
+    return _relerr(first, expected, dtype, f"qkv_attend[{part}] T={T} pos={pos} B={batch}")
+
+
+def check_argmax(V, batch, seed=0, device=None):
+    """argmax: torch.argmax's index for every row of fp16 logits, ties (planted) broken by the lowest index."""
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, V, generator=g).to(device=device, dtype=torch.float16)
+    top = logits.max() + 1
+    for b in range(batch):  # the row's maximum twice, in different programs' columns (and once at the end)
+        cols = torch.randperm(V, generator=g)[:2].sort().values
+        logits[b, cols] = top
+    logits[-1, -1] = top + 1
+    out = torch.full((batch,), -1, dtype=torch.long, device=device)
+    gemv.argmax(logits, out=out)
+    assert torch.equal(out, logits.argmax(-1)), f"argmax V={V} B={batch}: {out.tolist()} != {logits.argmax(-1).tolist()}"
+    assert torch.equal(gemv.argmax(logits), out), "argmax differs between launches"
+    return 0.0
+
+
+def check_embed(d, V, T, batch, dtype, seed=0, device=None):
+    """embed: the fp32 step input = token embedding + position embedding (rounded as the model adds them)."""
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    table = _randn(g, V, d, dtype=dtype, device=device)
+    pos_table = _randn(g, T + 2, d, dtype=dtype, device=device)
+    token = torch.randint(0, V, (batch,), generator=g).to(device)
+    pos = torch.tensor([T - 1], device=device)
+    h = torch.full((batch, d), float("nan"), device=device)
+    gemv.embed(token, pos, table, pos_table, 2, h)
+    expected = torch.zeros(batch, d, device=device)
+    ref.embed(token, pos, table, pos_table, 2, expected)
+    # within one rounding of the dtype (the CPU interpreter rounds fp32 → bf16 toward zero, the GPU to nearest)
+    err = ((h - expected).abs() / expected.abs()).max().item()
+    assert err <= torch.finfo(dtype).eps, f"embed d={d} B={batch}: differs from the model's sum by {err:.3g}"
+    return err
+
+
 def check_fc2_add(d, F, keep, batch, dtype, seed=0, device=None):
     device = device or _device()
     g = torch.Generator().manual_seed(seed)
@@ -249,12 +314,17 @@ def check_topk(n, k, batch, seed=0, device=None):
 
 # -- the PDL variants build for Hopper (no GPU needed: the triton wheel ships ptxas) ---------------------------
 _P = "*fp16"
+_ROWS_SIGNATURE = dict(
+    x_ptr=_P, w_ptr=_P, bias_ptr=_P, idx_ptr="*i32", out_ptr=_P, cache_ptr=_P, pos_ptr="*i64", attn_ptr="*fp32",
+    count_ptr="*i32", B="i32", N="i32", K="i32", row_stride="i32", row_offset="i32", split="i32", scale="fp32",
+    stride_xb="i32", stride_ob="i32", stride_oslot="i32", stride_cb="i32", stride_ch="i32", stride_ct="i32")
 _HOPPER_SIGNATURES = {
-    "rows": (gemv._rows_kernel, dict(
-        x_ptr=_P, w_ptr=_P, bias_ptr=_P, idx_ptr="*i32", out_ptr=_P, cache_ptr=_P, pos_ptr="*i64", B="i32", N="i32",
-        K="i32", row_stride="i32", row_offset="i32", split="i32", stride_xb="i32", stride_ob="i32",
-        stride_oslot="i32", stride_cb="i32", stride_ch="i32", stride_ct="i32"),
-        dict(G=384, HAS_BIAS=True, RELU=False, TO_CACHE=True, BLOCK_B=1, BLOCK_N=8, BLOCK_K=256)),
+    "rows": (gemv._rows_kernel, _ROWS_SIGNATURE,
+             dict(G=384, HAS_BIAS=True, RELU=False, TO_CACHE=True, ATTEND=False, BLOCK_HD=1, CHUNK_T=32, BLOCK_B=1,
+                  BLOCK_N=8, BLOCK_K=256)),
+    "rows_attend": (gemv._rows_kernel, _ROWS_SIGNATURE,  # QKV with the fused attention (qkv_attend)
+                    dict(G=384, HAS_BIAS=True, RELU=False, TO_CACHE=True, ATTEND=True, BLOCK_HD=128,
+                         CHUNK_T=gemv.CHUNK_T, BLOCK_B=1, BLOCK_N=8, BLOCK_K=256)),
     "cols": (gemv._cols_kernel, dict(
         a_ptr="*fp32", w_ptr=_P, idx_ptr="*i32", acc_ptr="*fp32", bias_ptr=_P, B="i32", R="i32", D="i32",
         row_stride="i32", stride_ab="i32", stride_accb="i32"),
@@ -281,7 +351,7 @@ def hopper_ptx(name: str, pdl: bool, prefetch: bool = False) -> str:
     kernel, signature, constants = _HOPPER_SIGNATURES[name]
     while hasattr(kernel, "fn"):  # autotuner → JITFunction (or the interpreter's wrapper) → the Python function
         kernel = kernel.fn
-    constants = {**constants, "PDL": pdl, **({"PREFETCH": prefetch} if name in ("rows", "cols") else {})}
+    constants = {**constants, "PDL": pdl, **({"PREFETCH": prefetch} if name in ("rows", "rows_attend", "cols") else {})}
     source = ASTSource(fn=JITFunction(kernel), signature={**signature, **{k: "constexpr" for k in constants}},
                        constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]

@@ -4,8 +4,7 @@ the selected heads and neurons, captured once in a CUDA graph and replayed per t
     engine = SparseDecoder(model, StaticMasks(heads, neurons), max_len=256, kv="recompute")
     logits = engine.prefill(prompt_ids)          # dense pass over the prompt, fills the static KV cache
     for _ in range(n):
-        token = logits.argmax(-1)
-        logits = engine.step(token)              # (B, vocab): one token, sparse
+        logits = engine.step(engine.next_token)  # (B, vocab): one token, sparse; next_token = its argmax
 
 Semantics are the masked engine's (harness.engine.MaskedEngine): a skipped head contributes nothing to
 out_proj, a skipped neuron nothing to fc2, and attention of a kept head sees the keys/values of *every* past
@@ -16,9 +15,12 @@ token. Two ways to have those keys/values:
                   normed input of every past token and, when a selected head lacks K/V for some past tokens,
                   recomputes exactly those entries from the kept inputs before attention.
 
-The step keeps the residual stream in fp32 and runs seven launches per layer (`kernels.gemv`: LayerNorm, QKV
-with k/v routed into the cache, split-T attention (with the recompute inside), out_proj adding into the stream,
-LayerNorm, fc1, fc2 adding into the stream). Weights are re-laid-out once so that selected rows are
+The step keeps the residual stream in fp32 and runs six launches per layer (`kernels.gemv`: LayerNorm, QKV with
+k/v routed into the cache and each head's attention done by the last program to finish its rows, out_proj adding
+into the stream, LayerNorm, fc1, fc2 adding into the stream). When K/V must be recomputed (kv="recompute" with a
+dynamic source) or the cache is long (attention="split", or "auto" beyond FUSED_ATTENTION_MAX_LEN positions),
+attention is its own split-T launch instead (with the recompute inside): seven launches. Around the layers: one
+launch for the embeddings, the final LayerNorm, lm_head (cuBLAS) and a greedy argmax into `next_token`. Weights are re-laid-out once so that selected rows are
 contiguous: fused QKV head-major (H·3·hd, d), out_proj head-major transposed (H·hd, d), fc1 as is (F, d), fc2
 neuron-major (F, d).
 
@@ -48,6 +50,10 @@ import torch.nn.functional as F
 
 KV_MODES = ("all", "recompute")
 BACKENDS = ("triton", "torch")
+ATTENTION_MODES = ("auto", "fused", "split")
+#: attention="auto" fuses attention into the QKV launch up to this many cache positions (one program per head
+#: attends over all of them; longer caches use the split-T kernel)
+FUSED_ATTENTION_MAX_LEN = 512
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -116,9 +122,11 @@ def _ops(backend: str):
 class SparseDecoder:
     def __init__(self, model, masks=None, *, max_len: int, batch: int = 1, kv: str = "all",
                  backend: str | None = None, heads_kept=None, neurons_kept=None, cuda_graph: bool = True,
-                 device=None, dtype=None, layers=None):
+                 device=None, dtype=None, layers=None, attention: str = "auto"):
         if kv not in KV_MODES:
             raise ValueError(f"unknown kv mode {kv!r}; valid: {', '.join(KV_MODES)}")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"unknown attention mode {attention!r}; valid: {', '.join(ATTENTION_MODES)}")
         config = model.config
         if not config.do_layer_norm_before:
             raise ValueError("the sparse decode engine supports pre-LN OPT (do_layer_norm_before=True) only")
@@ -139,6 +147,8 @@ class SparseDecoder:
         self.scaling = self.head_dim ** -0.5
         if max_len > config.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds the model's {config.max_position_embeddings} positions")
+        # fused: attention inside the QKV launch (when no K/V is missing); split: its own split-T launch
+        self.fused_attention = attention == "fused" or (attention == "auto" and max_len <= FUSED_ATTENTION_MAX_LEN)
 
         to = dict(device=self.device, dtype=self.dtype)
         self.embed = decoder.embed_tokens.weight.to(**to)
@@ -160,7 +170,7 @@ class SparseDecoder:
             self.have = [torch.zeros(H, T, dtype=torch.int8, device=self.device) for _ in range(self.num_layers)]
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # where the next token goes
         self.length = 0  # host copy of pos
-        self.token = torch.zeros(B, dtype=torch.long, device=self.device)
+        self.token = torch.zeros(B, dtype=torch.long, device=self.device)  # the step's input; then its argmax
         self.all_heads = torch.arange(H, dtype=torch.int32, device=self.device)
         self.h = torch.zeros(B, self.hidden, dtype=torch.float32, device=self.device)  # the step's residual stream
 
@@ -257,7 +267,15 @@ class SparseDecoder:
             h = h + F.linear(torch.relu(F.linear(xn, w.w1, w.b1)), w.w2t.T, w.b2)
         self.pos.fill_(T0)
         self.length = T0
-        return self._head(h[:, -1])
+        logits = self._head(h[:, -1])
+        self.token.copy_(logits.argmax(-1))
+        return logits
+
+    @property
+    def next_token(self) -> torch.Tensor:
+        """The greedy token (B,) of the latest logits (prefill's or a step's), computed on the device inside the
+        step; `step(engine.next_token)` continues greedy decoding without a copy."""
+        return self.token
 
     # -- one token -----------------------------------------------------------------------------------------
     def _indices(self, layer, got, buffers):
@@ -276,12 +294,14 @@ class SparseDecoder:
         return buf
 
     def _step_impl(self) -> torch.Tensor:
-        """One token, seven launches per layer (see kernels.gemv): the residual stream h stays in fp32, k/v go
-        straight into the cache, attention is split over positions and combined inside out_proj, and
-        out_proj/fc2 add into h."""
+        """One token (see the module docstring): the residual stream h stays in fp32, k/v go straight into the
+        cache, attention is fused into the QKV launch or split over positions, and out_proj/fc2 add into h."""
         ops, B, H, hd, dt = self.ops, self.batch, self.num_heads, self.head_dim, self.dtype
         h = self.h
-        h.copy_(self._embed(self.token, self.pos.expand(B)))
+        if self.project_in is None:
+            ops.embed(self.token, self.pos, self.embed, self.pos_embed, self.pos_offset, h)
+        else:
+            h.copy_(self._embed(self.token, self.pos.expand(B)))
         if hasattr(self.masks, "begin_step"):
             self.masks.begin_step(self)
         static = getattr(self.masks, "static", False)
@@ -289,19 +309,24 @@ class SparseDecoder:
         neurons_hook = getattr(self.masks, "neuron_masks", None)
         # static masks: a kept head computed its K/V at every token, so nothing is ever missing (no recompute check)
         recompute = self.kv == "recompute" and not static
+        fused = self.fused_attention and not recompute
         for index, w in enumerate(self.layers):
             head_idx, neuron_idx = self.masks(index, hidden())
             heads = self._indices(index, head_idx, self.head_buf)
             cache = self.cache[index]
             xn = ops.layer_norm(h, w.ln1_w, w.ln1_b, w.eps1, dt, keep=self.xkeep[index] if recompute else None,
                                 pos=self.pos)
+            part = "qkv"
             if self.kv == "all" and heads.numel() < H:  # k/v of every head, q of the kept ones
                 ops.qkv_to_cache(xn, w.wqkv, w.bqkv, self.all_heads, hd, cache, self.pos, part="kv", fixed=True)
-                q = ops.qkv_to_cache(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos, part="q", fixed=static)
+                part = "q"
+            if fused:
+                attn = ops.qkv_attend(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos, self.scaling, part=part,
+                                      fixed=static)
             else:
-                q = ops.qkv_to_cache(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos, fixed=static)
-            attn = ops.attend(q, cache, heads, self.pos, self.scaling,
-                              recompute=(self.xkeep[index], w.wqkv, w.bqkv, self.have[index]) if recompute else None)
+                q = ops.qkv_to_cache(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos, part=part, fixed=static)
+                attn = ops.attend(q, cache, heads, self.pos, self.scaling,
+                                  recompute=(self.xkeep[index], w.wqkv, w.bqkv, self.have[index]) if recompute else None)
             ops.out_proj_add(attn, w.wot, w.bo, heads, hd, h, fixed=static)
             if neurons_hook is not None:
                 neuron_idx = neurons_hook(index, hidden())
@@ -309,7 +334,14 @@ class SparseDecoder:
             act = ops.fc1_gather(ops.layer_norm(h, w.ln2_w, w.ln2_b, w.eps2, dt), w.w1, w.b1, neurons,
                                  fixed=static)
             ops.fc2_add(act, w.w2t, w.b2, neurons, h, fixed=static)
-        logits = self._head(h.to(dt))
+        if self.final_w is not None and self.final_b is not None:
+            x = ops.layer_norm(h, self.final_w, self.final_b, self.final_ln.eps, dt)
+            if self.project_out is not None:
+                x = F.linear(x, self.project_out)
+            logits = F.linear(x, self.lm_head)
+        else:
+            logits = self._head(h.to(dt))
+        ops.argmax(logits, out=self.token)  # the greedy next token, for step(engine.next_token)
         self.pos.add_(1)
         return logits
 
@@ -321,7 +353,8 @@ class SparseDecoder:
             raise RuntimeError("call prefill() first")
         if self.length >= self.max_len:
             raise RuntimeError(f"the KV cache is full (max_len {self.max_len})")
-        self.token.copy_(torch.as_tensor(token, device=self.device).reshape(-1).expand(self.batch))
+        if token is not self.token:
+            self.token.copy_(torch.as_tensor(token, device=self.device).reshape(-1).expand(self.batch))
         if self.use_graph:
             if self.graph is None:
                 self._capture()
@@ -335,7 +368,7 @@ class SparseDecoder:
     def _capture(self, warmup: int = 2) -> None:
         """Warm up (autotunes the kernels, the first step with PDL off) on a side stream, undo the warm-up's
         effects, capture one step."""
-        saved_pos = self.pos.clone()
+        saved_pos, saved_token = self.pos.clone(), self.token.clone()  # a step overwrites token with its argmax
         saved_have = [h.clone() for h in self.have] if self.kv == "recompute" else []
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -345,6 +378,7 @@ class SparseDecoder:
                 with tuning() if i == 0 else contextlib.nullcontext():  # autotune without PDL (see gemv.pdl_off)
                     self._step_impl()
                 self.pos.copy_(saved_pos)
+                self.token.copy_(saved_token)
         torch.cuda.current_stream().wait_stream(stream)
         for have, saved in zip(self.have if self.kv == "recompute" else [], saved_have):
             have.copy_(saved)
@@ -359,12 +393,11 @@ class SparseDecoder:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         """Greedy decoding: prefill, then `new_tokens` steps. Returns the generated tokens (B, new_tokens)."""
-        logits = self.prefill(input_ids)
+        self.prefill(input_ids)
         out = []
         for _ in range(new_tokens):
-            token = logits.argmax(-1)
-            out.append(token)
-            logits = self.step(token)
+            out.append(self.next_token.clone())
+            self.step(self.next_token)
         return torch.stack(out, 1)
 
 

@@ -477,7 +477,7 @@ def write_report():
              f"programmatic dependent launch mode {_pdl_mode()!r} (KERNELS_PDL; see kernels.gemv.set_pdl).", "",
              "Random weights (seeded), fp16, batch 1, prompt 128 + 128 generated tokens (greedy); per model one warm-up "
              "request then 2 measured requests for our engine (254 step times), 1 for the Hugging Face baselines "
-             "(127). Medians of CUDA-event times around each step (argmax + step); request ms is a host timer. "
+             "(127). Medians of CUDA-event times around each step (its greedy argmax computed inside it); request ms is a host timer. "
              "Predictors: the methods' own architectures and default sizes (dejavu low-rank 1000 per layer for heads "
              "and neurons, shadow one 2048-hidden MLP for every later head and neuron, timewise 256-hidden MLPs), "
              "seeded and untrained (their cost does not depend on their values), run inside the CUDA graph. "

@@ -108,6 +108,11 @@ def attend(q, cache, head_idx, pos, scale, *, recompute=None):
     return head_attention(q, cache, head_idx, pos, scale)
 
 
+def qkv_attend(x, wqkv, bqkv, head_idx, head_dim, cache, pos, scale, *, part="qkv", fixed=False):
+    q = qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, part=part)
+    return head_attention(q, cache, head_idx, pos, scale)
+
+
 def out_proj_add(attn, wot, bo, head_idx, head_dim, h, *, fixed=False):
     rows = _rows(wot, head_idx, head_dim, head_dim, 0)
     h += attn.reshape(h.shape[0], -1).to(h.dtype) @ wot.index_select(0, rows).to(h.dtype) + bo.to(h.dtype)
@@ -117,6 +122,15 @@ def out_proj_add(attn, wot, bo, head_idx, head_dim, h, *, fixed=False):
 def fc2_add(act, w2t, b2, idx, h, *, fixed=False):
     h += act.to(h.dtype) @ w2t.index_select(0, idx.long()).to(h.dtype) + b2.to(h.dtype)
     return h
+
+
+def embed(token, pos, table, pos_table, offset, h):
+    h.copy_(F.embedding(token, table) + F.embedding(pos.reshape(-1)[:1] + offset, pos_table))
+    return h
+
+
+def argmax(logits, out=None):
+    return _into(out, logits.argmax(-1))
 
 
 def _finish(y, bias, residual, out, dtype):

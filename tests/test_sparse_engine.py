@@ -68,6 +68,54 @@ def test_sparse_engine_matches_masked_engine(reference, backend, kv):
             assert torch.allclose(mine, full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["fused", "split"])
+def test_fused_and_split_attention_both_match_the_masked_engine(reference, attention):
+    """kv="all": q of the kept heads in its own QKV launch (part="q"), with or without the attention fused in."""
+    pytest.importorskip("triton")
+    model, prompt, tokens, expected = reference
+    engine = SparseDecoder(model, ScheduleSource(schedule), max_len=16, kv="all", backend="triton",
+                           heads_kept=KEEP_H, neurons_kept=KEEP_F, attention=attention)
+    assert engine.fused_attention is (attention == "fused")
+    errors, agree = relative_errors(sparse_engine_logits(engine, prompt, tokens), expected)
+    assert max(errors) < 1e-5 and all(agree), errors
+
+
+def test_static_masks_with_fused_attention_match_the_masked_engine():
+    """Static masks with kv="recompute": nothing to recompute, so attention is fused into the QKV launch."""
+    pytest.importorskip("triton")
+    model = _model()
+    keep = [torch.tensor([0, 3]), torch.tensor([1, 2])]
+    neurons = [torch.arange(0, F_DIM, 3)[:KEEP_F], torch.arange(1, F_DIM, 3)[:KEEP_F]]
+    fixed = lambda step, layer: (keep[layer], neurons[layer])  # noqa: E731
+    g = torch.Generator().manual_seed(5)
+    prompt, tokens = torch.randint(0, 512, (1, PROMPT), generator=g), torch.randint(0, 512, (STEPS,), generator=g)
+    expected = masked_engine_logits(model, fixed, prompt, tokens, KEEP_H, KEEP_F)
+    engine = SparseDecoder(model, StaticMasks(keep, neurons), max_len=16, kv="recompute", backend="triton",
+                           attention="auto")
+    assert engine.fused_attention
+    errors, agree = relative_errors(sparse_engine_logits(engine, prompt, tokens), expected)
+    assert max(errors) < 1e-5 and all(agree), errors
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_next_token_is_the_greedy_token_of_the_latest_logits(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    model = _model()
+    prompt = torch.randint(0, 512, (2, 4), generator=torch.Generator().manual_seed(4))
+    engine = SparseDecoder(model, DenseMasks(2), max_len=10, batch=2, backend=backend)
+    twin = SparseDecoder(model, DenseMasks(2), max_len=10, batch=2, backend=backend, layers=engine.layers)
+    logits, twin_logits = engine.prefill(prompt), twin.prefill(prompt)
+    for _ in range(4):
+        assert torch.equal(engine.next_token, logits.argmax(-1))
+        token = engine.next_token.clone()
+        logits = engine.step(engine.next_token).clone()  # fed back in place: no copy
+        twin_logits = twin.step(token).clone()  # the same token given from outside
+        assert torch.equal(logits, twin_logits)
+    with pytest.raises(ValueError, match="attention mode"):
+        SparseDecoder(model, DenseMasks(2), max_len=10, backend=backend, attention="flash")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_dense_source_equals_the_model(backend):
     if backend == "triton":
