@@ -15,12 +15,10 @@ token. Two ways to have those keys/values:
                   normed input of every past token and, when a selected head lacks K/V for some past tokens,
                   recomputes exactly those entries from the kept inputs before attention.
 
-The step keeps the residual stream in fp32 and runs six launches per layer (`kernels.gemv`: LayerNorm, QKV with
-k/v routed into the cache and each head's attention done by the last program to finish its rows, out_proj adding
-into the stream, LayerNorm, fc1, fc2 adding into the stream). When K/V must be recomputed (kv="recompute" with a
-dynamic source) or the cache is long (attention="split", or "auto" beyond FUSED_ATTENTION_MAX_LEN positions),
-attention is its own split-T launch instead (with the recompute inside): seven launches. Around the layers: one
-launch for the embeddings, the final LayerNorm, lm_head (cuBLAS) and a greedy argmax into `next_token`. Weights are re-laid-out once so that selected rows are
+The step keeps the residual stream in fp32 and runs seven launches per layer (`kernels.gemv`: LayerNorm, QKV
+with k/v routed into the cache, split-T attention (with the recompute inside), out_proj adding into the stream,
+LayerNorm, fc1, fc2 adding into the stream), and around the layers one launch each for the embeddings, the final
+LayerNorm, lm_head (cuBLAS) and the greedy argmax into `next_token`. Weights are re-laid-out once so that selected rows are
 contiguous: fused QKV head-major (H·3·hd, d), out_proj head-major transposed (H·hd, d), fc1 as is (F, d), fc2
 neuron-major (F, d).
 
@@ -50,10 +48,6 @@ import torch.nn.functional as F
 
 KV_MODES = ("all", "recompute")
 BACKENDS = ("triton", "torch")
-ATTENTION_MODES = ("auto", "fused", "split")
-#: attention="auto" fuses attention into the QKV launch up to this many cache positions (one program per head
-#: attends over all of them; longer caches use the split-T kernel)
-FUSED_ATTENTION_MAX_LEN = 512
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -122,11 +116,9 @@ def _ops(backend: str):
 class SparseDecoder:
     def __init__(self, model, masks=None, *, max_len: int, batch: int = 1, kv: str = "all",
                  backend: str | None = None, heads_kept=None, neurons_kept=None, cuda_graph: bool = True,
-                 device=None, dtype=None, layers=None, attention: str = "auto"):
+                 device=None, dtype=None, layers=None):
         if kv not in KV_MODES:
             raise ValueError(f"unknown kv mode {kv!r}; valid: {', '.join(KV_MODES)}")
-        if attention not in ATTENTION_MODES:
-            raise ValueError(f"unknown attention mode {attention!r}; valid: {', '.join(ATTENTION_MODES)}")
         config = model.config
         if not config.do_layer_norm_before:
             raise ValueError("the sparse decode engine supports pre-LN OPT (do_layer_norm_before=True) only")
@@ -147,8 +139,6 @@ class SparseDecoder:
         self.scaling = self.head_dim ** -0.5
         if max_len > config.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds the model's {config.max_position_embeddings} positions")
-        # fused: attention inside the QKV launch (when no K/V is missing); split: its own split-T launch
-        self.fused_attention = attention == "fused" or (attention == "auto" and max_len <= FUSED_ATTENTION_MAX_LEN)
 
         to = dict(device=self.device, dtype=self.dtype)
         self.embed = decoder.embed_tokens.weight.to(**to)
@@ -295,7 +285,7 @@ class SparseDecoder:
 
     def _step_impl(self) -> torch.Tensor:
         """One token (see the module docstring): the residual stream h stays in fp32, k/v go straight into the
-        cache, attention is fused into the QKV launch or split over positions, and out_proj/fc2 add into h."""
+        cache, attention is split over positions, and out_proj/fc2 add into h."""
         ops, B, H, hd, dt = self.ops, self.batch, self.num_heads, self.head_dim, self.dtype
         h = self.h
         if self.project_in is None:
@@ -309,7 +299,6 @@ class SparseDecoder:
         neurons_hook = getattr(self.masks, "neuron_masks", None)
         # static masks: a kept head computed its K/V at every token, so nothing is ever missing (no recompute check)
         recompute = self.kv == "recompute" and not static
-        fused = self.fused_attention and not recompute
         for index, w in enumerate(self.layers):
             head_idx, neuron_idx = self.masks(index, hidden())
             heads = self._indices(index, head_idx, self.head_buf)
@@ -320,13 +309,9 @@ class SparseDecoder:
             if self.kv == "all" and heads.numel() < H:  # k/v of every head, q of the kept ones
                 ops.qkv_to_cache(xn, w.wqkv, w.bqkv, self.all_heads, hd, cache, self.pos, part="kv", fixed=True)
                 part = "q"
-            if fused:
-                attn = ops.qkv_attend(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos, self.scaling, part=part,
-                                      fixed=static)
-            else:
-                q = ops.qkv_to_cache(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos, part=part, fixed=static)
-                attn = ops.attend(q, cache, heads, self.pos, self.scaling,
-                                  recompute=(self.xkeep[index], w.wqkv, w.bqkv, self.have[index]) if recompute else None)
+            q = ops.qkv_to_cache(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos, part=part, fixed=static)
+            attn = ops.attend(q, cache, heads, self.pos, self.scaling, fixed=static,
+                              recompute=(self.xkeep[index], w.wqkv, w.bqkv, self.have[index]) if recompute else None)
             ops.out_proj_add(attn, w.wot, w.bo, heads, hd, h, fixed=static)
             if neurons_hook is not None:
                 neuron_idx = neurons_hook(index, hidden())

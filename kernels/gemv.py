@@ -13,16 +13,12 @@ and `_cols_kernel` (a reduction over selected rows, split over programs with fp3
 fp32 for every operand dtype. Block sizes are autotuned on the GPU; under TRITON_INTERPRET=1 (CPU tests) one
 small config keeps the interpreter fast.
 
-The decode step (`kernels.decode`) runs six launches per layer (`layer_norm`, `qkv_attend`, `out_proj_add`,
-`layer_norm`, `fc1_gather`, `fc2_add`), or seven with attention on its own (`qkv_to_cache`, `attend`: K/V to
-recompute, long caches), with these fusions:
+The decode step (`kernels.decode`) runs seven launches per layer (`layer_norm`, `qkv_to_cache`, `attend`,
+`out_proj_add`, `layer_norm`, `fc1_gather`, `fc2_add`) with these fusions:
 - *routing*: the fused QKV GEMV writes q of the selected heads to a buffer and their k/v straight into the
   static KV cache at the current position; the LayerNorm kernel also writes the normalised input to the
   kept-input store (Deja Vu).
-- *fused attention* (`qkv_attend`): the QKV launch's last program to finish a head's rows attends for that
-  head (arrival counters); heads finish in launch order, so the attention of all but the last heads overlaps
-  the weight streaming of the others.
-- *split-T attention* (`attend`): one program per (selected head, chunk of positions) writes a partial softmax (max,
+- *split-T attention*: one program per (selected head, chunk of positions) writes a partial softmax (max,
   sum, weighted values); the head's last program to finish (an arrival counter) combines them. With
   kv="recompute" the same program first recomputes the chunk's missing K/V entries of its head from the kept
   inputs. (Combining in out_proj's prologue instead cost every out_proj program the exps again: out_proj of
@@ -141,9 +137,6 @@ def _prune(size_keys):
         bb = named_args.get("BLOCK_B", kwargs.get("BLOCK_B", 1))
         kept = [c for c in configs
                 if 16 * 32 * c.num_warps <= bb * c.kwargs[size_keys[0]] * c.kwargs[size_keys[1]] <= 64 * 32 * c.num_warps]
-        if named_args.get("ATTEND", kwargs.get("ATTEND", False)):  # a program's rows must lie in one head
-            group = named_args.get("G", kwargs.get("G", 1))
-            kept = [c for c in kept if group % c.kwargs["BLOCK_N"] == 0]
         return kept or configs[:1]
     return {"early_config_prune": prune}
 
@@ -151,30 +144,20 @@ def _prune(size_keys):
 # ------------------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_row_configs(), key=["N", "K", "G", "BLOCK_B", "RELU", "TO_CACHE", "ATTEND"],
+@triton.autotune(configs=_row_configs(), key=["N", "K", "G", "BLOCK_B", "RELU", "TO_CACHE"],
                  prune_configs_by=_prune(("BLOCK_N", "BLOCK_K")))
 @triton.jit
-def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr, attn_ptr, count_ptr,
-                 B, N, K, row_stride, row_offset, split, scale,
+def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
+                 B, N, K, row_stride, row_offset, split,
                  stride_xb, stride_ob, stride_oslot, stride_cb, stride_ch, stride_ct,
                  G: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, TO_CACHE: tl.constexpr,
-                 ATTEND: tl.constexpr, BLOCK_HD: tl.constexpr, CHUNK_T: tl.constexpr,
                  PDL: tl.constexpr, PREFETCH: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[b, j] = act(x[b] · W[row(j)] + bias[row(j)]) for the N = len(idx)·G outputs j, row(j) =
     idx[j // G]·row_stride + row_offset + j % G. Element e = row_offset + j % G of a unit goes to
     out[b, j // G, j % G] if e < split, else (TO_CACHE) to cache[b, idx[j // G], pos, e − split].
     PDL: wait for the previous kernel before the first read of x/idx (PREFETCH: idx is fixed for the step, so the
-    first weight tile is loaded before the wait).
-
-    ATTEND (fused attention; the unit is a head whose q is the first split = head_dim outputs and whose k/v are
-    in the cache at every position ≤ pos once this launch has written them): the last program to finish a
-    head's rows (an arrival counter per head, count[slot], reset by that program) attends q · scale over cache
-    positions [0, pos] in chunks of CHUNK_T with an online softmax and writes the head's output to
-    attn[b, slot] (B, len(idx), split) fp32. A head's rows are G // BLOCK_N whole programs. Heads finish in
-    launch order, so all but the last heads' attention overlaps the streaming of later heads' weights."""
-    if ATTEND:
-        tl.static_assert(G % BLOCK_N == 0, "fused attention: a program's rows must belong to one head")
+    first weight tile is loaded before the wait)."""
     pid = tl.program_id(0)
     if PDL:
         if not PREFETCH:
@@ -218,57 +201,6 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr, a
         p = tl.load(pos_ptr).to(tl.int64)
         offs = offs_b[:, None].to(tl.int64) * stride_cb + unit[None, :] * stride_ch + p * stride_ct + (e - split)[None, :]
         tl.store(cache_ptr + offs, y.to(cache_ptr.dtype.element_ty), mask=mask & (e >= split)[None, :])
-    if ATTEND:
-        tl.debug_barrier()  # every thread's q/k/v stores are made before the (releasing) count
-        head_slot = (pid * BLOCK_N) // G
-        done = tl.atomic_add(count_ptr + head_slot, 1)
-        if done == G // BLOCK_N - 1:
-            _attend_one_head(out_ptr, cache_ptr, idx_ptr, pos_ptr, attn_ptr, head_slot, B, N // G, split, scale,
-                             stride_ob, stride_oslot, stride_cb, stride_ch, stride_ct, BLOCK_HD, CHUNK_T)
-            tl.atomic_xchg(count_ptr + head_slot, 0)  # ready for the next launch (or graph replay)
-
-
-@triton.jit
-def _attend_one_head(q_ptr, cache_ptr, idx_ptr, pos_ptr, out_ptr, slot, B, n_sel, HD, scale,
-                     stride_qb, stride_qslot, stride_cb, stride_ch, stride_ct,
-                     BLOCK_HD: tl.constexpr, CHUNK_T: tl.constexpr):
-    """out[b, slot] = softmax(q[b, slot] · K[b, idx[slot], t ≤ pos]ᵀ · scale) · V[...] for every b, in one
-    program: an online softmax over chunks of CHUNK_T positions, the next chunk's K/V loaded before the current
-    one is used (one memory round trip in flight per chunk, not one after another). q/k/v written by other
-    programs of the same launch are read past L1 (.cg)."""
-    head = tl.load(idx_ptr + slot).to(tl.int64)
-    p = tl.load(pos_ptr).to(tl.int32)
-    offs_d = tl.arange(0, BLOCK_HD)
-    mask_d = offs_d < HD
-    for b in range(0, B):
-        q = tl.load(q_ptr + b * stride_qb + slot * stride_qslot + offs_d, mask=mask_d, other=0.0,
-                    cache_modifier=".cg").to(tl.float32) * scale
-        base = cache_ptr + b * stride_cb + head * stride_ch
-        m_i = tl.full((), float("-inf"), tl.float32)
-        l_i = tl.zeros((), tl.float32)
-        acc = tl.zeros((BLOCK_HD,), tl.float32)
-        offs_t = tl.arange(0, CHUNK_T)
-        ptrs = base + offs_t[:, None].to(tl.int64) * stride_ct + offs_d[None, :]
-        mask = (offs_t <= p)[:, None] & mask_d[None, :]
-        k_next = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-        v_next = tl.load(ptrs + HD, mask=mask, other=0.0, cache_modifier=".cg")
-        for t0 in range(0, p + 1, CHUNK_T):
-            k = k_next.to(tl.float32)
-            v = v_next.to(tl.float32)
-            ahead = t0 + CHUNK_T + tl.arange(0, CHUNK_T)
-            ptrs = base + ahead[:, None].to(tl.int64) * stride_ct + offs_d[None, :]
-            mask = (ahead <= p)[:, None] & mask_d[None, :]
-            k_next = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-            v_next = tl.load(ptrs + HD, mask=mask, other=0.0, cache_modifier=".cg")
-            valid = t0 + tl.arange(0, CHUNK_T) <= p
-            scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=0))  # finite: position t0 ≤ p is valid
-            alpha = tl.exp(m_i - m_new)
-            prob = tl.exp(scores - m_new)
-            acc = acc * alpha + tl.sum(prob[:, None] * v, axis=0)
-            l_i = l_i * alpha + tl.sum(prob, axis=0)
-            m_i = m_new
-        tl.store(out_ptr + (b * n_sel + slot) * HD + offs_d, acc / l_i, mask=mask_d)
 
 
 @triton.autotune(configs=_col_configs(), key=["R", "D", "G", "BLOCK_B"], restore_value=["acc_ptr"],
@@ -357,7 +289,7 @@ def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, out_
                    NC: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
                    ATTEND: tl.constexpr, RECOMPUTE: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_2HD: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                   PDL: tl.constexpr):
+                   PDL: tl.constexpr, EARLY: tl.constexpr):
     """Program (slot, c): selected head idx[slot], positions t of chunk c; cache (B, H, T, 2, HD).
 
     RECOMPUTE (Deja Vu): entries with t < pos and not have[head, t] are computed from the kept normalised layer
@@ -365,16 +297,28 @@ def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, out_
     ATTEND: the chunk's partial softmax of q[b, slot] · K[b, head, t ≤ pos] · scale: its max m, its sum l and
     Σ p·V (unnormalised) to m/l (B, n, NC) and o (B, n, NC, HD) (NC = n_chunks rounded up to a power of two;
     a chunk past pos writes m = −inf, l = 0); the head's last program to arrive (count[slot]) combines them into
-    out (B, n, HD). With NC = 1 the one program writes out directly."""
+    out (B, n, HD). With NC = 1 the one program writes out directly.
+    EARLY (PDL, batch 1, idx fixed for the step, no RECOMPUTE): the chunk's K/V at positions t < pos, which earlier
+    steps wrote, are loaded before the PDL wait, so that their memory latency overlaps the QKV launch's tail; only
+    q and the entry at pos (this step's) are read after it. (pos itself changes only between steps.)"""
     slot = tl.program_id(0)
     c = tl.program_id(1)
     if PDL:
         gdc_launch_dependents()
-        gdc_wait()
+        if not EARLY:
+            gdc_wait()
     head = tl.load(idx_ptr + slot).to(tl.int64)
     pos = tl.load(pos_ptr).to(tl.int32)
     offs_t = c * CHUNK + tl.arange(0, CHUNK)
     in_range = offs_t < T_max
+    if EARLY:
+        offs_e = tl.arange(0, BLOCK_D)
+        early = (offs_t < pos)[:, None] & (offs_e < HD)[None, :]
+        ptrs_e = cache_ptr + (head * T_max + offs_t[:, None]).to(tl.int64) * (2 * HD) + offs_e[None, :]
+        k_past = tl.load(ptrs_e, mask=early, other=0.0)
+        v_past = tl.load(ptrs_e + HD, mask=early, other=0.0)
+        if PDL:
+            gdc_wait()
     if RECOMPUTE:
         have = tl.load(have_ptr + head * T_max + offs_t, mask=in_range, other=1)
         need = (have == 0) & (offs_t < pos)
@@ -412,11 +356,16 @@ def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, out_
         for b in range(0, B):
             q = tl.load(q_ptr + b * stride_qb + slot * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             ptrs = cache_ptr + ((b * H + head) * T_max + offs_t[:, None]).to(tl.int64) * (2 * HD) + offs_d[None, :]
-            k = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            if EARLY:  # batch 1: only the entry at pos is still to read
+                now = (offs_t == pos)[:, None] & mask_d[None, :]
+                k = tl.where(now, tl.load(ptrs, mask=now, other=0.0), k_past).to(tl.float32)
+                v = tl.where(now, tl.load(ptrs + HD, mask=now, other=0.0), v_past).to(tl.float32)
+            else:
+                k = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                v = tl.load(ptrs + HD, mask=mask, other=0.0).to(tl.float32)
             scores = tl.where(valid, tl.sum(k * (q * scale)[None, :], axis=1), float("-inf"))
             m = tl.max(scores, axis=0)
             p = tl.exp(scores - tl.where(m == float("-inf"), 0.0, m))
-            v = tl.load(ptrs + HD, mask=mask, other=0.0).to(tl.float32)
             if NC == 1:
                 tl.store(out_ptr + (b * n_sel + slot) * HD + offs_d, tl.sum(p[:, None] * v, axis=0) / tl.sum(p, axis=0),
                          mask=mask_d)
@@ -497,24 +446,20 @@ def _prefetch(fixed: bool) -> bool:
 
 
 def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, out=None, out_strides=(0, 0),
-          cache=None, pos=None, split=_NO_SPLIT, fixed=False, attend=None):
-    """Launch `_rows_kernel`; see its docstring. `fixed`: idx does not change during the step (PDL prefetch).
-    `attend` = (attn_out, scale): fused attention of each unit (a head; `out` holds its q)."""
+          cache=None, pos=None, split=_NO_SPLIT, fixed=False):
+    """Launch `_rows_kernel`; see its docstring. `fixed`: idx does not change during the step (PDL prefetch)."""
     B, K = x.shape
     _check_x(x, w.shape[1])
     assert w.is_contiguous()
     n = idx.numel() * group
     cs = cache.stride() if cache is not None else (0, 0, 0)
-    attn, scale = attend if attend is not None else (w, 1.0)
-    count = _counters(idx.numel(), x.device) if attend is not None else idx
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _rows_kernel[grid](x, w, bias if bias is not None else w, idx, out if out is not None else w,
-                       cache if cache is not None else w, pos if pos is not None else idx, attn, count,
-                       B, n, K, row_stride, row_offset, split, scale,
+                       cache if cache is not None else w, pos if pos is not None else idx,
+                       B, n, K, row_stride, row_offset, split,
                        x.stride(0), out_strides[0], out_strides[1], cs[0], cs[1], cs[2],
                        G=group, HAS_BIAS=bias is not None, RELU=relu, TO_CACHE=cache is not None,
-                       ATTEND=attend is not None, BLOCK_HD=_pow2(split) if attend is not None else 1,
-                       CHUNK_T=CHUNK_T, PDL=PDL, PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH)
+                       PDL=PDL, PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH)
     return out
 
 
@@ -604,7 +549,6 @@ def out_proj_heads(attn, wot, bo, head_idx, head_dim, out=None, residual=None, w
 
 # -- attention -------------------------------------------------------------------------------------------------
 CHUNK = 16 if INTERPRET else 32  # positions per attention program
-CHUNK_T = 8 if INTERPRET else 32  # positions per step of the fused attention's loop (`_attend_one_head`)
 
 
 _COUNTERS: dict = {}
@@ -613,8 +557,8 @@ _OUTGROWN: list = []  # counters replaced by larger ones: kept alive, a captured
 
 def _counters(n: int, device, kind: str = "heads") -> torch.Tensor:
     """Arrival counters (zero between launches: the last program resets its own), per head for attention
-    (`_attend_kernel`, fused attention of `_rows_kernel`), per row for `argmax`. One buffer per device and
-    kind, so launches that use one on a device must not run concurrently (one stream)."""
+    (`_attend_kernel`), per row for `argmax`. One buffer per device and kind, so launches that use one on a
+    device must not run concurrently (one stream)."""
     key = f"{device}/{kind}"
     if key not in _COUNTERS or _COUNTERS[key].numel() < n:
         if key in _COUNTERS:
@@ -623,11 +567,12 @@ def _counters(n: int, device, kind: str = "heads") -> torch.Tensor:
     return _COUNTERS[key]
 
 
-def attend(q, cache, head_idx, pos, scale, *, recompute=None, attend=True):
+def attend(q, cache, head_idx, pos, scale, *, recompute=None, attend=True, fixed=False):
     """Attention of the selected heads' queries q (B, n, hd) over cache positions [0, pos] → (B, n, hd) fp32.
     Split over positions (one program per (head, chunk of CHUNK positions); the head's last program to finish
     combines the chunks' partial softmaxes). `recompute` = (xkeep, wqkv, bqkv, have) fills the missing K/V
-    entries first (Deja Vu; see `_attend_kernel`); attend=False only does that (returns None)."""
+    entries first (Deja Vu; see `_attend_kernel`); attend=False only does that (returns None). `fixed`: head_idx
+    stays the same for the step (under KERNELS_PDL=prefetch, batch 1: past K/V loaded before the PDL wait)."""
     B, H, T = cache.shape[:3]
     hd = cache.shape[-1]
     n = head_idx.numel()
@@ -656,7 +601,8 @@ def attend(q, cache, head_idx, pos, scale, *, recompute=None, attend=True):
                                   q.stride(0), q.stride(1), n_chunks, NC=nc, CHUNK=CHUNK, BLOCK_D=_pow2(hd), ATTEND=attend,
                                   RECOMPUTE=recompute is not None, BLOCK_K=32 if INTERPRET else 128,
                                   BLOCK_2HD=_pow2(2 * hd), UPCAST=INTERPRET, IEEE=_dot_in_fp32(xkeep),
-                                  PDL=PDL, num_warps=8 if recompute is not None else 4, num_stages=2, **_LAUNCH)
+                                  PDL=PDL, EARLY=_prefetch(fixed) and attend and recompute is None and B == 1,
+                                  num_warps=8 if recompute is not None else 4, num_stages=2, **_LAUNCH)
     return out
 
 
@@ -702,24 +648,6 @@ def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv", f
           row_offset=first * head_dim, out=q, out_strides=(q.stride(0), q.stride(1)) if q is not None else (0, 0),
           cache=cache if last > 1 else None, pos=pos, split=head_dim, fixed=fixed)
     return q
-
-
-def qkv_attend(x, wqkv, bqkv, head_idx, head_dim, cache, pos, scale, *, part="qkv", fixed=False):
-    """`qkv_to_cache` and `attend` in one launch: q of the selected heads (and with part="qkv" their k/v, into
-    the cache at pos), then each head's attention over cache positions [0, pos] by the last program to finish
-    its rows → (B, n, hd) fp32. part="q" when the k/v at pos are already in the cache (kv="all"). No K/V
-    recompute; one program per head attends over all positions, so this suits short contexts (the engine's
-    attention="auto")."""
-    first, last = QKV_PARTS[part]
-    assert first == 0, "fused attention needs the queries"
-    B, n = x.shape[0], head_idx.numel()
-    q = torch.empty(B, n, head_dim, device=x.device, dtype=cache.dtype)
-    attn = torch.empty(B, n, head_dim, device=x.device, dtype=torch.float32)
-    assert cache.stride(-1) == 1 and cache.stride(-2) == head_dim
-    _rows(x, wqkv, bqkv, head_idx, group=(last - first) * head_dim, row_stride=3 * head_dim,
-          row_offset=first * head_dim, out=q, out_strides=(q.stride(0), q.stride(1)),
-          cache=cache, pos=pos, split=head_dim, fixed=fixed, attend=(attn, scale))  # part="q": no element ≥ split
-    return attn
 
 
 def out_proj_add(attn, wot, bo, head_idx, head_dim, h, *, fixed=False):

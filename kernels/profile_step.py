@@ -1,7 +1,7 @@
 """Where the time of one decode step goes, kernel by kernel (torch.profiler), for a method's mask source.
 
     python3 -m kernels.profile_step --model opt-13b --layers 4 --methods dense,static,timewise,dejavu,shadow \
-        [--pdl 0,1,prefetch] [--attention fused,split] [--prompt 128]
+        [--pdl 0,1,prefetch] [--prompt 128]
 
 Builds a random-weight model with the first `--layers` decoder layers of `--model`'s shape, the method's source
 with seeded untrained predictors (as kernels.latency_bench does), runs a prompt, captures the step in a CUDA
@@ -9,8 +9,8 @@ graph and profiles `--steps` replays. Prints, per method: the graph replay time 
 CUDA time per kernel name (top `--top`), and the timeline of one layer (second layer of the first profiled
 step): each kernel's duration and its start relative to the previous kernel's end (negative = overlap, e.g.
 programmatic dependent launch). `--no-graph` profiles eager steps instead (launch gaps are then the host's).
-`--pdl` and `--attention` (the engine's attention modes) compare variants of one method; `--prompt` sets the
-prompt length (the cache holds 64 positions more).
+`--pdl` compares PDL modes on one engine; `--prompt` sets the prompt length (the cache holds 64 positions
+more).
 """
 from __future__ import annotations
 
@@ -100,8 +100,6 @@ def main(argv=None):
     parser.add_argument("--no-graph", action="store_true")
     parser.add_argument("--pdl", default=None, help="comma-separated KERNELS_PDL modes to compare, e.g. 0,1,prefetch "
                         "(default: the environment's)")
-    parser.add_argument("--attention", default="auto", help="comma-separated attention modes of the engine to compare "
-                        "(auto, fused, split)")
     parser.add_argument("--prompt", type=int, default=128)
     args = parser.parse_args(argv)
 
@@ -132,29 +130,27 @@ def main(argv=None):
         else:
             source = source_for(lb.predictors(method, model), Allocation(args.heads, args.neurons), model)
         kv = "all" if method == "dense" else "recompute"  # as kernels.latency_bench runs them
-        for attention in args.attention.split(","):
-            engine = SparseDecoder(model, source, max_len=args.prompt + 64, kv=kv, cuda_graph=not args.no_graph,
-                                   layers=layers, attention=attention)
-            layers = engine.layers
-            engine.prefill(prompt)
-            state = snapshot(engine)
-            for mode in (args.pdl.split(",") if args.pdl else [gemv.PDL_MODE]):
-                gemv.set_pdl(mode)
-                engine.graph = None  # captured again with this mode's launches
-                restore(engine, state)
-                for _ in range(3):  # autotune, capture, warm caches
+        engine = SparseDecoder(model, source, max_len=args.prompt + 64, kv=kv, cuda_graph=not args.no_graph,
+                               layers=layers)
+        layers = engine.layers
+        engine.prefill(prompt)
+        state = snapshot(engine)
+        for mode in (args.pdl.split(",") if args.pdl else [gemv.PDL_MODE]):
+            gemv.set_pdl(mode)
+            engine.graph = None  # captured again with this mode's launches
+            restore(engine, state)
+            for _ in range(3):  # autotune, capture, warm caches
+                engine.step(engine.next_token)
+            torch.cuda.synchronize()
+            replay = replay_ms(engine, state) if engine.graph is not None else float("nan")
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.steps):
                     engine.step(engine.next_token)
                 torch.cuda.synchronize()
-                replay = replay_ms(engine, state) if engine.graph is not None else float("nan")
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(args.steps):
-                        engine.step(engine.next_token)
-                    torch.cuda.synchronize()
-                restore(engine, state)
-                report(prof, f"{method} @ h{args.heads}/n{args.neurons}, KERNELS_PDL={gemv.PDL_MODE}, attention="
-                       f"{attention} (fused: {engine.fused_attention}), prompt {args.prompt}", replay,
-                       c.num_hidden_layers, args)
-            del engine
+            restore(engine, state)
+            report(prof, f"{method} @ h{args.heads}/n{args.neurons}, KERNELS_PDL={gemv.PDL_MODE}, prompt {args.prompt}",
+                   replay, c.num_hidden_layers, args)
+        del engine
 
 
 if __name__ == "__main__":

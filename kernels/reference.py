@@ -100,16 +100,11 @@ def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv", f
     return y[:, :, 0].to(cache.dtype) if first == 0 else None
 
 
-def attend(q, cache, head_idx, pos, scale, *, recompute=None):
+def attend(q, cache, head_idx, pos, scale, *, recompute=None, fixed=False):
     """The attention output (B, n, hd) (the kernel's is fp32; this one the model dtype)."""
     if recompute is not None:
         xkeep, wqkv, bqkv, have = recompute
         kv_recompute(xkeep, wqkv, bqkv, head_idx, q.shape[-1], cache, have, pos)
-    return head_attention(q, cache, head_idx, pos, scale)
-
-
-def qkv_attend(x, wqkv, bqkv, head_idx, head_dim, cache, pos, scale, *, part="qkv", fixed=False):
-    q = qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, part=part)
     return head_attention(q, cache, head_idx, pos, scale)
 
 

@@ -68,20 +68,9 @@ def test_sparse_engine_matches_masked_engine(reference, backend, kv):
             assert torch.allclose(mine, full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["fused", "split"])
-def test_fused_and_split_attention_both_match_the_masked_engine(reference, attention):
-    """kv="all": q of the kept heads in its own QKV launch (part="q"), with or without the attention fused in."""
-    pytest.importorskip("triton")
-    model, prompt, tokens, expected = reference
-    engine = SparseDecoder(model, ScheduleSource(schedule), max_len=16, kv="all", backend="triton",
-                           heads_kept=KEEP_H, neurons_kept=KEEP_F, attention=attention)
-    assert engine.fused_attention is (attention == "fused")
-    errors, agree = relative_errors(sparse_engine_logits(engine, prompt, tokens), expected)
-    assert max(errors) < 1e-5 and all(agree), errors
-
-
-def test_static_masks_with_fused_attention_match_the_masked_engine():
-    """Static masks with kv="recompute": nothing to recompute, so attention is fused into the QKV launch."""
+def test_static_masks_skip_the_recompute_and_match_the_masked_engine():
+    """Static masks with kv="recompute": a kept head's K/V exist at every position, so the engine skips the
+    recompute bookkeeping; the logits are still the masked engine's."""
     pytest.importorskip("triton")
     model = _model()
     keep = [torch.tensor([0, 3]), torch.tensor([1, 2])]
@@ -90,9 +79,7 @@ def test_static_masks_with_fused_attention_match_the_masked_engine():
     g = torch.Generator().manual_seed(5)
     prompt, tokens = torch.randint(0, 512, (1, PROMPT), generator=g), torch.randint(0, 512, (STEPS,), generator=g)
     expected = masked_engine_logits(model, fixed, prompt, tokens, KEEP_H, KEEP_F)
-    engine = SparseDecoder(model, StaticMasks(keep, neurons), max_len=16, kv="recompute", backend="triton",
-                           attention="auto")
-    assert engine.fused_attention
+    engine = SparseDecoder(model, StaticMasks(keep, neurons), max_len=16, kv="recompute", backend="triton")
     errors, agree = relative_errors(sparse_engine_logits(engine, prompt, tokens), expected)
     assert max(errors) < 1e-5 and all(agree), errors
 
@@ -112,8 +99,6 @@ def test_next_token_is_the_greedy_token_of_the_latest_logits(backend):
         logits = engine.step(engine.next_token).clone()  # fed back in place: no copy
         twin_logits = twin.step(token).clone()  # the same token given from outside
         assert torch.equal(logits, twin_logits)
-    with pytest.raises(ValueError, match="attention mode"):
-        SparseDecoder(model, DenseMasks(2), max_len=10, backend=backend, attention="flash")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
