@@ -414,11 +414,82 @@ def layer_breakdown(engine, heads, neurons):
             row("layer", what, f"{kernel_ms(fn) * 1e3:.1f} us")
 
 
+def _candidate_configs(keys, sizes, iters=(None,)):
+    """Every (block sizes, ITERS, warps) of the grid that the autotuner's prune rule keeps, plus the tuned list."""
+    import itertools
+
+    import triton
+
+    from kernels import gemv
+
+    out = []
+    for blocks, it, warps in itertools.product(itertools.product(*sizes), iters, (4, 8)):
+        kw = dict(zip(keys, blocks), **({"ITERS": it} if it else {}))
+        out.append(triton.Config(kw, num_warps=warps))
+    keep = gemv._prune(keys)["early_config_prune"]
+    return keep(out, {"BLOCK_B": 1})
+
+
+def part_configs(small, top=8):
+    """Kernel time (CUPTI, L2 flushed, PDL off) of every candidate config of the step's four GEMVs, fp16, batch 1,
+    at OPT-13B's static 50% heads + 90% neurons shapes (and, for the two split-K kernels, OPT-30B's 25%): the
+    fastest `top` per case, and the rank of the config the autotuner picks from its list."""
+    from kernels import gemv
+
+    dev, dt = ("cuda" if cuda() else "cpu"), torch.float16
+    rows = _candidate_configs(("BLOCK_N", "BLOCK_K"), ((1, 2, 4, 8, 16, 32), (128, 256, 512, 1024, 2048)))
+    cols = _candidate_configs(("BLOCK_R", "BLOCK_D"), ((4, 8, 16, 32), (128, 256, 512, 1024)), iters=(4, 8, 16))
+    if small:
+        rows, cols = rows[:3], cols[:3]
+    with gemv.pdl_off():
+        for name, d, F, H in shapes(small):
+            hd, g = d // H, torch.Generator().manual_seed(0)
+            kh, kf = (H // 2, F // 10) if name == "opt-13b" else (H // 4, F // 4)
+            rnd = lambda *s: torch.randn(*s, generator=g).to(dev, dt)  # noqa: E731
+            x, w1, w2t, wqkv, wot = rnd(1, d), rnd(kf, d), rnd(kf, d), rnd(3 * kh * hd, d), rnd(kh * hd, d)
+            b1, bqkv, bias = rnd(kf), rnd(3 * kh * hd), rnd(d)
+            act, attn = rnd(1, kf), rnd(1, kh * hd).float()
+            idx_f, idx_h = torch.arange(kf, device=dev, dtype=torch.int32), torch.arange(kh, device=dev, dtype=torch.int32)
+            h = torch.zeros(1, d, device=dev)
+            out1, q = torch.empty(1, kf, 1, device=dev, dtype=dt), torch.empty(1, kh, hd, device=dev, dtype=dt)
+            cache = torch.zeros(1, kh, 8, 2, hd, device=dev, dtype=dt)
+            pos = torch.tensor([3], device=dev)
+            cases = [
+                ("fc1", rows, 2 * kf * d, lambda c: gemv._rows(x, w1, b1, idx_f, relu=True, out=out1,
+                                                               out_strides=(out1.stride(0), out1.stride(1)), config=c)),
+                ("qkv_to_cache", rows, 2 * 3 * kh * hd * d, lambda c: gemv._rows(
+                    x, wqkv, bqkv, idx_h, group=3 * hd, row_stride=3 * hd, out=q, out_strides=(q.stride(0), q.stride(1)),
+                    cache=cache, pos=pos, split=hd, config=c)),
+                ("fc2_add", cols, 2 * kf * d, lambda c: gemv._cols(act, w2t, idx_f, h, bias, config=c)),
+                ("out_proj_add", cols, 2 * kh * hd * d, lambda c: gemv._cols(attn, wot, idx_h, h, bias, group=hd,
+                                                                           row_stride=hd, config=c)),
+            ]
+            for what, configs, nbytes, launch in cases:
+                if configs is rows and name != shapes(small)[0][0]:
+                    continue
+                launch(None)  # the autotuner's pick
+                tuned = (gemv._rows_kernel if configs is rows else gemv._cols_kernel).best_config
+                timed = []
+                for config in configs:
+                    try:
+                        timed.append((kernel_ms(lambda: launch(config), reps=10), str(config)))
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                        log(f"[configs] {name} {what} {config}: {type(exc).__name__}")
+                timed.sort()
+                tuned_ms = kernel_ms(lambda: launch(tuned), reps=10)
+                rank = sum(ms < tuned_ms for ms, _ in timed) + 1
+                tag = f"{name} {what} ({nbytes / 1e6:.1f} MB)"
+                row("configs", f"{tag}: autotuned", f"{tuned_ms * 1e3:.1f} us (rank {rank} of {len(timed)})", str(tuned))
+                for ms, config in timed[:top]:
+                    row("configs", tag, f"{ms * 1e3:.1f} us", config)
+
+
 def main():
     global LOG
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["checks", "perf", "bandwidth", "equivalence", "all"], default="all",
-                        help="perf = bandwidth + equivalence (engine vs masked engine) + decode timing")
+    parser.add_argument("--part", choices=["checks", "perf", "bandwidth", "equivalence", "configs", "all"],
+                        default="all", help="perf = bandwidth + equivalence (engine vs masked engine) + decode timing; "
+                        "configs = every candidate block config of the step's GEMVs, timed (not in all)")
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "results/kernels-bench")
     args = parser.parse_args()
@@ -448,6 +519,9 @@ def main():
     if args.part in ("perf", "equivalence", "all"):
         part_equivalence(args.small)
         log(f"equivalence done at {time.time() - T0:.0f} s")
+    if args.part == "configs":
+        part_configs(args.small)
+        log(f"configs done at {time.time() - T0:.0f} s")
     if args.part in ("perf", "all"):
         part_decode_timing(args.small, copy_bw)
         log(f"decode timing done at {time.time() - T0:.0f} s")

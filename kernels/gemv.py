@@ -446,21 +446,27 @@ def _prefetch(fixed: bool) -> bool:
 
 
 def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, out=None, out_strides=(0, 0),
-          cache=None, pos=None, split=_NO_SPLIT, fixed=False):
-    """Launch `_rows_kernel`; see its docstring. `fixed`: idx does not change during the step (PDL prefetch)."""
+          cache=None, pos=None, split=_NO_SPLIT, fixed=False, config=None):
+    """Launch `_rows_kernel`; see its docstring. `fixed`: idx does not change during the step (PDL prefetch).
+    `config` (a triton.Config): run that one instead of autotuning (config sweeps, kernels.bench)."""
     B, K = x.shape
     _check_x(x, w.shape[1])
     assert w.is_contiguous()
     n = idx.numel() * group
     cs = cache.stride() if cache is not None else (0, 0, 0)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _rows_kernel[grid](x, w, bias if bias is not None else w, idx, out if out is not None else w,
-                       cache if cache is not None else w, pos if pos is not None else idx,
-                       B, n, K, row_stride, row_offset, split,
-                       x.stride(0), out_strides[0], out_strides[1], cs[0], cs[1], cs[2],
-                       G=group, HAS_BIAS=bias is not None, RELU=relu, TO_CACHE=cache is not None,
-                       PDL=PDL, PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH)
+    kernel, meta = (_rows_kernel, {}) if config is None else (_rows_kernel.fn, _config_kwargs(config))
+    kernel[grid](x, w, bias if bias is not None else w, idx, out if out is not None else w,
+                 cache if cache is not None else w, pos if pos is not None else idx,
+                 B, n, K, row_stride, row_offset, split,
+                 x.stride(0), out_strides[0], out_strides[1], cs[0], cs[1], cs[2],
+                 G=group, HAS_BIAS=bias is not None, RELU=relu, TO_CACHE=cache is not None,
+                 PDL=PDL, PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH, **meta)
     return out
+
+
+def _config_kwargs(config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 def gather_rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, out=None, fixed=False):
@@ -471,17 +477,18 @@ def gather_rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=Fa
                  out_strides=(out.stride(0), out.stride(1)), fixed=fixed)
 
 
-def _cols(a, w, idx, acc, bias, *, group=1, row_stride=1, fixed=False):
-    """Launch `_cols_kernel`: acc (fp32, (B, D)) += a · w[rows] (+ bias); `fixed` as in `_rows`."""
+def _cols(a, w, idx, acc, bias, *, group=1, row_stride=1, fixed=False, config=None):
+    """Launch `_cols_kernel`: acc (fp32, (B, D)) += a · w[rows] (+ bias); `fixed`, `config` as in `_rows`."""
     B = acc.shape[0]
     D = w.shape[1]
     R = idx.numel() * group
     assert w.is_contiguous() and acc.dtype == torch.float32 and acc.stride(1) == 1
     assert a.stride(-1) == 1
     grid = lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(R, meta["BLOCK_R"] * meta["ITERS"]))  # noqa: E731
-    _cols_kernel[grid](a, w, idx, acc, bias if bias is not None else w, B, R, D, row_stride,
-                       a.stride(0), acc.stride(0), G=group, HAS_BIAS=bias is not None, PDL=PDL,
-                       PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH)
+    kernel, meta = (_cols_kernel, {}) if config is None else (_cols_kernel.fn, _config_kwargs(config))
+    kernel[grid](a, w, idx, acc, bias if bias is not None else w, B, R, D, row_stride,
+                 a.stride(0), acc.stride(0), G=group, HAS_BIAS=bias is not None, PDL=PDL,
+                 PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH, **meta)
 
 
 _WORKSPACES: dict = {}
