@@ -109,8 +109,8 @@ def _row_configs():
     if not AUTOTUNE:
         return [triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=4)]
     out = []
-    for bn, bk, warps in [(4, 512, 4), (8, 256, 4), (2, 1024, 4), (8, 512, 8), (16, 256, 8), (16, 512, 8),
-                          (32, 256, 8), (16, 128, 4), (32, 128, 8),  # batch 1
+    for bn, bk, warps in [(4, 512, 4), (8, 256, 4), (2, 1024, 4), (4, 1024, 4), (8, 512, 8), (16, 256, 8),
+                          (16, 512, 8), (32, 256, 8), (16, 128, 4), (32, 128, 8),  # batch 1
                           (2, 256, 4), (4, 128, 4), (4, 256, 8), (2, 512, 8), (8, 128, 8)]:  # batch 8
         out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps))
     return out
@@ -124,6 +124,7 @@ def _col_configs():
     out = []
     for br, bd, it, warps in [(16, 128, 4, 4), (8, 256, 4, 4), (16, 256, 4, 8), (32, 128, 2, 8),
                               (16, 256, 8, 8), (16, 128, 16, 4), (32, 128, 8, 8), (8, 512, 8, 8),  # batch 1
+                              (16, 256, 4, 4), (8, 512, 4, 4), (8, 256, 8, 4), (8, 512, 16, 4),  # batch 1 (sweep)
                               (16, 256, 32, 8), (32, 128, 16, 8), (8, 512, 32, 8),  # batch 1, many rows
                               (4, 128, 8, 4), (8, 64, 8, 4), (4, 256, 8, 8), (8, 128, 4, 8)]:  # batch 8
         out.append(triton.Config({"BLOCK_R": br, "BLOCK_D": bd, "ITERS": it}, num_warps=warps))
