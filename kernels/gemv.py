@@ -556,7 +556,8 @@ def out_proj_heads(attn, wot, bo, head_idx, head_dim, out=None, residual=None, w
 
 
 # -- attention -------------------------------------------------------------------------------------------------
-CHUNK = 16 if INTERPRET else 32  # positions per attention program
+#: positions per attention program (KERNELS_ATTEND_CHUNK, a power of two, overrides it; for measurements)
+CHUNK = int(os.environ.get("KERNELS_ATTEND_CHUNK", 16 if INTERPRET else 32))
 
 
 _COUNTERS: dict = {}
