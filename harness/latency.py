@@ -5,8 +5,8 @@ Task `decode` (masked=False: it builds its own engine from the job's method, all
 `session.job`). A request = prefill of `prompt` tokens + `new_tokens` generated greedily (the first from the
 prefill's logits, then new_tokens−1 decode steps), batch `batch`. `warmup` requests first (graph capture,
 autotuning, torch.compile), then `repeats` measured ones. Timing: CUDA events around the prefill and around
-every step (its greedy argmax is computed inside it) on a GPU, host timers (perf_counter) on a CPU; the request total is a host timer with
-a synchronize at its end. Records (one per metric):
+every step (its greedy argmax is computed inside it) on a GPU, host timers (perf_counter) on a CPU; the request
+total is a host timer with a synchronize at its end. Records (one per metric):
 
   prefill_ms         median prefill time
   token_ms           median per-token time over all measured steps; token_ms_p90, token_ms_p99

@@ -10,7 +10,8 @@ Writes a log and a markdown summary under --out (default $OUT, else results/kern
 is printed last. Bandwidths are bytes the kernel must read / its median CUPTI duration from a cold L2
 (`kernel_ms`, which also gives the per-layer kernel times); the copy bandwidth counts bytes read + written by a device-to-device
 copy (the convention of issue 7: 26.2 GB at 4.28 TB/s = 6.1 ms). `--part bandwidth` and `--part equivalence`
-run (b) and (c) alone.
+run (b) and (c) alone. `--part configs` (not in `all`) times every candidate block config of the step's four
+GEMVs and ranks the autotuner's pick (`part_configs`).
 """
 from __future__ import annotations
 

@@ -18,9 +18,9 @@ token. Two ways to have those keys/values:
 The step keeps the residual stream in fp32 and runs seven launches per layer (`kernels.gemv`: LayerNorm, QKV
 with k/v routed into the cache, split-T attention (with the recompute inside), out_proj adding into the stream,
 LayerNorm, fc1, fc2 adding into the stream), and around the layers one launch each for the embeddings, the final
-LayerNorm, lm_head (cuBLAS) and the greedy argmax into `next_token`. Weights are re-laid-out once so that selected rows are
-contiguous: fused QKV head-major (H·3·hd, d), out_proj head-major transposed (H·hd, d), fc1 as is (F, d), fc2
-neuron-major (F, d).
+LayerNorm, lm_head (cuBLAS) and the greedy argmax into `next_token`. Weights are re-laid-out once so that selected
+rows are contiguous: fused QKV head-major (H·3·hd, d), out_proj head-major transposed (H·hd, d), fc1 as is (F, d),
+fc2 neuron-major (F, d).
 
 Masks come from a *mask source*: a callable `masks(layer, hidden) -> (head_idx, neuron_idx)` called inside the
 step at the start of every layer with the residual stream entering that layer (B, d), so a method's predictor
