@@ -84,13 +84,18 @@ def test_static_masks_skip_the_recompute_and_match_the_masked_engine():
     assert max(errors) < 1e-5 and all(agree), errors
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_next_token_is_the_greedy_token_of_the_latest_logits(backend):
+def _dense_engine(backend, max_len, seed):
+    """The tiny model, a (2, 4) prompt and a dense engine of batch 2 on `backend`."""
     if backend == "triton":
         pytest.importorskip("triton")
     model = _model()
-    prompt = torch.randint(0, 512, (2, 4), generator=torch.Generator().manual_seed(4))
-    engine = SparseDecoder(model, DenseMasks(2), max_len=10, batch=2, backend=backend)
+    prompt = torch.randint(0, 512, (2, 4), generator=torch.Generator().manual_seed(seed))
+    return model, prompt, SparseDecoder(model, DenseMasks(2), max_len=max_len, batch=2, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_next_token_is_the_greedy_token_of_the_latest_logits(backend):
+    model, prompt, engine = _dense_engine(backend, max_len=10, seed=4)
     twin = SparseDecoder(model, DenseMasks(2), max_len=10, batch=2, backend=backend, layers=engine.layers)
     logits, twin_logits = engine.prefill(prompt), twin.prefill(prompt)
     for _ in range(4):
@@ -103,11 +108,7 @@ def test_next_token_is_the_greedy_token_of_the_latest_logits(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_dense_source_equals_the_model(backend):
-    if backend == "triton":
-        pytest.importorskip("triton")
-    model = _model()
-    prompt = torch.randint(0, 512, (2, 4), generator=torch.Generator().manual_seed(1))
-    engine = SparseDecoder(model, DenseMasks(2), max_len=8, batch=2, backend=backend)
+    model, prompt, engine = _dense_engine(backend, max_len=8, seed=1)
     tokens = engine.generate(prompt, 3)
     with torch.no_grad():
         hf = model.generate(prompt, max_new_tokens=3, do_sample=False, min_new_tokens=3)
