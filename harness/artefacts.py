@@ -38,9 +38,14 @@ class CorruptArtefact(Exception):
     pass
 
 
+def cache_root(explicit: str | Path | None = None) -> Path:
+    """--cache-dir, else HARNESS_CACHE_DIR, else results/cache."""
+    return Path(explicit or os.environ.get("HARNESS_CACHE_DIR") or DEFAULT_CACHE_DIR)
+
+
 class ArtefactCache:
     def __init__(self, root: str | Path | None = None, log=print, shard_bytes: int = 1 << 30):
-        self.root = Path(root or os.environ.get("HARNESS_CACHE_DIR") or DEFAULT_CACHE_DIR)
+        self.root = cache_root(root)
         self.shard_bytes = shard_bytes
         self.log = log
         self.builds = 0
@@ -49,13 +54,16 @@ class ArtefactCache:
     def folder(self, kind: str, inputs: dict) -> Path:
         return self.root / kind / content_key(inputs)
 
-    def get_or_build(self, kind: str, inputs: dict, build) -> Artefact:
-        """Load the artefact for `inputs`, or call `build() -> (tensors, meta)` and store its result."""
+    def get_or_build(self, kind: str, inputs: dict, build, fit: bool = True) -> Artefact:
+        """Load the artefact for `inputs`, or call `build() -> (tensors, meta)` and store its result.
+        fit=False: a helper artefact (token ids), not counted in `builds`/`hits` nor reported when reused."""
         folder = self.folder(kind, inputs)
         if folder.exists():
             try:
                 artefact = self.load(folder)
-                self.hits += 1
+                if fit:
+                    self.hits += 1
+                    self.log(f"reused cached artefact {kind} {folder}")
                 return artefact
             except CorruptArtefact as exc:
                 self.log(f"[warn] corrupt artefact {folder}: {exc}; rebuilding it")
@@ -63,7 +71,7 @@ class ArtefactCache:
         started = time.time()
         tensors, meta = build()
         meta = {**meta, "kind": kind, "key": folder.name, "inputs": inputs, "build_seconds": round(time.time() - started, 3)}
-        self.builds += 1
+        self.builds += fit
         return self.store(folder, tensors, meta)
 
     def store(self, folder: Path, tensors: dict, meta: dict) -> Artefact:

@@ -111,10 +111,11 @@ def build_config(suite_name: str, overrides: dict):
     return config
 
 
-def prepare(config, data_dir, tokenizer):
+def prepare(config, data_dir, tokenizer, cache_dir=None):
     """Check everything a run needs before anything is written: methods, tasks, model, data files."""
     from harness.artefacts import ArtefactCache
     from harness.data import DataDir
+    from harness.footprint import check_run
     from harness.models import ModelSpec, dtype_name, resolve_device, resolve_dtype
     from harness.spec import expand_jobs
     from harness.tasks import get_task
@@ -130,6 +131,7 @@ def prepare(config, data_dir, tokenizer):
     dtype = dtype_name(resolve_dtype(config.dtype, resolve_device(config.device)))
     identity = config.identity(model_spec.identity(), data.fingerprint, dtype)
     jobs = expand_jobs(config, identity)
+    check_run(config, jobs, model_spec, cache_dir)  # memory and disk of the fits, before anything is built
     return data, identity, jobs, model_spec, ArtefactCache
 
 
@@ -173,6 +175,9 @@ def run(
     scope: Optional[str] = typer.Option(None, help="Mask scope: token (causal, default) or request (ShadowLLM eval)."),
     dense_layers: Optional[str] = typer.Option(None, help="Comma-separated layers kept dense, e.g. 0."),
     calib_samples: Optional[int] = typer.Option(None, help="Calibration samples for methods that fit."),
+    calib_budget_gb: Optional[float] = typer.Option(None, help="Host memory and disk for the predictors' traces and "
+                                                               "criterion scores (default 3.0); calibration tokens "
+                                                               "are sampled to fit it, and records say how many."),
     cache_dir: Optional[Path] = typer.Option(None, help="Artefact cache (else HARNESS_CACHE_DIR, else results/cache)."),
     num_fewshot: Optional[int] = typer.Option(None, help="Zero-shot tasks: few-shot examples (0 = zero-shot)."),
     batch_size: Optional[int] = typer.Option(None, help="Zero-shot tasks: lm-eval batch size (default 16)."),
@@ -197,9 +202,9 @@ def run(
                      lmeval_source=lmeval_source, log_samples=log_samples,
                      seqlen=seqlen, stride=stride, allocation=allocation, scope=scope,
                      dense_layers=[int(x) for x in _split(dense_layers)] if dense_layers else None,
-                     calib_samples=calib_samples)
+                     calib_samples=calib_samples, calib_budget_gb=calib_budget_gb)
     config = build_config(suite, overrides)
-    data, identity, jobs, model_spec, cache_cls = prepare(config, data_dir, tokenizer)
+    data, identity, jobs, model_spec, cache_cls = prepare(config, data_dir, tokenizer, cache_dir)
     run_dir = out or default_run_dir(config, identity, model_spec.label)
     store = RunStore(run_dir)
     store.claim(identity, config_dict(config))
@@ -227,6 +232,7 @@ def fit(
     seed: int = typer.Option(0), data_dir: Optional[Path] = typer.Option(None),
     tokenizer: Optional[Path] = typer.Option(None), device: Optional[str] = typer.Option(None),
     dtype: Optional[str] = typer.Option(None), calib_samples: Optional[int] = typer.Option(None),
+    calib_budget_gb: Optional[float] = typer.Option(None),
     allocation: str = typer.Option("local"), cache_dir: Optional[Path] = typer.Option(None),
 ):
     """Calibrate or train a method alone and cache the artefact (`harness run` reuses it)."""
@@ -237,7 +243,8 @@ def fit(
     from methods import MethodSpec, get_method
 
     values = dict(model=model, weights=weights, seed=seed, methods=[method], sparsity=[sparsity], allocation=allocation)
-    for name, value in dict(device=device, dtype=dtype, calib_samples=calib_samples).items():
+    for name, value in dict(device=device, dtype=dtype, calib_samples=calib_samples,
+                            calib_budget_gb=calib_budget_gb).items():
         if value is not None:
             values[name] = value
     config = RunConfig.from_mapping(values, "harness fit")
@@ -247,6 +254,15 @@ def fit(
     from harness.engine import Allocation
 
     alloc = Allocation(heads=target["heads"], neurons=target["neurons"], mode=allocation)
+    from harness.footprint import check, run_needs
+    from harness.models import ModelSpec, dtype_name, resolve_device, resolve_dtype
+    from harness.spec import JobSpec
+
+    job = JobSpec(plugin.label, sparsity, alloc.heads, alloc.neurons, "fit", seed, ())
+    model_config = ModelSpec(model, weights).config()
+    check(run_needs([job], model_config, config), model_config=model_config, run_config=config,
+          device=resolve_device(config.device), dtype=dtype_name(resolve_dtype(config.dtype, resolve_device(config.device))),
+          cache_root=ArtefactCache(cache_dir).root)
     session = Session(config, DataDir.resolve(data_dir), ArtefactCache(cache_dir, log=console.print), tokenizer,
                       log=console.print)
     artefact = plugin.fit(session.fit_context(plugin.name, seed), alloc)

@@ -148,12 +148,24 @@ def heads_view(x: torch.Tensor, batch: int, seq: int, num_heads: int) -> torch.T
 
 
 def lowest_k_mask(scores: torch.Tensor, skip: int) -> torch.Tensor:
-    """Bool keep-mask over the last dim with the `skip` lowest scores set False."""
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if skip > 0:
-        index = torch.topk(scores.float(), skip, dim=-1, largest=False).indices
-        keep.scatter_(-1, index, False)
-    return keep
+    """Bool keep-mask over the last dim with the `skip` lowest scores set False.
+
+    Exactly `skip` units are skipped per row. Among units tied at the threshold score the highest indices are
+    skipped (the kept ties are the lowest indices, as in the decode engine's top-k). One selection
+    (kthvalue) and a few elementwise passes: at 20480 neurons a row this is several times faster than
+    torch.topk, whose cost grows with k."""
+    n = scores.shape[-1]
+    if skip <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if skip >= n:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    values = scores.float()
+    threshold = values.kthvalue(skip, dim=-1, keepdim=True).values
+    below = values < threshold
+    tied = values == threshold
+    missing = skip - below.sum(-1, keepdim=True)  # ties to skip in each row (>= 1)
+    from_end = tied.flip(-1).cumsum(-1).flip(-1)  # ties at or after each position
+    return ~(below | (tied & (from_end <= missing)))
 
 
 class MaskedEngine:

@@ -14,7 +14,7 @@ from harness.artefacts import ArtefactCache
 from harness.data import DataDir
 from harness.engine import MaskedEngine
 from harness.models import ModelSpec, dtype_name, load_model, load_tokenizer, resolve_device, resolve_dtype
-from harness.perplexity import tokenize_text
+from harness.tokens import token_ids
 from harness.provenance import provenance
 from harness.spec import JobSpec, RunConfig
 from harness.tasks import get_task
@@ -93,11 +93,16 @@ class FitContext:
     def log(self, message: str) -> None:
         self.session.log(message)
 
+    @property
+    def budget_gb(self) -> float:
+        """Traces and criterion scores kept for predictor training (calibration tokens are sampled to fit)."""
+        return float(self.config.calib_budget_gb)
+
     def calibration_ids(self) -> torch.Tensor:
         """(samples, calib_seqlen) token ids cut from the calibration text (never the evaluation splits)."""
         config = self.config
-        ids = self.session.memo(f"calib:{config.calib_data}", lambda: tokenize_text(
-            self.tokenizer, self.data.calibration_text(config.calib_data)))
+        ids = self.session.memo(f"calib:{config.calib_data}", lambda: token_ids(
+            self.session, f"calib:{config.calib_data}", lambda: self.data.calibration_text(config.calib_data)))
         count = min(config.calib_samples, len(ids) // config.calib_seqlen)
         return ids[: count * config.calib_seqlen].view(count, config.calib_seqlen)
 
@@ -152,12 +157,20 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
         quality["model"] = {"params": parameter_count(model), "flops_per_token": linear_flops(model)}
     engine = MaskedEngine(model, policy, allocation)
     session.job = JobContext(job, method, allocation, artefact, policy, ctx)
+    if task.prepare is not None:  # e.g. tokenizing the test set: not part of the evaluation time
+        clock = time.perf_counter()
+        task.prepare(session, job, config)
+        timings["prepare_s"] = time.perf_counter() - clock
+    if session.device.startswith("cuda"):
+        torch.cuda.synchronize()
     clock = time.perf_counter()
     if task.masked:
         with engine.applied():
             metrics = task.evaluate(session, job, config, progress)
     else:
         metrics = task.evaluate(session, job, config, progress)
+    if session.device.startswith("cuda"):
+        torch.cuda.synchronize()
     timings["eval_s"] = time.perf_counter() - clock
     achieved = engine.achieved() if task.masked else metrics_achieved(metrics)
     base = {
@@ -175,6 +188,10 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
     }
     if artefact is not None and artefact.path is not None:
         base["artefact"] = str(artefact.path)
+    if artefact is not None:  # what calibration data the fit saw, and how much of it
+        base.update({"calib_data": config.calib_data, "calib_samples": config.calib_samples,
+                     "calib_seqlen": config.calib_seqlen, "calib_budget_gb": config.calib_budget_gb,
+                     **calibration_sampling(artefact.meta)})
     if quality:
         base["dense_layers"] = list(allocation.dense_layers)
         for unit in ("heads", "neurons"):
@@ -189,6 +206,16 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
         records.append({**base, **metric})
     return {"key": job.key, "status": "ok", "spec": job.describe(), "records": records, "details": details,
             "achieved": achieved, "predictor_quality": quality, "started_at": started, "finished_at": now()}
+
+
+def calibration_sampling(meta: dict) -> dict:
+    """The calib_tokens / calib_tokens_total / calib_sampling a fit's metadata (or a part of it) reports."""
+    if "calib_tokens" in meta:
+        return {k: meta[k] for k in ("calib_tokens", "calib_tokens_total", "calib_sampling") if k in meta}
+    for value in meta.values():
+        if isinstance(value, dict) and (found := calibration_sampling(value)):
+            return found
+    return {}
 
 
 def metrics_achieved(metrics: list[dict]) -> dict:

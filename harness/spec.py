@@ -58,6 +58,7 @@ class RunConfig:
     calib_data: str = "wikitext2-valid"
     calib_samples: int = 32
     calib_seqlen: int = 512
+    calib_budget_gb: float = 3.0  # traces + criterion scores kept per model (tokens are sampled to fit; harness/traces.py)
     method_settings: dict = field(default_factory=dict)
     executor: str = "local"
     clip_units: bool = False  # a target naming units a method cannot skip runs it at 0 for them (else: an error)
@@ -69,7 +70,8 @@ class RunConfig:
     log_samples: bool = False
 
     IDENTITY = ("suite", "model", "weights", "weight_seed", "limit", "dtype", "attn", "seqlen", "stride", "allocation",
-                "scope", "dense_layers", "min_keep", "calib_data", "calib_samples", "calib_seqlen", "method_settings",
+                "scope", "dense_layers", "min_keep", "calib_data", "calib_samples", "calib_seqlen", "calib_budget_gb",
+                "method_settings",
                 "num_fewshot", "lmeval_source", "bootstrap_iters", "clip_units")
 
     @property
@@ -97,6 +99,8 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise HarnessError(f"{name} must be at least 1 (got {value})")
+        if not self.calib_budget_gb > 0:
+            raise HarnessError(f"calib_budget_gb must be positive (got {self.calib_budget_gb})")
         if not self.methods:
             raise HarnessError("no methods given")
         if self.lmeval_source not in ("auto", "local", "hf"):

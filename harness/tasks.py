@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from harness.errors import HarnessError
-from harness.perplexity import perplexity, tokenize_text, windows
+from harness.perplexity import perplexity, windows
+from harness.tokens import token_ids
 
 
 @dataclass(frozen=True)
@@ -20,11 +21,19 @@ class TaskDef:
     files: tuple[str, ...]
     evaluate: Callable = field(repr=False)
     masked: bool = True
+    #: work done before the evaluation clock starts (tokenizing the test set), `prepare(session, job, config)`
+    prepare: Callable | None = field(default=None, repr=False)
+
+
+def _perplexity_ids(text_of):
+    def prepare(session, job, config):
+        return token_ids(session, job.task, lambda: text_of(session.data))
+    return prepare
 
 
 def _perplexity_task(text_of):
     def evaluate(session, job, config, progress):
-        ids = session.memo(job.task, lambda: tokenize_text(session.tokenizer, text_of(session.data)))
+        ids = _perplexity_ids(text_of)(session, job, config)
         seqlen = config.seqlen or session.model.config.max_position_embeddings
         stride = config.stride or seqlen
         if progress is not None:
@@ -42,9 +51,11 @@ def _perplexity_task(text_of):
 
 TASKS: dict[str, TaskDef] = {
     "wikitext2": TaskDef("wikitext2", "perplexity", "WikiText-2 raw test, rows joined with \\n\\n (SparseGPT protocol)",
-                         ("wikitext-2/wiki.test.raw",), _perplexity_task(lambda data: data.wikitext2_test())),
+                         ("wikitext-2/wiki.test.raw",), _perplexity_task(lambda data: data.wikitext2_test()),
+                         prepare=_perplexity_ids(lambda data: data.wikitext2_test())),
     "ptb": TaskDef("ptb", "perplexity", "Penn Treebank test, sentences joined with a space (SparseGPT ptb_new)",
-                   ("ptb/ptb.test.txt",), _perplexity_task(lambda data: data.ptb_test())),
+                   ("ptb/ptb.test.txt",), _perplexity_task(lambda data: data.ptb_test()),
+                   prepare=_perplexity_ids(lambda data: data.ptb_test())),
 }
 
 

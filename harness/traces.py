@@ -1,27 +1,110 @@
 """Traces: one dense pass over calibration text recording what predictors learn from.
 
-Per calibration token: every layer's attention input (`layer_input`, the residual stream entering the
-layer) and MLP input (`mlp_input`), layer 0's attention output (`attn_output0`), per-head output L2 norms
-(`head_norm`), fc1 activity after ReLU (`neuron_active`, bit-packed), and the token's position in its
-example. Per-token criterion scores (plainact, …) are a second artefact (`trace_scores`), made only for
-methods that need them. Both are cached by content hash (model, calibration data and budget) and shared
-by every method and sparsity; the size is estimated and printed first and checked against a cap.
+Per sampled calibration token: every layer's attention input (`layer_input`, the residual stream entering
+the layer) and MLP input (`mlp_input`), layer 0's attention output (`attn_output0`), per-head output L2 norms
+(`head_norm`), fc1 activity after ReLU (`neuron_active`, bit-packed), and the token's example and position.
+Per-token criterion scores (plainact, …) are a second artefact (`trace_scores`) of the same tokens, made
+only for methods that need them.
+
+Which tokens: at OPT-13B one token's traces take 0.9 MB and its neuron scores 1.6 MB, so the calibration set
+(32 × 512 tokens by default) cannot be kept whole. A budget (`calib_budget_gb`, traces and scores together)
+decides how many tokens are kept: all of them when they fit, else pairs of consecutive tokens (t-1, t) drawn
+uniformly from every example (the same number per example, seeded, fixed for a model and budget), so that a
+token's previous token is there for the predictors that read it (timewise:time). The sample depends only on
+the model's shape, the calibration data and the budget: every method, criterion and sparsity trains on the
+same tokens, and records say how many were kept out of how many.
+
+Collection runs in batches of examples; only the sampled tokens leave the GPU. Both artefacts are cached by
+content hash and shared by every method and sparsity.
 """
 from __future__ import annotations
 
 import torch
 
-from harness.engine import heads_view, mlp_input_module, opt_layers
+from harness.engine import mlp_input_module, opt_layers
 from harness.errors import HarnessError
+from harness.progress import stage
 
-VERSION = 1
-DEFAULT_CAP_GB = 8.0
+VERSION = 2
+DEFAULT_BUDGET_GB = 3.0
+SAMPLE_SEED = 0  # the token sample is part of the calibration data, not of a method's seed
+BATCH_TOKENS = 8192  # tokens per collection forward (examples are batched up to this)
 
 
-def estimate_bytes(config, tokens: int) -> int:
+def trace_bytes_per_token(config) -> int:
     layers, d = config.num_hidden_layers, config.hidden_size
-    per_token = 2 * layers * d * 2 + d * 2 + layers * config.num_attention_heads * 4 + layers * config.ffn_dim // 8 + 4
-    return tokens * per_token
+    return (2 * layers * d * 2  # layer_input, mlp_input (fp16)
+            + d * 2  # attn_output0 (fp16)
+            + layers * config.num_attention_heads * 4  # head_norm (fp32)
+            + layers * ((config.ffn_dim + 7) // 8)  # neuron_active (bits)
+            + 2 * 4)  # example, position (int32)
+
+
+def score_bytes_per_token(config) -> int:
+    """Per-token criterion scores: heads in fp32, neurons in bf16 (fp32's range: no score underflows to 0)."""
+    layers = config.num_hidden_layers
+    return layers * config.num_attention_heads * 4 + layers * config.ffn_dim * 2
+
+
+def budget_tokens(config, total: int, budget_gb: float) -> int:
+    """How many calibration tokens the budget keeps (traces and scores of each token together)."""
+    per_token = trace_bytes_per_token(config) + score_bytes_per_token(config)
+    return int(min(total, (budget_gb * 2**30) // per_token))
+
+
+def calibration_tokens(run_config) -> int:
+    """Tokens in the calibration examples (an upper bound: a short calibration text gives fewer examples)."""
+    return run_config.calib_samples * run_config.calib_seqlen
+
+
+def store_bytes(dtype: str) -> int:
+    """Bytes per stored predictor parameter: half-precision models keep their predictors in their dtype."""
+    return 2 if dtype in ("float16", "bfloat16") else 4
+
+
+def trace_need(model_config, run_config):
+    from harness.footprint import Need
+
+    tokens = budget_tokens(model_config, calibration_tokens(run_config), run_config.calib_budget_gb)
+    size = tokens * trace_bytes_per_token(model_config)
+    d, f = model_config.hidden_size, model_config.ffn_dim
+    return Need(f"traces ({tokens} tokens)", host=size, disk=size, gpu=BATCH_TOKENS * (16 * d + 4 * f))
+
+
+def score_need(model_config, run_config, criterion: str):
+    """Per-token scores of the traced tokens; building them takes one forward-backward per example."""
+    from harness.footprint import Need
+
+    tokens = budget_tokens(model_config, calibration_tokens(run_config), run_config.calib_budget_gb)
+    size = tokens * score_bytes_per_token(model_config)
+    return Need(f"{criterion} scores ({tokens} tokens)", host=size, disk=size,
+                gpu=backward_bytes(model_config, run_config.calib_seqlen), settings="calib_budget_gb,calib_seqlen")
+
+
+def backward_bytes(model_config, seqlen: int) -> int:
+    """GPU memory of one calibration example's forward-backward (activations kept for the backward, logits)."""
+    d, f, layers = model_config.hidden_size, model_config.ffn_dim, model_config.num_hidden_layers
+    return seqlen * layers * (20 * d + 4 * f) * 2 + seqlen * model_config.vocab_size * 8
+
+
+def sample_positions(examples: int, seqlen: int, tokens: int, seed: int = SAMPLE_SEED) -> torch.Tensor:
+    """(examples, seqlen) bool: the tokens kept. All when `tokens` covers them; else disjoint pairs
+    (2i, 2i+1) drawn per example (the same count in each example, the remainder in the first ones)."""
+    keep = torch.zeros(examples, seqlen, dtype=torch.bool)
+    if tokens >= examples * seqlen:
+        return keep.fill_(True)
+    pairs_per_row = seqlen // 2
+    total_pairs = tokens // 2
+    if total_pairs < 1:
+        raise HarnessError(f"calib_budget_gb keeps {tokens} calibration tokens, fewer than one pair; raise calib_budget_gb")
+    generator = torch.Generator().manual_seed(seed)
+    base, extra = divmod(total_pairs, examples)
+    for row in range(examples):
+        count = min(pairs_per_row, base + (row < extra))
+        chosen = torch.randperm(pairs_per_row, generator=generator)[:count]
+        keep[row, 2 * chosen] = True
+        keep[row, 2 * chosen + 1] = True
+    return keep
 
 
 def pack_bits(active: torch.Tensor) -> torch.Tensor:
@@ -30,16 +113,16 @@ def pack_bits(active: torch.Tensor) -> torch.Tensor:
     if pad:
         active = torch.nn.functional.pad(active, (0, pad))
     bits = active.reshape(*active.shape[:-1], -1, 8).to(torch.uint8)
-    return (bits << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    return (bits << torch.arange(8, dtype=torch.uint8, device=bits.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, size: int) -> torch.Tensor:
-    bits = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    bits = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
     return bits.reshape(*packed.shape[:-1], -1)[..., :size].bool()
 
 
 class Traces:
-    """Read access to a traces artefact; arrays are indexed by calibration token (N tokens in all)."""
+    """Read access to a traces artefact; arrays are indexed by kept calibration token (N tokens in all)."""
 
     def __init__(self, artefact, config):
         self.artefact = artefact
@@ -51,11 +134,19 @@ class Traces:
     def tokens(self) -> int:
         return self.t["position"].shape[0]
 
-    def layer_input(self, layer: int) -> torch.Tensor:
-        return self.t["layer_input"][:, layer].float()
+    @property
+    def sampling(self) -> dict:
+        """What was kept, for records: tokens kept of tokens in the calibration examples."""
+        meta = self.artefact.meta
+        return {"calib_tokens": int(meta.get("tokens", self.tokens)), "calib_tokens_total": int(meta.get("tokens_total", self.tokens)),
+                "calib_sampling": meta.get("sampling", "all tokens")}
 
-    def mlp_input(self, layer: int) -> torch.Tensor:
-        return self.t["mlp_input"][:, layer].float()
+    def layer_input(self, layer: int | None = None) -> torch.Tensor:
+        """(N, d) of one layer, or (N, L, d) of all (stored precision)."""
+        return self.t["layer_input"] if layer is None else self.t["layer_input"][:, layer].float()
+
+    def mlp_input(self, layer: int | None = None) -> torch.Tensor:
+        return self.t["mlp_input"] if layer is None else self.t["mlp_input"][:, layer].float()
 
     def attn_output0(self) -> torch.Tensor:
         return self.t["attn_output0"].float()
@@ -66,14 +157,22 @@ class Traces:
     def neuron_active(self, layer: int) -> torch.Tensor:
         return unpack_bits(self.t["neuron_active"][:, layer], self.ffn_dim)
 
+    def neuron_active_packed(self) -> torch.Tensor:
+        """(N, L, ceil(F/8)) uint8."""
+        return self.t["neuron_active"]
+
     def previous(self) -> torch.Tensor:
-        """Index of each token's previous token in the same example (itself for an example's first token)."""
+        """Index of each token's previous token in the same example: itself for an example's first token,
+        -1 where the previous token was not kept (a sampled pair's first token)."""
+        example, position = self.t["example"].long(), self.t["position"].long()
         index = torch.arange(self.tokens)
-        return torch.where(self.t["position"] > 0, index - 1, index)
+        shifted = torch.cat([index[:1], index[:-1]])
+        same = torch.cat([torch.tensor([False]), (example[1:] == example[:-1]) & (position[1:] == position[:-1] + 1)])
+        return torch.where(position == 0, index, torch.where(same, shifted, torch.full_like(index, -1)))
 
     def split(self, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Train/validation token indices, split by example (never inside one)."""
-        example = self.t["example"]
+        example = self.t["example"].long()
         count = int(example.max()) + 1
         order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
         val_count = max(1, int(round(val_fraction * count))) if count > 1 else 0
@@ -84,84 +183,132 @@ class Traces:
         return index[~mask], index[mask] if val_count else index[~mask]
 
 
+def _batches(rows: int, seqlen: int):
+    per = max(1, BATCH_TOKENS // seqlen)
+    return [(start, min(rows, start + per)) for start in range(0, rows, per)]
+
+
 @torch.no_grad()
-def _collect(model, ids: torch.Tensor) -> dict:
+def _collect(model, ids: torch.Tensor, keep: torch.Tensor, progress=None) -> dict:
+    """Traces of the kept tokens of `ids` (examples, seqlen), in batches of examples. The hooks keep only the
+    kept tokens' rows, and the decoder runs without the LM head (no logits)."""
     decoder, layers = opt_layers(model)
     config = model.config
     pre_ln = config.do_layer_norm_before
     out: dict[str, list] = {k: [] for k in ("layer_input", "mlp_input", "attn_output0", "head_norm", "neuron_active")}
     current: dict = {}
+    chosen: list = [None]
     handles = []
 
-    def keep(name, index):
+    def rows(x):
+        return x.reshape(-1, x.shape[-1]).index_select(0, chosen[0])
+
+    def keep_input(name, index):
         def hook(module, args, kwargs=None):
-            x = (kwargs or {}).get("hidden_states", args[0] if args else None)
-            current[(name, index)] = x.reshape(-1, x.shape[-1])
+            current[(name, index)] = rows((kwargs or {}).get("hidden_states", args[0] if args else None))
+        return hook
+
+    def keep_heads(index):
+        def hook(module, args):
+            x = rows(args[0])
+            current[("head_norm", index)] = torch.linalg.vector_norm(
+                x.view(x.shape[0], config.num_attention_heads, -1).float(), dim=-1)
+        return hook
+
+    def keep_active(index):
+        def hook(module, args):
+            current[("neuron_active", index)] = pack_bits(rows(args[0]) > 0)
         return hook
 
     try:
         for index, layer in enumerate(layers):
-            handles.append(layer.register_forward_pre_hook(keep("layer_input", index), with_kwargs=True))
-            handles.append(mlp_input_module(layer, pre_ln).register_forward_pre_hook(keep("mlp_input", index)))
-            handles.append(layer.self_attn.out_proj.register_forward_pre_hook(keep("heads", index)))
-            handles.append(layer.fc2.register_forward_pre_hook(keep("act", index)))
+            handles.append(layer.register_forward_pre_hook(keep_input("layer_input", index), with_kwargs=True))
+            handles.append(mlp_input_module(layer, pre_ln).register_forward_pre_hook(keep_input("mlp_input", index)))
+            handles.append(layer.self_attn.out_proj.register_forward_pre_hook(keep_heads(index)))
+            handles.append(layer.fc2.register_forward_pre_hook(keep_active(index)))
         handles.append(layers[0].self_attn.register_forward_hook(
-            lambda m, args, output: current.__setitem__("attn_output0", output[0].reshape(-1, output[0].shape[-1]))))
+            lambda m, args, output: current.__setitem__("attn_output0", rows(output[0]))))
         device = next(model.parameters()).device
-        for row in ids:
+        for start, end in _batches(ids.shape[0], ids.shape[1]):
             current.clear()
-            model(input_ids=row[None].to(device), use_cache=False)
-            seq = row.numel()
+            chosen[0] = keep[start:end].reshape(-1).nonzero().squeeze(1).to(device)
+            decoder(input_ids=ids[start:end].to(device), use_cache=False)
             stack = lambda name: torch.stack([current[(name, i)] for i in range(len(layers))], dim=1)  # noqa: E731
             out["layer_input"].append(stack("layer_input").half().cpu())
             out["mlp_input"].append(stack("mlp_input").half().cpu())
             out["attn_output0"].append(current["attn_output0"].half().cpu())
-            heads = [torch.linalg.vector_norm(heads_view(current[("heads", i)], 1, seq, config.num_attention_heads)[0].float(), dim=-1)
-                     for i in range(len(layers))]
-            out["head_norm"].append(torch.stack(heads, dim=1).cpu())
-            out["neuron_active"].append(pack_bits((stack("act") > 0).cpu()))
+            out["head_norm"].append(stack("head_norm").cpu())
+            out["neuron_active"].append(stack("neuron_active").cpu())
+            if progress is not None:
+                progress(end - start)
     finally:
         for handle in handles:
             handle.remove()
     tensors = {name: torch.cat(parts) for name, parts in out.items()}
-    seq = ids.shape[1]
-    tensors["position"] = torch.arange(seq, dtype=torch.int32).repeat(ids.shape[0])
-    tensors["example"] = torch.arange(ids.shape[0], dtype=torch.int32).repeat_interleave(seq)
+    example, position = keep.nonzero(as_tuple=True)
+    tensors["example"], tensors["position"] = example.to(torch.int32), position.to(torch.int32)
     return tensors
+
+
+def calibration_sample(ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration examples (examples, seqlen) and the (examples, seqlen) bool mask of kept tokens."""
+    ids = ctx.calibration_ids()
+    budget = ctx.budget_gb
+    tokens = budget_tokens(ctx.model.config, ids.numel(), budget)
+    return ids, sample_positions(ids.shape[0], ids.shape[1], tokens)
+
+
+def _sampling_meta(ids: torch.Tensor, keep: torch.Tensor, budget: float) -> dict:
+    kept = int(keep.sum())
+    how = "all tokens" if kept == ids.numel() else (
+        f"pairs of consecutive tokens, uniform per example (seed {SAMPLE_SEED}), to fit calib_budget_gb={budget}")
+    return {"tokens": kept, "tokens_total": int(ids.numel()), "examples": int(ids.shape[0]), "sampling": how}
+
+
+def trace_key(ctx) -> dict:
+    return {**ctx.base_key(), "budget_gb": ctx.budget_gb, "version": VERSION}
 
 
 def collect_traces(ctx) -> Traces:
     """The traces of the model on its calibration data (cached; built once for every method and sparsity)."""
     config = ctx.model.config
-    ids = ctx.calibration_ids()
-    cap_gb = float(ctx.settings.get("trace_cap_gb", DEFAULT_CAP_GB))
-    inputs = {**ctx.base_key(), "version": VERSION}
-    size = estimate_bytes(config, ids.numel())
 
     def build():
-        ctx.log(f"traces: {ids.shape[0]} examples × {ids.shape[1]} tokens, about {size / 2**30:.2f} GiB")
-        if size > cap_gb * 2**30:
-            raise HarnessError(f"traces would take {size / 2**30:.1f} GiB, over the cap of {cap_gb} GiB; lower "
-                               "calib_samples/calib_seqlen or raise the method setting trace_cap_gb")
-        return _collect(ctx.model, ids), {"tokens": int(ids.numel()), "examples": int(ids.shape[0]), "bytes": size}
+        ids, keep = calibration_sample(ctx)
+        meta = _sampling_meta(ids, keep, ctx.budget_gb)
+        size = meta["tokens"] * trace_bytes_per_token(config)
+        ctx.log(f"traces: {meta['tokens']} of {meta['tokens_total']} calibration tokens ({meta['sampling']}), "
+                f"{size / 2**30:.2f} GiB")
+        with stage("traces", ids.shape[0], ctx.log, unit="examples") as bar:
+            tensors = _collect(ctx.model, ids, keep, bar.advance)
+        return tensors, {**meta, "bytes": size}
 
-    return Traces(ctx.cache.get_or_build("traces", inputs, build), config)
+    return Traces(ctx.cache.get_or_build("traces", trace_key(ctx), build), config)
 
 
 def collect_scores(ctx, criterion: str) -> dict:
-    """Per-token criterion scores over the calibration data: {"heads": (N, L, H), "neurons": (N, L, F)} (cached)."""
+    """Per-token criterion scores of the traced tokens: {"heads": (N, L, H) fp32, "neurons": (N, L, F) bf16}
+    (cached). bf16 keeps fp32's exponent range, so no non-zero score is stored as 0."""
     from methods.criteria import score_example
 
-    ids = ctx.calibration_ids()
-    inputs = {**ctx.base_key(), "criterion": criterion, "version": VERSION}
+    inputs = {**trace_key(ctx), "criterion": criterion}
 
     def build():
-        ctx.log(f"trace scores: {criterion} over {ids.shape[0]} examples (one forward-backward each)")
+        ids, keep = calibration_sample(ctx)
+        meta = _sampling_meta(ids, keep, ctx.budget_gb)
         heads, neurons = [], []
-        for row in ids:
-            scores = score_example(ctx.model, row, (criterion,))[criterion]
-            heads.append(scores["heads"].float().cpu())
-            neurons.append(scores["neurons"].half().cpu())
-        return {"heads": torch.cat(heads), "neurons": torch.cat(neurons)}, {"criterion": criterion}
+        with stage(f"trace scores ({criterion}, one forward-backward per example)", ids.shape[0], ctx.log,
+                   unit="examples") as bar:
+            for row, kept in zip(ids, keep):
+                if not kept.any():
+                    bar.advance()
+                    continue
+                scores = score_example(ctx.model, row, (criterion,))[criterion]
+                chosen = kept.nonzero().squeeze(1).to(scores["heads"].device)
+                heads.append(scores["heads"].index_select(0, chosen).float().cpu())
+                neurons.append(scores["neurons"].index_select(0, chosen).float().to(torch.bfloat16).cpu())
+                bar.advance()
+        return {"heads": torch.cat(heads), "neurons": torch.cat(neurons)}, {**meta, "criterion": criterion}
 
-    return ctx.cache.get_or_build("trace_scores", inputs, build).tensors
+    return ctx.session.memo(("trace_scores", criterion),
+                            lambda: ctx.cache.get_or_build("trace_scores", inputs, build).tensors)

@@ -81,6 +81,11 @@ class Method(ABC):
         """
         return None
 
+    def footprint(self, model_config, run_config, allocation, seed: int) -> dict:
+        """{label: harness.footprint.Need} of the artefacts `fit` makes, estimated from the config alone
+        (checked before a run starts). Artefacts that several jobs share use the same label. Default: none."""
+        return {}
+
     @abstractmethod
     def policy(self, ctx, allocation, artefact):
         """The MaskPolicy for the masked engine (None: run the model unchanged). Every plugin defines it."""

@@ -14,10 +14,11 @@ import torch
 
 from harness.artefacts import Artefact
 from harness.engine import MaskPolicy
-from harness.traces import collect_traces
+from harness.progress import stage
+from harness.traces import collect_traces, trace_key, unpack_bits
 from methods import Method, register
 from methods.predictors import (PredictorPolicyMixin, keep_count, layer_report, linear_flops, load, low_rank,
-                                parameter_count, save, top_k, train_classifier)
+                                parameter_count, save, seeded, storage_dtype, top_k, train_classifiers)
 
 DEFAULTS = {"hidden": 1000, "epochs": 20, "lr": 1e-3, "batch_size": 256, "patience": 3, "val_fraction": 0.1}
 
@@ -60,7 +61,7 @@ class DejaVu(Method):
     def fit(self, ctx, allocation):
         config = ctx.model.config
         hp, layers = self.hp(), self.sparse_layers(ctx, allocation)
-        base = {**ctx.base_key(), "seed": ctx.seed, "hp": hp, "layers": layers, "version": 1}
+        base = {**trace_key(ctx), "seed": ctx.seed, "hp": hp, "layers": layers, "fit_version": 2}
         tensors, meta, path = {}, {"hp": hp}, None
         if allocation.heads > 0:
             k = keep_count(allocation.heads, config.num_attention_heads)
@@ -74,28 +75,66 @@ class DejaVu(Method):
             meta["mlp"], path = art.meta, path or art.path
         return Artefact(tensors, meta, path)
 
-    def _data(self, ctx, traces, unit, layer, k):
-        if unit == "attn":
-            return traces.layer_input(head_source(layer)), top_k(traces.head_norm(layer), k)
-        return traces.layer_input(layer), traces.neuron_active(layer)
+    def footprint(self, model_config, run_config, allocation, seed):
+        from harness.footprint import Need, predictor_training_gpu
+        from harness.models import dtype_name, resolve_device, resolve_dtype
+        from harness.traces import budget_tokens, calibration_tokens, store_bytes, trace_need
+
+        hp = self.hp()
+        dtype = dtype_name(resolve_dtype(run_config.dtype, resolve_device(run_config.device)))
+        layers = model_config.num_hidden_layers - len(set(allocation.dense_layers))
+        d, h = model_config.hidden_size, hp["hidden"]
+        tokens = budget_tokens(model_config, calibration_tokens(run_config), run_config.calib_budget_gb)
+        needs = {("traces",): trace_need(model_config, run_config)}
+        for unit, fraction, out in (("attn", allocation.heads, model_config.num_attention_heads),
+                                    ("mlp", allocation.neurons, model_config.ffn_dim)):
+            if fraction <= 0:
+                continue
+            params = layers * (d * h + h * out)
+            gpu = predictor_training_gpu(params, layers * hp["batch_size"] * (h + 2 * out) * 4,
+                                         layers * tokens * (2 * d + out // 8 + 1))
+            label = ("dejavu-" + unit, seed, keep_count(fraction, out) if unit == "attn" else None)
+            needs[label] = Need(f"dejavu {unit} predictors", disk=params * store_bytes(dtype), gpu=gpu,
+                                settings="calib_budget_gb,hidden,batch_size")
+        return needs
+
+    @staticmethod
+    def _input(traces, unit, layer):
+        return traces.layer_input(head_source(layer) if unit == "attn" else layer)
 
     def _train(self, ctx, unit, layers, k):
+        """All layers' predictors of one unit trained at once (batched matmuls) on the session's device."""
         config = ctx.model.config
         hp, traces = self.hp(), ctx.session.memo("traces", lambda: collect_traces(ctx))
+        device = ctx.session.device
         train, val = traces.split(hp["val_fraction"], ctx.seed)
         out = config.num_attention_heads if unit == "attn" else config.ffn_dim
-        tensors, metrics = {}, {}
-        for layer in layers:
-            x, y = self._data(ctx, traces, unit, layer, k)
-            predictor = low_rank(config.hidden_size, hp["hidden"], out)
-            metrics[layer] = train_classifier(predictor, x[train], y[train], x[val], y[val], k=k, epochs=hp["epochs"],
-                                              lr=hp["lr"], batch_size=hp["batch_size"], patience=hp["patience"],
-                                              seed=ctx.seed + layer, device=ctx.session.device)
-            tensors.update(save(f"{unit}.{layer}", predictor))
+        predictors = [seeded(lambda: low_rank(config.hidden_size, hp["hidden"], out), ctx.seed * 1000 + layer)
+                      for layer in layers]
+        sources = [head_source(l) for l in layers] if unit == "attn" else list(layers)
+        x = traces.layer_input()[:, sources].transpose(0, 1)  # (layers, N, d)
+        if unit == "attn":
+            labels = top_k(traces.head_norm()[:, layers].float(), k).transpose(0, 1)  # (layers, N, H)
+            y, val_y = labels[:, train], labels[:, val]
+        else:
+            packed = traces.neuron_active_packed()[:, layers]  # (N, layers, F/8)
+            train_bits, val_bits = packed[train].to(device), packed[val].to(device)
+            y = lambda index: unpack_bits(train_bits[index.to(device)], out).transpose(0, 1)  # noqa: E731
+            val_y = lambda index: unpack_bits(val_bits[index.to(device)], out).transpose(0, 1)  # noqa: E731
+        with stage(f"dejavu {unit} predictors ({len(layers)} layers at once)", hp["epochs"], ctx.log,
+                   unit="epochs") as bar:
+            metrics = train_classifiers(predictors, x[:, train], y, x[:, val], val_y, k=k, epochs=hp["epochs"],
+                                        lr=hp["lr"], batch_size=hp["batch_size"], patience=hp["patience"],
+                                        seed=ctx.seed, device=device, progress=bar.advance)
+        metrics = dict(zip(layers, metrics))
         ctx.log(f"dejavu {unit}: trained {len(layers)} predictors, mean validation recall "
                 f"{sum(m['recall'] for m in metrics.values()) / len(metrics):.3f}")
-        return tensors, {"validation": metrics, "params_per_layer": parameter_count(predictor),
-                         "flops_per_token_per_layer": linear_flops(predictor)}
+        dtype = storage_dtype(ctx.session.dtype)
+        tensors = {}
+        for layer, predictor in zip(layers, predictors):
+            tensors.update(save(f"{unit}.{layer}", predictor, dtype))
+        return tensors, {"validation": metrics, "params_per_layer": parameter_count(predictors[0]),
+                         "flops_per_token_per_layer": linear_flops(predictors[0]), **traces.sampling}
 
     def _predictors(self, ctx, artefact, unit):
         config = ctx.model.config
@@ -120,10 +159,12 @@ class DejaVu(Method):
                 continue
             k = keep_count(fraction, size)
             predicted, oracle = [], []
+            device = ctx.session.device
             with torch.no_grad():
                 for layer, predictor in predictors.items():
-                    x, _ = self._data(ctx, traces, unit, layer, k)
-                    predicted.append(predictor(x[val]))
+                    x = self._input(traces, unit, layer)
+                    predicted.append(predictor.to(device)(x[val].to(device)).cpu())
+                    predictor.cpu()
                     oracle.append(traces.head_norm(layer)[val] if unit == "attn" else traces.neuron_active(layer)[val])
             report[name] = layer_report(predicted, oracle, k, list(predictors))
             any_predictor = next(iter(predictors.values()))

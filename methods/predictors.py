@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -52,70 +53,164 @@ def _batches(count: int, size: int, generator: torch.Generator):
         yield order[start:start + size]
 
 
-def train_classifier(predictor: Predictor, x, y, val_x, val_y, *, k: int | None, epochs: int = 20, lr: float = 1e-3,
-                     batch_size: int = 256, patience: int = 3, seed: int = 0, device: str = "cpu") -> dict:
-    """Class-weighted BCE with AdamW, early stopping on validation recall (of the top-k, or of logits > 0).
+def seeded(make, seed: int):
+    """Build a module under its own seed (its initial weights do not depend on what ran before)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
 
-    y: (N, n) bool labels (1 = keep). Returns the validation metrics of the best epoch; the predictor is left
-    with the best weights.
-    """
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    _standardise(predictor, x)
-    predictor.to(device)
-    positives = y.float().mean(0).clamp(1e-3, 1 - 1e-3)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=((1 - positives) / positives).to(device))
-    optimizer = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=0.01)
-    best, best_state, stale = -1.0, None, 0
-    x, y = x.to(device), y.float().to(device)
-    for epoch in range(epochs):
-        predictor.train()
-        for index in _batches(len(x), batch_size, generator):
-            optimizer.zero_grad()
-            loss_fn(predictor(x[index]), y[index]).backward()
-            optimizer.step()
-        predictor.eval()
+
+class Stacked(nn.Module):
+    """L predictors of one architecture (Linear/ReLU layers) evaluated together as batched matmuls:
+    (L, B, d) -> (L, B, out). Built from per-layer Predictors and written back into them after training."""
+
+    def __init__(self, predictors: list[Predictor]):
+        super().__init__()
+        first = predictors[0].net
+        self.plan, self.weights, self.biases = [], nn.ParameterList(), nn.ParameterList()
+        for index, module in enumerate(first):
+            if isinstance(module, nn.Linear):
+                self.weights.append(nn.Parameter(torch.stack([p.net[index].weight.detach().t() for p in predictors])))
+                if module.bias is not None:
+                    self.biases.append(nn.Parameter(torch.stack([p.net[index].bias.detach()[None] for p in predictors])))
+                self.plan.append(("linear", index, len(self.weights) - 1, len(self.biases) - 1 if module.bias is not None else None))
+            elif isinstance(module, nn.ReLU):
+                self.plan.append(("relu", index, None, None))
+            else:
+                raise TypeError(f"cannot stack a {type(module).__name__}")
+        self.register_buffer("mean", torch.stack([p.mean for p in predictors])[:, None])
+        self.register_buffer("std", torch.stack([p.std for p in predictors])[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x.to(self.mean.dtype) - self.mean) / self.std
+        for kind, _, w, b in self.plan:
+            if kind == "relu":
+                z = torch.relu(z)
+            elif b is None:
+                z = torch.bmm(z, self.weights[w])
+            else:
+                z = torch.baddbmm(self.biases[b], z, self.weights[w])
+        return z
+
+    def standardise(self, x: torch.Tensor) -> None:
+        """Per layer: the mean and std (floored at 1e-3) of the training inputs x (L, N, d)."""
         with torch.no_grad():
-            logits = predictor(val_x.to(device)).cpu()
-        recall = selection_quality(logits, val_y, k)["recall"]
-        if recall > best + 1e-6:
-            best, stale = recall, 0
-            best_state = {name: t.detach().clone() for name, t in predictor.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= patience:
-                break
-    predictor.load_state_dict(best_state)
-    predictor.eval().cpu()
+            for layer in range(x.shape[0]):
+                column = x[layer].float()
+                self.mean[layer, 0] = column.mean(0)
+                self.std[layer, 0] = column.std(0).clamp(min=1e-3)
+
+    @torch.no_grad()
+    def write_back(self, predictors: list[Predictor]) -> None:
+        for layer, predictor in enumerate(predictors):
+            predictor.mean.copy_(self.mean[layer, 0])
+            predictor.std.copy_(self.std[layer, 0])
+            for kind, index, w, b in self.plan:
+                if kind == "linear":
+                    predictor.net[index].weight.copy_(self.weights[w][layer].t())
+                    if b is not None:
+                        predictor.net[index].bias.copy_(self.biases[b][layer, 0])
+
+
+def _predict(model, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     with torch.no_grad():
-        metrics = selection_quality(predictor(val_x), val_y, k)
-    metrics["epochs"] = epoch + 1
-    return metrics
+        return torch.cat([model(x[:, i:i + chunk]) for i in range(0, x.shape[1], chunk)], dim=1)
+
+
+def train_classifiers(predictors: list[Predictor], x, y, val_x, val_y, *, k: int | None, epochs: int = 20,
+                      lr: float = 1e-3, batch_size: int = 256, patience: int = 3, seed: int = 0, device: str = "cpu",
+                      progress=None) -> list[dict]:
+    """Train L per-layer classifiers at once (one batched matmul per linear layer for all of them).
+
+    x: (L, N, d) inputs (any float dtype; moved to `device` once). y: (L, N, n) bool labels (1 = keep), or a
+    function (L, index) -> that for a batch of token indices (labels too large to unpack at once).
+    val_x, val_y: the same for validation tokens. Per layer: class-weighted BCE (the weight of a unit's
+    positives is its negatives/positives ratio), AdamW, early stopping on validation recall (of the top-k,
+    or of logits > 0) with `patience` epochs; each layer keeps the weights of its own best epoch. The
+    layers' losses are summed, so each layer's gradients are those of its own loss. Returns the per-layer
+    validation metrics of the best epoch; the predictors are left with the best weights, on the CPU.
+    """
+    label = y if callable(y) else (lambda index, labels=y: labels[:, index])
+    val_label = val_y if callable(val_y) else (lambda index, labels=val_y: labels[:, index])
+    count, layers = x.shape[1], x.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    stacked = Stacked(predictors).to(device)
+    x, val_x = x.to(device), val_x.to(device)
+    stacked.standardise(x)
+    truth_val = val_label(torch.arange(val_x.shape[1])).cpu()
+    positives = torch.zeros(layers, truth_val.shape[-1], device=device)
+    for index in torch.arange(count).split(8192):
+        positives += label(index).to(device).float().sum(1)
+    positives = (positives / count).clamp(1e-3, 1 - 1e-3)
+    pos_weight = ((1 - positives) / positives)[:, None]
+    optimizer = torch.optim.AdamW(stacked.parameters(), lr=lr, weight_decay=0.01)
+    best = torch.full((layers,), -1.0)
+    stale = torch.zeros(layers, dtype=torch.long)
+    stopped_at = torch.zeros(layers, dtype=torch.long)
+    best_state = {name: t.detach().clone() for name, t in stacked.state_dict().items()}
+    for epoch in range(epochs):
+        stacked.train()
+        for index in _batches(count, batch_size, generator):
+            optimizer.zero_grad()
+            logits = stacked(x[:, index.to(device)])
+            target = label(index).to(device).float()
+            loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none")
+            loss.mean(dim=(1, 2)).sum().backward()
+            optimizer.step()
+        stacked.eval()
+        logits = _predict(stacked, val_x).cpu()
+        recall = torch.tensor([selection_quality(logits[l], truth_val[l], k)["recall"] for l in range(layers)])
+        improved = (recall > best + 1e-6) & (stale < patience)
+        best = torch.where(improved, recall, best)
+        stale = torch.where(improved, torch.zeros_like(stale), stale + (stale < patience).long())
+        stopped_at = torch.where(stale < patience, torch.full_like(stopped_at, epoch + 1), stopped_at)
+        if improved.any():
+            rows = improved.nonzero().squeeze(1).to(device)
+            for name, tensor in stacked.state_dict().items():
+                best_state[name].index_copy_(0, rows, tensor.detach().index_select(0, rows))
+        if progress is not None:
+            progress(1)
+        if bool((stale >= patience).all()):
+            break
+    stacked.load_state_dict(best_state)
+    stacked.eval()
+    logits = _predict(stacked, val_x).cpu()
+    stacked.cpu().write_back(predictors)
+    for predictor in predictors:
+        predictor.eval()
+    return [{**selection_quality(logits[l], truth_val[l], k), "epochs": int(stopped_at[l])} for l in range(layers)]
 
 
 def train_regressor(predictor: Predictor, x, y, *, epochs: int = 20, lr: float = 1e-3, batch_size: int = 256,
-                    seed: int = 0, device: str = "cpu", loss_fn=nn.functional.mse_loss) -> float:
-    """Regression (MSE by default) with AdamW and a cosine schedule; returns the last epoch's mean training loss."""
+                    seed: int = 0, device: str = "cpu", loss_fn=nn.functional.mse_loss, progress=None) -> float:
+    """Regression (MSE by default) with AdamW and a cosine schedule; returns the last epoch's mean training loss.
+
+    x: (N, d). y: (N, n) targets, or a function (token indices) -> targets of a batch (targets too large to
+    hold in float32 at once). The predictor is left on the CPU."""
+    target = y if callable(y) else (lambda index, values=y: values[index])
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    _standardise(predictor, x)
+    _standardise(predictor, x.float())
     predictor.to(device)
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=0.01)
     steps = epochs * math.ceil(len(x) / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
-    x, y = x.to(device), y.to(device)
+    x = x.to(device)
     predictor.train()
+    total = torch.zeros((), device=device)
     for epoch in range(epochs):
-        total, count = 0.0, 0
+        total.zero_()
         for index in _batches(len(x), batch_size, generator):
             optimizer.zero_grad()
-            loss = loss_fn(predictor(x[index]), y[index].float())
+            loss = loss_fn(predictor(x[index.to(device)].float()), target(index).to(device).float())
             loss.backward()
             optimizer.step()
             schedule.step()
-            total, count = total + loss.item() * len(index), count + len(index)
+            total += loss.detach() * len(index)
+        if progress is not None:
+            progress(1)
     predictor.eval().cpu()
-    return total / max(count, 1)
+    return float(total) / max(len(x), 1)
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -156,8 +251,19 @@ def keep_count(allocation_fraction: float, size: int) -> int:
     return size - int(round(allocation_fraction * size))
 
 
-def save(prefix: str, predictor: Predictor) -> dict:
-    return {f"{prefix}.{name}": t.detach().cpu() for name, t in predictor.state_dict().items()}
+def save(prefix: str, predictor: Predictor, dtype: torch.dtype | None = None) -> dict:
+    """The predictor's tensors under `prefix`; floating ones cast to `dtype` when given (half-precision
+    models store their predictors in their own dtype: half the disk, and the precision they run in)."""
+    def cast(t):
+        t = t.detach().cpu()
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    return {f"{prefix}.{name}": cast(t) for name, t in predictor.state_dict().items()}
+
+
+def storage_dtype(model_dtype: torch.dtype) -> torch.dtype | None:
+    """Predictors of half-precision models are stored in the model's dtype; others in float32."""
+    return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else None
 
 
 def load(tensors: dict, prefix: str, predictor: Predictor) -> Predictor:

@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from harness.engine import MaskPolicy
-from harness.traces import collect_scores, collect_traces
+from harness.progress import stage
+from harness.traces import collect_scores, collect_traces, trace_key
 from methods import Method, register
 from methods.criteria import CRITERIA
 from methods.predictors import (Predictor, PredictorPolicyMixin, keep_count, layer_report, linear_flops, load,
-                                parameter_count, save, train_regressor)
+                                parameter_count, save, seeded, storage_dtype, train_regressor)
 
 DEFAULTS = {"hidden": 2048, "epochs": 20, "lr": 1e-3, "batch_size": 256, "val_fraction": 0.1}
 
@@ -95,33 +96,64 @@ class Shadow(Method):
 
         return replace(allocation, dense_layers=tuple(sorted(set(allocation.dense_layers) | {0})))
 
-    def _targets(self, ctx, index):
+    def _targets(self, ctx, index, device="cpu"):
+        """Per-layer min-max normalised scores (float32) of the traced tokens `index`: heads (n, L, H), neurons (n, L, F)."""
         scores = collect_scores(ctx, self.criterion)
-        heads, neurons = minmax(scores["heads"][index].float()), minmax(scores["neurons"][index].float())
+        index = index.to(scores["heads"].device)
+        heads = minmax(scores["heads"][index].to(device).float())
+        neurons = minmax(scores["neurons"][index].to(device).float())
         return heads, neurons
 
     def fit(self, ctx, allocation):
         config, hp = ctx.model.config, self.hp()
-        inputs = {**ctx.base_key(), "criterion": self.criterion, "seed": ctx.seed, "hp": hp, "version": 1}
+        inputs = {**trace_key(ctx), "criterion": self.criterion, "seed": ctx.seed, "hp": hp, "fit_version": 2}
 
         def build():
             traces = ctx.session.memo("traces", lambda: collect_traces(ctx))
             train, _ = traces.split(hp["val_fraction"], ctx.seed)
-            heads, neurons = self._targets(ctx, train)
-            y = torch.cat([heads.flatten(1), neurons.flatten(1)], dim=-1)
-            width = heads[0].numel()
+            device = ctx.session.device
+            width = config.num_hidden_layers * config.num_attention_heads
+
+            scores = {unit: t[train].to(device) for unit, t in collect_scores(ctx, self.criterion).items()}
+
+            def target(batch):  # normalised on the device batch by batch (float32 of all tokens: 3.3 MB a token at 13B)
+                batch = batch.to(device)
+                heads, neurons = (minmax(scores[unit][batch].float()) for unit in ("heads", "neurons"))
+                return torch.cat([heads.flatten(1), neurons.flatten(1)], dim=-1)
 
             def loss(pred, target):  # heads and neurons weigh the same, whatever their counts
                 mse = nn.functional.mse_loss
                 return mse(pred[:, :width], target[:, :width]) + mse(pred[:, width:], target[:, width:])
 
-            predictor = shadow_predictor(config, hp["hidden"])
-            final = train_regressor(predictor, traces.attn_output0()[train], y, epochs=hp["epochs"], lr=hp["lr"],
-                                    batch_size=hp["batch_size"], seed=ctx.seed, device=ctx.session.device, loss_fn=loss)
-            return save("shadow", predictor), {"train_loss": final, "params": parameter_count(predictor),
-                                               "flops_per_token": linear_flops(predictor)}
+            predictor = seeded(lambda: shadow_predictor(config, hp["hidden"]), ctx.seed)
+            with stage("shadow predictor", hp["epochs"], ctx.log, unit="epochs") as bar:
+                final = train_regressor(predictor, traces.attn_output0()[train], target, epochs=hp["epochs"], lr=hp["lr"],
+                                        batch_size=hp["batch_size"], seed=ctx.seed, device=device, loss_fn=loss,
+                                        progress=bar.advance)
+            return save("shadow", predictor, storage_dtype(ctx.session.dtype)), {
+                "train_loss": final, "params": parameter_count(predictor), "flops_per_token": linear_flops(predictor),
+                **traces.sampling}
 
         return ctx.cache.get_or_build("shadow", inputs, build)
+
+    def footprint(self, model_config, run_config, allocation, seed):
+        from harness.footprint import Need, predictor_training_gpu
+        from harness.models import dtype_name, resolve_device, resolve_dtype
+        from harness.traces import (budget_tokens, calibration_tokens, score_bytes_per_token, score_need, store_bytes,
+                                    trace_need)
+
+        hp = self.hp()
+        dtype = dtype_name(resolve_dtype(run_config.dtype, resolve_device(run_config.device)))
+        d, h = model_config.hidden_size, hp["hidden"]
+        outputs = model_config.num_hidden_layers * (model_config.num_attention_heads + model_config.ffn_dim)
+        tokens = budget_tokens(model_config, calibration_tokens(run_config), run_config.calib_budget_gb)
+        params = d * h + h + h * outputs + outputs
+        gpu = predictor_training_gpu(params, hp["batch_size"] * (h + 3 * outputs) * 4,
+                                     tokens * (score_bytes_per_token(model_config) + 2 * d))
+        return {("traces",): trace_need(model_config, run_config),
+                ("trace_scores", self.criterion): score_need(model_config, run_config, self.criterion),
+                ("shadow", self.criterion, seed): Need("shadow predictor", disk=params * store_bytes(dtype), gpu=gpu,
+                                                       settings="calib_budget_gb,hidden,batch_size")}
 
     def policy(self, ctx, allocation, artefact):
         config = ctx.model.config
@@ -132,8 +164,10 @@ class Shadow(Method):
         traces = ctx.session.memo("traces", lambda: collect_traces(ctx))
         _, val = traces.split(self.hp()["val_fraction"], ctx.seed)
         predictor = load(artefact.tensors, "shadow", shadow_predictor(config, self.hp()["hidden"]))
+        device = ctx.session.device
         with torch.no_grad():
-            heads, neurons = split(predictor(traces.attn_output0()[val]), config)
+            heads, neurons = split(predictor.to(device)(traces.attn_output0()[val].to(device)).cpu(), config)
+        predictor.cpu()
         true_heads, true_neurons = self._targets(ctx, val)
         layers = [l for l in range(config.num_hidden_layers) if l not in self.adjust(allocation).dense_layers]
         report = {}

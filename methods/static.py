@@ -56,6 +56,13 @@ class Static(Method):
     def fit(self, ctx, allocation):
         return fit_importance(ctx)  # every criterion from one calibration pass, shared by all variants
 
+    def footprint(self, model_config, run_config, allocation, seed):
+        from harness.footprint import Need
+        from harness.traces import backward_bytes
+
+        return {("importance",): Need("importance (one forward-backward per example)",
+                                      gpu=backward_bytes(model_config, run_config.calib_seqlen), settings="calib_seqlen")}
+
     def policy(self, ctx, allocation, artefact):
         if artefact is None:
             raise HarnessError("static needs its fitted importance scores (run fit first)")

@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 
 from harness.engine import MaskPolicy
-from harness.traces import collect_traces
+from harness.progress import stage
+from harness.traces import collect_traces, trace_key
 from methods import Method, register
 from methods.predictors import (PredictorPolicyMixin, keep_count, layer_report, linear_flops, load, mlp,
-                                parameter_count, save, top_k, train_classifier)
+                                parameter_count, save, seeded, storage_dtype, top_k, train_classifiers)
 
 DEFAULTS = {"hidden": 256, "epochs": 20, "lr": 1e-3, "batch_size": 256, "patience": 3, "val_fraction": 0.1, "M": 1}
 
@@ -66,8 +67,14 @@ class Timewise(Method):
         return {**DEFAULTS, **{k: v for k, v in self.settings.items() if k in DEFAULTS}}
 
     def _inputs(self, traces, layer: int) -> torch.Tensor:
+        """(N, d) predictor inputs of every traced token (for `time`: its previous token's; rows of tokens
+        whose previous token was not traced are not used, see `_usable`)."""
         x = traces.layer_input(source_layer(self.variant, layer, self.hp()["M"]))
-        return x[traces.previous()] if self.variant == "time" else x
+        return x[traces.previous().clamp(min=0)] if self.variant == "time" else x
+
+    def _usable(self, traces, index: torch.Tensor) -> torch.Tensor:
+        """The tokens of `index` a predictor can be trained or judged on (`time` needs the previous token)."""
+        return index[traces.previous()[index] >= 0] if self.variant == "time" else index
 
     def _layers(self, ctx, allocation):
         return [l for l in range(ctx.model.config.num_hidden_layers) if l not in allocation.dense_layers]
@@ -78,23 +85,48 @@ class Timewise(Method):
         config, hp = ctx.model.config, self.hp()
         k = keep_count(allocation.heads, config.num_attention_heads)
         layers = self._layers(ctx, allocation)
-        inputs = {**ctx.base_key(), "variant": self.variant, "seed": ctx.seed, "hp": hp, "keep_heads": k,
-                  "layers": layers, "version": 1}
+        inputs = {**trace_key(ctx), "variant": self.variant, "seed": ctx.seed, "hp": hp, "keep_heads": k,
+                  "layers": layers, "fit_version": 2}
 
         def build():
             traces = ctx.session.memo("traces", lambda: collect_traces(ctx))
-            train, val = traces.split(hp["val_fraction"], ctx.seed)
-            tensors, metrics = {}, {}
-            for layer in layers:
-                x, y = self._inputs(traces, layer), top_k(traces.head_norm(layer), k)
-                predictor = mlp(config.hidden_size, hp["hidden"], config.num_attention_heads)
-                metrics[layer] = train_classifier(predictor, x[train], y[train], x[val], y[val], k=k, epochs=hp["epochs"],
-                                                  lr=hp["lr"], batch_size=hp["batch_size"], patience=hp["patience"],
-                                                  seed=ctx.seed + layer, device=ctx.session.device)
-                tensors.update(save(f"heads.{layer}", predictor))
-            return tensors, {"validation": metrics}
+            train, val = (self._usable(traces, index) for index in traces.split(hp["val_fraction"], ctx.seed))
+            predictors = [seeded(lambda: mlp(config.hidden_size, hp["hidden"], config.num_attention_heads),
+                                 ctx.seed * 1000 + layer) for layer in layers]
+            x = torch.stack([self._inputs(traces, layer).half() for layer in layers])  # (layers, N, d)
+            labels = top_k(traces.head_norm()[:, layers].float(), k).transpose(0, 1)  # (layers, N, H)
+            with stage(f"timewise:{self.variant} predictors ({len(layers)} layers at once)", hp["epochs"], ctx.log,
+                       unit="epochs") as bar:
+                metrics = train_classifiers(predictors, x[:, train], labels[:, train], x[:, val], labels[:, val], k=k,
+                                            epochs=hp["epochs"], lr=hp["lr"], batch_size=hp["batch_size"],
+                                            patience=hp["patience"], seed=ctx.seed, device=ctx.session.device,
+                                            progress=bar.advance)
+            dtype = storage_dtype(ctx.session.dtype)
+            tensors = {}
+            for layer, predictor in zip(layers, predictors):
+                tensors.update(save(f"heads.{layer}", predictor, dtype))
+            return tensors, {"validation": dict(zip(layers, metrics)), **traces.sampling}
 
         return ctx.cache.get_or_build("timewise", inputs, build)
+
+    def footprint(self, model_config, run_config, allocation, seed):
+        from harness.footprint import Need, predictor_training_gpu
+        from harness.models import dtype_name, resolve_device, resolve_dtype
+        from harness.traces import budget_tokens, calibration_tokens, store_bytes, trace_need
+
+        if allocation.heads == 0:
+            return {}
+        hp, heads = self.hp(), model_config.num_attention_heads
+        dtype = dtype_name(resolve_dtype(run_config.dtype, resolve_device(run_config.device)))
+        layers = model_config.num_hidden_layers - len(set(allocation.dense_layers))
+        d, h = model_config.hidden_size, hp["hidden"]
+        tokens = budget_tokens(model_config, calibration_tokens(run_config), run_config.calib_budget_gb)
+        params = layers * (d * h + h + h * heads + heads)
+        gpu = predictor_training_gpu(params, layers * hp["batch_size"] * (h + 2 * heads) * 4, layers * tokens * (2 * d + heads))
+        label = ("timewise", self.variant, seed, keep_count(allocation.heads, heads))
+        return {("traces",): trace_need(model_config, run_config),
+                label: Need(f"timewise:{self.variant} predictors", disk=params * store_bytes(dtype), gpu=gpu,
+                            settings="calib_budget_gb,hidden,batch_size")}
 
     def _predictors(self, ctx, artefact) -> dict:
         config = ctx.model.config
@@ -113,6 +145,7 @@ class Timewise(Method):
         config = ctx.model.config
         traces = ctx.session.memo("traces", lambda: collect_traces(ctx))
         _, val = traces.split(self.hp()["val_fraction"], ctx.seed)
+        val = self._usable(traces, val)
         predictors = self._predictors(ctx, artefact)
         k = keep_count(allocation.heads, config.num_attention_heads)
         with torch.no_grad():
