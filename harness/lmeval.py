@@ -101,7 +101,8 @@ def _build_adapter_class():
     class MaskedHFLM(HFLM):
         """HFLM on an already-loaded (and possibly hooked) model; marks lm-eval's padding in the attention mask."""
 
-        def __init__(self, pretrained, tokenizer=None, batch_size: int = DEFAULT_BATCH_SIZE, max_length=None, **kwargs):
+        def __init__(self, pretrained, tokenizer=None, batch_size: int | str = DEFAULT_BATCH_SIZE, max_length=None,
+                     **kwargs):
             if isinstance(pretrained, str):
                 raise HarnessError(f"{ADAPTER_NAME} wraps a loaded model: pass pretrained=<PreTrainedModel>")
             super().__init__(pretrained=pretrained, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
@@ -155,7 +156,7 @@ def adapter_class():
     return _ADAPTER_CLASS
 
 
-def make_adapter(model, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE, max_length=None):
+def make_adapter(model, tokenizer, batch_size: int | str = DEFAULT_BATCH_SIZE, max_length=None):
     with _quiet():
         return adapter_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
@@ -303,11 +304,24 @@ def _setting(config, name, default):
     return default if value is None else value
 
 
+def batch_size_for(setting, device: str):
+    """The lm-eval batch size: the setting when given (an integer, or "auto"), else lm-eval's "auto" on a GPU (the
+    largest batch that fits, found once per adapter) and DEFAULT_BATCH_SIZE on the CPU."""
+    if setting is None:
+        return "auto" if str(device).startswith("cuda") else DEFAULT_BATCH_SIZE
+    if str(setting).startswith("auto"):
+        return str(setting)
+    try:
+        return int(setting)
+    except ValueError:
+        raise HarnessError(f"batch_size {setting!r}: write an integer or auto") from None
+
+
 def evaluate_task(session, job, config, progress) -> list[dict]:
     """The `evaluate` of every zero-shot task: one lm-eval task on the session's (hooked) model."""
     task = ZERO_SHOT[job.task]
     num_fewshot = int(_setting(config, "num_fewshot", 0))
-    batch_size = int(_setting(config, "batch_size", DEFAULT_BATCH_SIZE))
+    batch_size = batch_size_for(_setting(config, "batch_size", None), session.device)
     source = choose_source(task, _setting(config, "lmeval_source", "auto"))
     lm = session.memo(f"lm_eval:adapter:{batch_size}",
                              lambda: make_adapter(session.model, session.tokenizer, batch_size=batch_size))

@@ -141,6 +141,9 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
     method = get_method(spec, ctx.settings)
     allocation = method.adjust(job.allocation(config))
     timings = {}
+    on_gpu = session.device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     clock = time.perf_counter()
     model = session.model
     timings["load_s"] = time.perf_counter() - clock
@@ -161,7 +164,7 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
         clock = time.perf_counter()
         task.prepare(session, job, config)
         timings["prepare_s"] = time.perf_counter() - clock
-    if session.device.startswith("cuda"):
+    if on_gpu:
         torch.cuda.synchronize()
     clock = time.perf_counter()
     if task.masked:
@@ -169,7 +172,7 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
             metrics = task.evaluate(session, job, config, progress)
     else:
         metrics = task.evaluate(session, job, config, progress)
-    if session.device.startswith("cuda"):
+    if on_gpu:
         torch.cuda.synchronize()
     timings["eval_s"] = time.perf_counter() - clock
     achieved = engine.achieved() if task.masked else metrics_achieved(metrics)
@@ -184,6 +187,7 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
         "achieved_heads": achieved["achieved_heads"], "achieved_neurons": achieved["achieved_neurons"],
         "task": job.task, "seed": job.seed, "weight_seed": config.weight_seed, "limit": config.limit,
         "timings": {k: round(v, 3) for k, v in timings.items()}, "provenance": provenance(),
+        "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if on_gpu else None,
         **session.placement,
     }
     if artefact is not None and artefact.path is not None:
