@@ -134,9 +134,10 @@ def _compute(path: Path):
 
 def checkpoint_files(root: Path) -> list[Path]:
     """The files of a checkpoint directory that decide what model it is (top level only: no Trainer
-    `checkpoint-N/` subfolders)."""
+    `checkpoint-N/` subfolders; not the safetensors shard index, which only says where each tensor is)."""
     return sorted(p for p in Path(root).iterdir()
-                  if p.is_file() and p.suffix in WEIGHT_SUFFIXES + SMALL_SUFFIXES)
+                  if p.is_file() and p.suffix in WEIGHT_SUFFIXES + SMALL_SUFFIXES
+                  and not p.name.endswith(".safetensors.index.json"))
 
 
 def directory_identity(root: str | Path, cache: DigestCache) -> str:

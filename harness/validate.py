@@ -207,18 +207,19 @@ def prepare(config, data_dir=None, tokenizer=None, *, cache_dir=None, out=None, 
     from harness.models import ModelSpec, dtype_name, resolve_device, resolve_dtype
     from harness.spec import expand_jobs, job_targets
     from harness.tasks import get_task
+    from methods import MethodSpec, get_method
 
     config.validate()
     check_executor(config.executor, executor_options or {})
     tasks = [get_task(name) for name in config.tasks]
     check_extras(tasks)
-    targets = job_targets(config)  # methods, variants, sparsities, units
+    job_targets(config)  # methods, variants, sparsities, units
     check_device(config.device, config.executor)
     dtype = dtype_name(resolve_dtype(config.dtype, resolve_device(config.device)))
     model_spec = ModelSpec(config.model, config.weights)
     model_config = check_model(model_spec)
     check_ranges(config, model_config, model_spec.label)
-    labels = list(dict.fromkeys(target[0] for target in targets))
+    labels = list(dict.fromkeys(get_method(MethodSpec.parse(text)).label for text in config.methods))
     check_methods(config, labels, tasks)
     data = DataDir.resolve(data_dir, verify=verify)
     fits = fitting_methods(labels)
