@@ -277,7 +277,7 @@ def table(
 ):
     """Regenerate table.md / table.tex (and plots) of a run folder from its records, and print it."""
     from harness.store import RunStore, read_records
-    from harness.tables import FORMATS, latex, markdown, write_tables
+    from harness.tables import FORMATS, latex, write_tables
 
     formats = FORMATS if format == "all" else (format,)
     if format != "all" and format not in FORMATS:
