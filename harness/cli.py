@@ -19,6 +19,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Benchmark contextual sparsity methods on OPT models: perplexity, zero-shot and latency suites.")
 console = Console(stderr=True)
 LISTABLE = ("methods", "suites", "models", "tasks")
+NO_VERIFY_HELP = ("Use the data directory's files without checking their sha256 against its MANIFEST.tsv (a directory "
+                  "without one is refused otherwise); records say data_verified: false.")
+VERBOSE_HELP = "Show the libraries' own progress bars and warnings (transformers, datasets, lm-eval)."
 
 
 def handle_errors(command):
@@ -38,6 +41,15 @@ def handle_errors(command):
 
 def _split(text: Optional[str]) -> Optional[list]:
     return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _layers(text: Optional[str]) -> Optional[list]:
+    if not text:
+        return None
+    try:
+        return [int(part) for part in _split(text)]
+    except ValueError:
+        raise HarnessError(f"cannot read --dense-layers {text!r}; write layer indices like 0 or 0,1") from None
 
 
 def _seeds(text: Optional[str]):
@@ -111,28 +123,12 @@ def build_config(suite_name: str, overrides: dict):
     return config
 
 
-def prepare(config, data_dir, tokenizer, cache_dir=None):
-    """Check everything a run needs before anything is written: methods, tasks, model, data files."""
-    from harness.artefacts import ArtefactCache
-    from harness.data import DataDir
-    from harness.footprint import check_run
-    from harness.models import ModelSpec, dtype_name, resolve_device, resolve_dtype
-    from harness.spec import expand_jobs
-    from harness.tasks import get_task
+def configure_output(verbose: bool, tasks) -> None:
+    """The libraries' own bars and warnings, quiet unless --verbose (lm-eval's when a task runs through it)."""
+    from harness.lmeval import ZERO_SHOT
+    from harness.verbosity import configure
 
-    tasks = [get_task(name) for name in config.tasks]
-    model_spec = ModelSpec(config.model, config.weights)
-    model_spec.kind  # noqa: B018 - raises for an unknown model
-    data = DataDir.resolve(data_dir)
-    for task in tasks:
-        data.check(task.files)
-    if tokenizer is None:
-        data.check(["tokenizer/opt/vocab.json", "tokenizer/opt/merges.txt"])
-    dtype = dtype_name(resolve_dtype(config.dtype, resolve_device(config.device)))
-    identity = config.identity(model_spec.identity(), data.fingerprint, dtype)
-    jobs = expand_jobs(config, identity)
-    check_run(config, jobs, model_spec, cache_dir)  # memory and disk of the fits, before anything is built
-    return data, identity, jobs, model_spec, ArtefactCache
+    configure(verbose, lm_eval=any(task in ZERO_SHOT for task in tasks))
 
 
 def default_run_dir(config, identity: dict, model_label: str) -> Path:
@@ -162,8 +158,9 @@ def run(
                                                          "else a local cluster is started)."),
     gpus_per_job: Optional[int] = typer.Option(None, help="--executor ray: GPUs per quality job (default: from the "
                                                           "model's size and dtype); more than one shards the model."),
-    retries: int = typer.Option(1, help="--executor ray: times a failed job (error, out of memory, lost worker) is "
-                                        "retried before it is recorded as failed."),
+    retries: Optional[int] = typer.Option(None, help="--executor ray: times a failed job (out of memory, lost worker, "
+                                                     "an error) is retried before it is recorded as failed (default 1); "
+                                                     "bad input is never retried."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: results/<suite>-<model>-<weights>-<hash>)."),
     data_dir: Optional[Path] = typer.Option(None, help="Data directory (else HARNESS_DATA_DIR, else ../shared/data)."),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the model's, else OPT's in the data directory)."),
@@ -185,35 +182,47 @@ def run(
                                                            "offline copies), local or hf."),
     log_samples: Optional[bool] = typer.Option(None, "--log-samples/--no-log-samples",
                                                help="Zero-shot tasks: keep lm-eval's per-sample logs in the run folder."),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Run a suite: expand model × method × sparsity × task into jobs, run them, write records and tables.
 
     Starting the same command again resumes: finished jobs are skipped. A failing job is recorded with its
     traceback and the others go on; the exit code is 1 when any job failed, 2 on bad input."""
-    from harness.executors import make_executor
+    from harness.artefacts import ArtefactCache
+    from harness.data import REPO_ROOT
+    from harness.executors import Unit, make_executor
     from harness.runner import Session
     from harness.spec import config_dict
     from harness.store import RunStore
     from harness.tables import write_tables
+    from harness.validate import prepare
 
     overrides = dict(methods=_split(methods), model=model, weights=weights, sparsity=_split(sparsity),
                      tasks=_split(tasks), limit=limit, seed=_seeds(seed), weight_seed=weight_seed, executor=executor,
                      device=device, dtype=dtype, num_fewshot=num_fewshot, batch_size=batch_size,
                      lmeval_source=lmeval_source, log_samples=log_samples,
                      seqlen=seqlen, stride=stride, allocation=allocation, scope=scope,
-                     dense_layers=[int(x) for x in _split(dense_layers)] if dense_layers else None,
-                     calib_samples=calib_samples, calib_budget_gb=calib_budget_gb)
+                     dense_layers=_layers(dense_layers), calib_samples=calib_samples,
+                     calib_budget_gb=calib_budget_gb)
     config = build_config(suite, overrides)
-    data, identity, jobs, model_spec, cache_cls = prepare(config, data_dir, tokenizer, cache_dir)
-    run_dir = out or default_run_dir(config, identity, model_spec.label)
-    store = RunStore(run_dir)
-    store.claim(identity, config_dict(config))
-    console.print(f"run folder: {run_dir} · {len(jobs)} jobs · executor {config.executor}")
-    session = Session(config, data, cache_cls(cache_dir, log=console.print), tokenizer, log=console.print)
+    prepared = prepare(config, data_dir, tokenizer, cache_dir=cache_dir, out=out or REPO_ROOT / "results",
+                       verify=not no_verify,
+                       executor_options=dict(gpus_per_job=gpus_per_job, ray_address=ray_address, retries=retries))
+    configure_output(verbose, config.tasks)
+    run_dir = out or default_run_dir(config, prepared.identity, prepared.model_spec.label)
+    executor_ = make_executor(config.executor, address=ray_address, gpus_per_job=gpus_per_job, retries=retries)
+    session = Session(config, prepared.data, ArtefactCache(cache_dir, log=console.print), tokenizer, log=console.print)
     session.run_dir = run_dir
+    unit = Unit(session, RunStore(run_dir), prepared.jobs)
+    plan = executor_.plan([unit])  # Ray: shared fits and GPUs per job; refuses bad input its probes find
+    store = unit.store
+    store.claim(prepared.identity, config_dict(config))
+    jobs = prepared.jobs
+    console.print(f"run folder: {run_dir} · {len(jobs)} jobs · executor {config.executor}"
+                  + ("" if prepared.data.verify else " · data not verified (--no-verify)"))
     with RunUI() as ui:
-        executor_ = make_executor(config.executor, address=ray_address, gpus_per_job=gpus_per_job, retries=retries)
-        summary = executor_.run(jobs, session, store, ui)
+        summary = executor_.run_units([unit], ui, plan)
     written = write_tables(run_dir, store.records(), store.failures(), jobs=store.jobs())
     console.print(f"{summary.ran} ran, {summary.skipped} already done, {summary.failed} failed")
     for path in written:
@@ -232,39 +241,41 @@ def fit(
     seed: int = typer.Option(0), data_dir: Optional[Path] = typer.Option(None),
     tokenizer: Optional[Path] = typer.Option(None), device: Optional[str] = typer.Option(None),
     dtype: Optional[str] = typer.Option(None), calib_samples: Optional[int] = typer.Option(None),
-    calib_budget_gb: Optional[float] = typer.Option(None),
-    allocation: str = typer.Option("local"), cache_dir: Optional[Path] = typer.Option(None),
+    calib_budget_gb: Optional[float] = typer.Option(None, help="Host memory and disk for traces and criterion scores."),
+    allocation: str = typer.Option("local", help="local or global (methods whose scores are known ahead)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Artefact cache (else HARNESS_CACHE_DIR, else results/cache)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Calibrate or train a method alone and cache the artefact (`harness run` reuses it)."""
     from harness.artefacts import ArtefactCache
-    from harness.data import DataDir
+    from harness.engine import Allocation
     from harness.runner import Session
     from harness.spec import RunConfig, parse_sparsity
+    from harness.validate import prepare
     from methods import MethodSpec, get_method
 
-    values = dict(model=model, weights=weights, seed=seed, methods=[method], sparsity=[sparsity], allocation=allocation)
+    values = dict(model=model, weights=weights, seed=seed, methods=[method], sparsity=[sparsity], allocation=allocation,
+                  tasks=[])
     for name, value in dict(device=device, dtype=dtype, calib_samples=calib_samples,
                             calib_budget_gb=calib_budget_gb).items():
         if value is not None:
             values[name] = value
     config = RunConfig.from_mapping(values, "harness fit")
-    config.validate()
+    prepared = prepare(config, data_dir, tokenizer, cache_dir=cache_dir, verify=not no_verify)
+    configure_output(verbose, ())
     plugin = get_method(MethodSpec.parse(method))
     target = parse_sparsity(sparsity, plugin.units)
-    from harness.engine import Allocation
-
-    alloc = Allocation(heads=target["heads"], neurons=target["neurons"], mode=allocation)
+    alloc = plugin.adjust(Allocation(heads=target["heads"], neurons=target["neurons"], mode=allocation))
     from harness.footprint import check, run_needs
-    from harness.models import ModelSpec, dtype_name, resolve_device, resolve_dtype
+    from harness.models import dtype_name, resolve_device, resolve_dtype
     from harness.spec import JobSpec
 
     job = JobSpec(plugin.label, sparsity, alloc.heads, alloc.neurons, "fit", seed, ())
-    model_config = ModelSpec(model, weights).config()
-    check(run_needs([job], model_config, config), model_config=model_config, run_config=config,
-          device=resolve_device(config.device), dtype=dtype_name(resolve_dtype(config.dtype, resolve_device(config.device))),
-          cache_root=ArtefactCache(cache_dir).root)
-    session = Session(config, DataDir.resolve(data_dir), ArtefactCache(cache_dir, log=console.print), tokenizer,
-                      log=console.print)
+    device_ = resolve_device(config.device)
+    check(run_needs([job], prepared.model_config, config), model_config=prepared.model_config, run_config=config,
+          device=device_, dtype=dtype_name(resolve_dtype(config.dtype, device_)), cache_root=ArtefactCache(cache_dir).root)
+    session = Session(config, prepared.data, ArtefactCache(cache_dir, log=console.print), tokenizer, log=console.print)
     artefact = plugin.fit(session.fit_context(plugin.name, seed), alloc)
     if artefact is None:
         console.print(f"{plugin.label} has nothing to fit")
@@ -280,7 +291,7 @@ def table(
 ):
     """Regenerate table.md / table.tex (and plots) of a run folder from its records, and print it."""
     from harness.store import RunStore, read_records
-    from harness.tables import FORMATS, latex, markdown, write_tables
+    from harness.tables import FORMATS, latex, write_tables
 
     formats = FORMATS if format == "all" else (format,)
     if format != "all" and format not in FORMATS:
@@ -314,6 +325,8 @@ def sweep(
                                                          "else a local cluster)."),
     gpus_per_job: Optional[int] = typer.Option(None, help="GPUs per quality job (default: from model size and dtype)."),
     retries: Optional[int] = typer.Option(None, help="Retries of a failed job (default: the file's, else 1)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Run a grid: models × suites (one run folder each) × methods × sparsities × seeds, fits first and shared.
 
@@ -321,16 +334,25 @@ def sweep(
     from harness.executors import describe_plan, make_executor, plan_units
     from harness.spec import EXECUTORS
     from harness.sweep import build_units, claim, default_sweep_dir, load_sweep, write_sweep_tables
+    from harness.validate import check_sweep_executor, check_writable
 
     spec = load_sweep(file)
     executor = executor or spec.get("executor") or "local"
     if executor not in EXECUTORS:
         raise HarnessError(f"unknown executor {executor!r}; valid: {', '.join(EXECUTORS)}")
+    unused = check_sweep_executor(spec, executor, dict(gpus_per_job=gpus_per_job, ray_address=ray_address,
+                                                       retries=retries))
     sweep_dir = out or (Path(spec["out"]) if spec.get("out") else default_sweep_dir(spec))
+    check_writable(sweep_dir, "--out")
     gpus_per_job = gpus_per_job or spec.get("gpus_per_job")
-    units = build_units(spec, sweep_dir, data_dir, tokenizer, cache_dir, log=console.print)
-    plan = plan_units(units, gpus_per_job, spec.get("gpu_memory_gb"))
-    console.print(f"sweep {spec['name']} → {sweep_dir} · executor {executor}")
+    units = build_units(spec, sweep_dir, data_dir, tokenizer, cache_dir, log=console.print, executor=executor,
+                        verify=not no_verify)
+    plan = plan_units(units, gpus_per_job, spec.get("gpu_memory_gb"))  # refuses bad input its probes find
+    configure_output(verbose, [task for unit in units for task in unit.session.config.tasks])
+    console.print(f"sweep {spec['name']} → {sweep_dir} · executor {executor}"
+                  + ("" if not no_verify else " · data not verified (--no-verify)"))
+    if unused:
+        console.print(f"executor local: the sweep file's Ray settings ({', '.join(unused)}) are not used")
     console.print(describe_plan(units, plan), markup=False, highlight=False, soft_wrap=True)
     if dry_run:
         return
@@ -340,7 +362,7 @@ def sweep(
                            num_cpus=spec.get("num_cpus"), gpu_memory_gb=spec.get("gpu_memory_gb"),
                            max_workers=spec.get("max_workers"))
     with RunUI() as ui:
-        summary = runner.run_units(units, ui)
+        summary = runner.run_units(units, ui, plan)
     written = write_sweep_tables(sweep_dir)
     console.print(f"{summary.ran} ran, {summary.skipped} already done, {summary.failed} failed")
     console.print(f"wrote {sweep_dir / 'table.md'} and {len(written) - 1} more files")

@@ -13,7 +13,7 @@ from harness.errors import HarnessError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
-_VERIFIED: dict[Path, str] = {}
+_VERIFIED: dict[tuple, str] = {}  # (path, size, mtime_ns) -> the sha256 it was found to match
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -24,15 +24,24 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-class DataDir:
-    """A data directory and its manifest; `path(rel)` checks existence and sha256 on first use."""
+CALIBRATION_FILES = {"wikitext2-valid": "wikitext-2/wiki.valid.tokens", "ptb-valid": "ptb/ptb.valid.txt"}
+TOKENIZER_FILES = ("tokenizer/opt/vocab.json", "tokenizer/opt/merges.txt", "tokenizer/opt/tokenizer_config.json")
+MANIFEST = "MANIFEST.tsv"
 
-    def __init__(self, root: Path, source: str):
+
+class DataDir:
+    """A data directory and its manifest; `path(rel)` checks existence and sha256 on first use.
+
+    `verify=False` (`--no-verify`) uses the files unchecked: the directory may lack MANIFEST.tsv, and the
+    records of such a run say `data_verified: false`."""
+
+    def __init__(self, root: Path, source: str, verify: bool = True):
         self.root = Path(root)
         self.source = source  # which setting chose it, for error messages
+        self.verify = verify
 
     @classmethod
-    def resolve(cls, explicit: str | Path | None = None) -> "DataDir":
+    def resolve(cls, explicit: str | Path | None = None, verify: bool = True) -> "DataDir":
         if explicit:
             root, source = Path(explicit), "--data-dir"
         elif os.environ.get("HARNESS_DATA_DIR"):
@@ -44,13 +53,19 @@ class DataDir:
                 f"data directory {root} does not exist (chosen by {source}); "
                 "point --data-dir or HARNESS_DATA_DIR at a folder laid out like ../shared/data"
             )
-        return cls(root.resolve(), source)
+        return cls(root.resolve(), source, verify)
 
     @cached_property
     def manifest(self) -> dict[str, str]:
         """path -> sha256 from MANIFEST.tsv (tab-separated: path, source, size, sha256)."""
-        table = self.root / "MANIFEST.tsv"
+        table = self.root / MANIFEST
         if not table.exists():
+            if self.verify:
+                raise HarnessError(
+                    f"data directory {self.root} (chosen by {self.source}) has no {MANIFEST}, so its files cannot be "
+                    f"checked against their sha256; add the manifest (one line per file: path, source, size, sha256, "
+                    "tab-separated), or pass --no-verify to use the files unchecked (records then say "
+                    "data_verified: false)")
             return {}
         entries = {}
         for line in table.read_text().splitlines():
@@ -61,9 +76,16 @@ class DataDir:
 
     @cached_property
     def fingerprint(self) -> str:
-        """A content id of the directory (hash of its manifest), used in cache keys instead of its path."""
-        table = self.root / "MANIFEST.tsv"
-        return hashlib.sha256(table.read_bytes()).hexdigest()[:16] if table.exists() else "no-manifest"
+        """A content id of the directory, used in cache keys instead of its path: the hash of its manifest;
+        unverified (`--no-verify`): of every file's path, size and mtime, so a changed file changes it too."""
+        if self.verify:
+            self.manifest  # noqa: B018 - refuses a directory without one
+            return hashlib.sha256((self.root / MANIFEST).read_bytes()).hexdigest()[:16]
+        digest = hashlib.sha256()
+        for path in sorted(p for p in self.root.rglob("*") if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(self.root)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        return "unverified-" + digest.hexdigest()[:16]
 
     def path(self, rel: str) -> Path:
         """The file `rel` inside the data directory, verified against the manifest the first time."""
@@ -73,15 +95,23 @@ class DataDir:
                 f"missing data file {full} (data directory chosen by {self.source}); "
                 "set --data-dir or HARNESS_DATA_DIR to a directory that holds it"
             )
+        if not self.verify:
+            return full
         expected = self.manifest.get(rel)
-        if expected and _VERIFIED.get(full) != expected:
+        if expected is None:
+            raise HarnessError(
+                f"data file {full} is not listed in {self.root / MANIFEST}, so its sha256 cannot be checked; add its "
+                "line to the manifest, or pass --no-verify to use the files unchecked")
+        stat = full.stat()
+        key = (full, stat.st_size, stat.st_mtime_ns)  # a file changed since it was checked is checked again
+        if _VERIFIED.get(key) != expected:
             actual = sha256_file(full)
             if actual != expected:
                 raise HarnessError(
                     f"data file {full} does not match MANIFEST.tsv (sha256 {actual[:12]}… != {expected[:12]}…); "
                     "restore the original file"
                 )
-            _VERIFIED[full] = expected
+            _VERIFIED[key] = expected
         return full
 
     def check(self, files) -> None:
@@ -102,11 +132,15 @@ class DataDir:
 
     def calibration_text(self, name: str = "wikitext2-valid") -> str:
         """Text for calibration and predictor training; never the evaluation splits."""
-        if name == "wikitext2-valid":
-            return _hf_wikitext_join(self.path("wikitext-2/wiki.valid.tokens"))
-        if name == "ptb-valid":
-            return _ptb_join(self.path("ptb/ptb.valid.txt"))
-        raise HarnessError(f"unknown calibration data {name!r}; valid: ptb-valid, wikitext2-valid")
+        path = self.path(calibration_file(name))
+        return _hf_wikitext_join(path) if name == "wikitext2-valid" else _ptb_join(path)
+
+
+def calibration_file(name: str) -> str:
+    """The data file a calibration set is read from."""
+    if name not in CALIBRATION_FILES:
+        raise HarnessError(f"unknown calibration data {name!r}; valid: {', '.join(sorted(CALIBRATION_FILES))}")
+    return CALIBRATION_FILES[name]
 
 
 def _hf_wikitext_join(path: Path) -> str:

@@ -11,7 +11,9 @@ Fits run first, once per distinct artefact (jobs whose method's `fit` would buil
 it: see `fit_keys`), into the artefact cache, a storage path every worker reads; the evaluation jobs that
 need a fit wait for it. Results stream back as jobs finish and the driver writes them through
 RunStore.write_job (atomic). A job that raises, runs out of memory or loses its worker is retried
-`retries` times, then recorded as failed with its error; the others go on.
+`retries` times, then recorded as failed with its error; the others go on. Bad input is not retried: what
+planning finds (a method's fit refusing its settings) refuses the run before anything is written, and a job
+that fails with an input error (HarnessError: the same on every attempt) is recorded at once.
 """
 from __future__ import annotations
 
@@ -43,7 +45,11 @@ class LocalExecutor:
     name = "local"
 
     def __init__(self, **options):
-        self.options = options  # executor options of other executors (ray address, GPUs) do not apply here
+        self.options = options  # Ray's options; the validation pass (harness.validate) refuses them for local
+
+    def plan(self, units: list["Unit"]):
+        """Nothing to plan: jobs run one after another, each fitting what it needs."""
+        return None
 
     def run(self, jobs: list[JobSpec], session: Session, store: RunStore, ui) -> Summary:
         summary = Summary()
@@ -70,7 +76,7 @@ class LocalExecutor:
             ui.job_finished(job, result)
         return summary
 
-    def run_units(self, units: list["Unit"], ui) -> Summary:
+    def run_units(self, units: list["Unit"], ui, plan=None) -> Summary:
         total = Summary()
         for unit in units:
             summary = self.run(unit.jobs, unit.session, unit.store, ui)
@@ -182,6 +188,8 @@ def fit_keys(session: Session, job: JobSpec, model_config=None) -> tuple | None:
         return None
     try:
         method.fit(ctx, method.adjust(job.allocation(session.config)))
+    except HarnessError as exc:  # bad input: the same on every attempt, so refused now, before any work
+        raise HarnessError(f"{job.method} (sparsity {job.sparsity}): {exc}") from None
     except Exception:  # noqa: BLE001 - needs the weights or data (or fails): a fit of its own, run for real
         return ("job", job.key)
     return tuple(probe.cache.keys) or None
@@ -277,15 +285,16 @@ class JobWorker:
         from harness.artefacts import ArtefactCache
         from harness.data import DataDir
 
-        key = json.dumps([payload["config"].__dict__, payload["shard"], payload["data_root"], payload["cache_root"],
-                          payload["tokenizer_dir"]], sort_keys=True, default=str)
+        key = json.dumps([payload["config"].__dict__, payload["shard"], payload["data_root"], payload["data_verify"],
+                          payload["cache_root"], payload["tokenizer_dir"]], sort_keys=True, default=str)
         if key != self.key:
             self.session = None  # free the previous model before loading the next
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log = lambda *args, **kwargs: None  # noqa: E731 - results carry what matters back to the driver
-            session = Session(payload["config"], DataDir(payload["data_root"], "the driver's data directory"),
+            data = DataDir(payload["data_root"], "the driver's data directory", verify=payload["data_verify"])
+            session = Session(payload["config"], data,
                               ArtefactCache(payload["cache_root"], log=log), payload["tokenizer_dir"], log=log)
             session.run_dir = payload["run_dir"]
             placement = self.where()
@@ -322,6 +331,7 @@ class JobWorker:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             result["oom"] = _is_oom(exc)
+            result["input_error"] = isinstance(exc, HarnessError)  # deterministic: not retried
             return result
 
     @staticmethod
@@ -383,8 +393,12 @@ class RayExecutor:
     def run(self, jobs: list[JobSpec], session: Session, store: RunStore, ui) -> Summary:
         return self.run_units([Unit(session, store, jobs)], ui)
 
-    def run_units(self, units: list[Unit], ui) -> Summary:
-        plan = plan_units(units, self.gpus_per_job, self.gpu_memory_gb)
+    def plan(self, units: list[Unit]) -> Plan:
+        """Fits and evaluations, GPUs per job (see `plan_units`); raises for bad input the probes find."""
+        return plan_units(units, self.gpus_per_job, self.gpu_memory_gb)
+
+    def run_units(self, units: list[Unit], ui, plan: Plan | None = None) -> Summary:
+        plan = plan or self.plan(units)
         summary = Summary(skipped=plan.skipped)
         ui.start(sum(len(u.jobs) for u in units), plan.skipped)
         if not plan.tasks:  # everything is done: no cluster needed
@@ -518,7 +532,8 @@ class RayExecutor:
                 task.attempts += 1
                 session = units[task.unit].session
                 payload = {"kind": task.kind, "job": task.job, "config": session.config, "shard": task.shard,
-                           "data_root": str(session.data.root), "cache_root": str(session.cache.root),
+                           "data_root": str(session.data.root), "data_verify": session.data.verify,
+                           "cache_root": str(session.cache.root),
                            "tokenizer_dir": None if session.tokenizer_dir is None else str(session.tokenizer_dir),
                            "run_dir": None if session.run_dir is None else str(session.run_dir)}
                 actor.update(task=task, unit=task.unit, ref=actor["handle"].run.remote(payload), started=now())
@@ -547,7 +562,7 @@ class RayExecutor:
                     release(actor)
                     actors[actors.index(actor)] = new_actor(task)
                 result["attempts"] = task.attempts
-                if result["status"] != "ok" and task.attempts <= self.retries:
+                if result["status"] != "ok" and task.attempts <= self.retries and not result.get("input_error"):
                     status.note(f"[yellow]retry[/] {_name(task)} (attempt {task.attempts} failed: "
                                 f"{result.get('error')})")
                     queue.append(task)

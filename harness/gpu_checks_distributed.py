@@ -47,14 +47,17 @@ class UI:
 def run_config(root: Path, name: str, overrides: dict, data_dir, cache_dir, executor):
     """One run (a Unit) through the Ray executor; returns (records, failures, seconds)."""
     from harness.artefacts import ArtefactCache
-    from harness.cli import build_config, prepare
+    from harness.cli import build_config
     from harness.executors import Unit
     from harness.runner import Session
     from harness.spec import config_dict
     from harness.store import RunStore
 
     config = build_config("perplexity", overrides)
-    data, identity, jobs, _, _ = prepare(config, data_dir, None)
+    from harness.validate import prepare
+
+    prepared = prepare(config, data_dir, None, cache_dir=cache_dir)
+    data, identity, jobs = prepared.data, prepared.identity, prepared.jobs
     store = RunStore(root / name)
     store.claim(identity, config_dict(config))
     session = Session(config, data, ArtefactCache(cache_dir, log=print), None, log=print)

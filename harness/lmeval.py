@@ -84,15 +84,24 @@ ZERO_SHOT: dict[str, ZeroShotTask] = {t.name: t for t in (
 
 
 # -- the adapter ----------------------------------------------------------------------------------------
+def require_lm_eval(tasks=()) -> None:
+    """Refuse lm-eval tasks (named in the message) when lm-eval is not installed, before any work."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        named = f" ({', '.join(tasks)})" if tasks else ""
+        raise HarnessError(f"tasks{named} run through lm-eval, which is not installed: "
+                           "pip install 'sparsity-harness[zero-shot]'")
+
+
 def _hflm_class():
-    try:
-        from lm_eval.models.huggingface import HFLM
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise HarnessError("zero-shot tasks need lm-eval: pip install 'sparsity-harness[lmeval]'") from exc
+    from lm_eval.models.huggingface import HFLM
+
     return HFLM
 
 
 def _build_adapter_class():
+    require_lm_eval()
     import lm_eval.models.huggingface as hf_module
     from lm_eval.api.registry import register_model
 

@@ -1,6 +1,7 @@
 """Model specs: built-in exact OPT configs, Hugging Face ids and local directories; loading and tokenizers."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import zlib
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from harness.errors import HarnessError
+from harness.identity import DigestCache, config_digest, directory_identity
 
 # Exact architectures of the published OPT checkpoints (facebook/opt-*/config.json); the rest of each
 # config is shared and listed in _OPT_COMMON.
@@ -32,6 +34,9 @@ _OPT_COMMON = dict(
 WEIGHTS = ("pretrained", "random")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]  # weights, config, tokenizer
 
 
 def opt_config(name: str):
@@ -79,23 +84,46 @@ class ModelSpec:
         except OSError as exc:
             raise HarnessError(f"cannot read the config of model {self.name!r}: {exc}") from exc
 
-    def identity(self) -> str:
-        """A content id for cache keys: the config plus, for local checkpoints, the weight files."""
-        digest = hashlib.sha256(json.dumps([self.name if self.kind != "local" else "local", self.weights],
-                                           sort_keys=True).encode())
-        if self.kind == "local":
-            root = Path(self.name)
-            for path in sorted(root.iterdir()):
-                if path.suffix in (".json", ".safetensors", ".bin") and path.is_file():
-                    digest.update(path.name.encode())
-                    digest.update(str(path.stat().st_size).encode())
-                    with open(path, "rb") as handle:  # the head of each file: cheap and catches re-training
-                        digest.update(handle.read(1 << 20))
-        return digest.hexdigest()[:16]
+    def identity(self, weight_seed: int = 0, cache_dir: str | Path | None = None) -> str:
+        """What fits, artefacts and run folders are keyed by.
+
+        Random weights: the architecture (the built-in size or hub id, or a local config's content) and the
+        weight seed. Pretrained: the checkpoint's content (harness.identity): every tensor and the config and
+        tokenizer files, hashed once and remembered in `cache_dir` by (path, size, mtime); a Hugging Face id
+        is hashed from the local snapshot it loads from."""
+        if self.weights == "random":
+            architecture = config_digest(Path(self.name) / "config.json") if self.kind == "local" else self.name
+            payload = [self.kind, architecture, "random", int(weight_seed)]
+        else:
+            payload = ["pretrained", directory_identity(self.checkpoint_dir(), DigestCache(cache_dir))]
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+    def checkpoint_dir(self) -> Path:
+        """The directory pretrained weights are loaded from: the local directory, or the Hugging Face
+        snapshot of the id (the one in the local cache, else downloaded into it)."""
+        return Path(self.name) if self.kind == "local" else hub_snapshot(self.source)
 
     @property
     def label(self) -> str:
         return Path(self.name).name if self.kind == "local" else self.name
+
+
+@functools.cache
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a Hugging Face model: the cached one (no network), else downloaded now."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=HUB_PATTERNS))
+    except Exception:  # noqa: BLE001 - not in the local cache (huggingface_hub raises several types)
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, gated model ...
+        raise HarnessError(
+            f"cannot get the pretrained weights of {repo_id} (not in the local Hugging Face cache, and the "
+            f"download failed: {type(exc).__name__}: {exc}); use --weights random, or pass a local checkpoint "
+            "directory as --model") from None
 
 
 def resolve_device(device: str | None) -> str:
@@ -181,7 +209,7 @@ def load_model(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype = tor
         if device_map:
             kwargs["device_map"] = device_map
         try:
-            model = AutoModelForCausalLM.from_pretrained(spec.source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(spec.checkpoint_dir()), **kwargs)
         except OSError as exc:
             raise HarnessError(
                 f"cannot load pretrained weights for {spec.name!r} from {spec.source}: {exc}. "
@@ -196,21 +224,27 @@ def load_model(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype = tor
     return model
 
 
+def tokenizer_dir_for(spec: ModelSpec, tokenizer_dir: str | Path | None, data_dir=None) -> Path:
+    """Where the tokenizer comes from: `tokenizer_dir`, else the model directory's own, else OPT's in the data
+    directory (its files checked: existence and sha256). Raises when there is none."""
+    from harness.data import TOKENIZER_FILES
+
+    if tokenizer_dir:
+        path = Path(tokenizer_dir)
+        if not path.is_dir():
+            raise HarnessError(f"tokenizer directory {path} does not exist (set --tokenizer to a folder holding "
+                               "tokenizer_config.json, vocab.json …)")
+        return path
+    if spec.kind == "local" and any((Path(spec.name) / f).exists() for f in ("tokenizer_config.json", "vocab.json")):
+        return Path(spec.name)
+    if data_dir is None:
+        raise HarnessError("no tokenizer: pass --tokenizer DIR or a data directory that holds tokenizer/opt")
+    data_dir.check(TOKENIZER_FILES)
+    return data_dir.root / "tokenizer" / "opt"
+
+
 def load_tokenizer(spec: ModelSpec, tokenizer_dir: str | Path | None, data_dir=None):
-    """The model directory's tokenizer if it has one, else `tokenizer_dir`, else OPT's in the data directory."""
+    """The tokenizer of `tokenizer_dir_for`."""
     from transformers import AutoTokenizer
 
-    candidates = []
-    if tokenizer_dir:
-        candidates.append(Path(tokenizer_dir))
-    elif spec.kind == "local" and any((Path(spec.name) / f).exists() for f in ("tokenizer_config.json", "vocab.json")):
-        candidates.append(Path(spec.name))
-    elif data_dir is not None:
-        for rel in ("tokenizer/opt/vocab.json", "tokenizer/opt/merges.txt", "tokenizer/opt/tokenizer_config.json"):
-            data_dir.path(rel)  # existence and sha256
-        candidates.append(data_dir.root / "tokenizer" / "opt")
-    for path in candidates:
-        if not path.is_dir():
-            raise HarnessError(f"tokenizer directory {path} does not exist (set --tokenizer)")
-        return AutoTokenizer.from_pretrained(str(path))
-    raise HarnessError("no tokenizer: pass --tokenizer DIR or a data directory that holds tokenizer/opt")
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir_for(spec, tokenizer_dir, data_dir)))

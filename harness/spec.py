@@ -142,11 +142,11 @@ class JobSpec:
                           dense_layers=tuple(config.dense_layers), min_keep=config.min_keep, scope=config.scope)
 
 
-def expand_jobs(config: RunConfig, identity: dict) -> list[JobSpec]:
-    """method × sparsity × task × seed, deduplicated; a method without units (dense) gets one sparsity,
-    a method whose result does not depend on the seed (not `seeded`) gets the first seed only."""
-    run = tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in identity.items()))
-    jobs, seen = [], set()
+def job_targets(config: RunConfig) -> list[tuple]:
+    """(method label, sparsity label, heads, neurons, task, seed) for every job of the run, deduplicated; a method
+    without units (dense) gets one sparsity, a method whose result does not depend on the seed (not `seeded`)
+    gets the first seed only. Unknown methods, unreadable sparsities and units a method cannot skip raise here."""
+    targets_out, seen = [], set()
     for method_text in config.methods:
         spec = MethodSpec.parse(method_text)
         method = get_method(spec)
@@ -161,11 +161,17 @@ def expand_jobs(config: RunConfig, identity: dict) -> list[JobSpec]:
                     target = {**target, unit: 0.0}  # recorded as requested 0; the achieved column shows it
             for task in config.tasks:
                 for seed in config.seeds if method.seeded else config.seeds[:1]:
-                    job = JobSpec(method.label, label, target["heads"], target["neurons"], task, seed, run)
-                    if job.key not in seen:
-                        seen.add(job.key)
-                        jobs.append(job)
-    return jobs
+                    item = (method.label, label, target["heads"], target["neurons"], task, seed)
+                    if item not in seen:
+                        seen.add(item)
+                        targets_out.append(item)
+    return targets_out
+
+
+def expand_jobs(config: RunConfig, identity: dict) -> list[JobSpec]:
+    """method × sparsity × task × seed (see `job_targets`), each a JobSpec keyed by the run identity."""
+    run = tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in identity.items()))
+    return [JobSpec(*target, run) for target in job_targets(config)]
 
 
 def config_dict(config: RunConfig) -> dict:

@@ -77,19 +77,22 @@ def default_sweep_dir(sweep: dict) -> Path:
     return REPO_ROOT / "results" / f"sweep-{sweep['name']}-{sweep_digest(sweep)}"
 
 
-def build_units(sweep: dict, sweep_dir: Path, data_dir=None, tokenizer=None, cache_dir=None, log=print):
-    """One Unit (session, store, jobs) per (model, suite); `claim` binds their run folders."""
+def build_units(sweep: dict, sweep_dir: Path, data_dir=None, tokenizer=None, cache_dir=None, log=print,
+                executor: str = "local", verify: bool = True):
+    """One Unit (session, store, jobs) per (model, suite), each validated before anything is written;
+    `claim` binds their run folders."""
     from harness.artefacts import ArtefactCache
-    from harness.cli import build_config, prepare
+    from harness.cli import build_config
     from harness.executors import Unit
     from harness.runner import Session
     from harness.spec import config_dict
+    from harness.validate import prepare
 
     units = []
     cache_dir = cache_dir or sweep.get("cache_dir")
     for model in sweep["models"]:
         for suite in sweep["suites"]:
-            overrides = {**sweep["settings"], "model": model, "methods": sweep["methods"]}
+            overrides = {**sweep["settings"], "model": model, "methods": sweep["methods"], "executor": executor}
             if sweep.get("weights"):
                 overrides["weights"] = sweep["weights"]
             if sweep["sparsity"]:
@@ -99,12 +102,11 @@ def build_units(sweep: dict, sweep_dir: Path, data_dir=None, tokenizer=None, cac
             if sweep["seeds"]:
                 overrides["seed"] = [int(s) for s in sweep["seeds"]]
             config = build_config(suite, overrides)
-            data, identity, jobs, model_spec, cache_cls = prepare(config, data_dir, tokenizer)
-            run_dir = sweep_dir / f"{config.suite}-{model_spec.label}-{config.weights}".replace("/", "_")
-            store = RunStore(run_dir)
-            session = Session(config, data, ArtefactCache(cache_dir, log=log), tokenizer, log=log)
+            prepared = prepare(config, data_dir, tokenizer, cache_dir=cache_dir, verify=verify)
+            run_dir = sweep_dir / f"{config.suite}-{prepared.model_spec.label}-{config.weights}".replace("/", "_")
+            session = Session(config, prepared.data, ArtefactCache(cache_dir, log=log), tokenizer, log=log)
             session.run_dir = run_dir
-            units.append(Unit(session, store, jobs, (identity, config_dict(config))))
+            units.append(Unit(session, RunStore(run_dir), prepared.jobs, (prepared.identity, config_dict(config))))
     names = [u.store.root.name for u in units]
     if len(set(names)) != len(names):
         raise HarnessError(f"two runs of the sweep would share a folder ({', '.join(names)}); list each model and "

@@ -44,6 +44,8 @@ class Method(ABC):
       variants: the accepted variants; default_variant is used when none is given.
       units: what a plain sparsity value sparsifies ({"heads"}, {"neurons"} or both).
       supports: what an explicit target (h0.5, n0.9) may sparsify; defaults to `units`.
+      allocations: the allocation modes its scores allow: `local` always; `global` only when the scores of every
+        layer are known before the first sparse layer runs (its policy implements `global_scores`).
       seeded: whether results depend on the seed (random masks, trained predictors); `--seed 0,1,2`
         repeats only seeded methods.
       description: one line for `harness list methods`.
@@ -54,6 +56,7 @@ class Method(ABC):
     default_variant: ClassVar[str | None] = None
     units: ClassVar[frozenset] = frozenset(UNITS)
     supports: ClassVar[frozenset | None] = None
+    allocations: ClassVar[frozenset] = frozenset({"local"})
     seeded: ClassVar[bool] = False
     description: ClassVar[str] = ""
 

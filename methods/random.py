@@ -54,6 +54,7 @@ class RandomPolicy(MaskPolicy):
 class Random(Method):
     name = "random"
     seeded = True
+    allocations = frozenset({"local", "global"})
     description = "seeded random heads/neurons skipped per token"
 
     def policy(self, ctx, allocation, artefact):

@@ -81,6 +81,7 @@ class Shadow(Method):
     name = "shadow"
     variants = CRITERIA
     default_variant = "plainact"
+    allocations = frozenset({"local", "global"})
     seeded = True
     description = "ShadowLLM: one predictor on layer 0's attention output for every later head and neuron (MSE on criterion)"
 

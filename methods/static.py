@@ -51,6 +51,7 @@ class Static(Method):
     name = "static"
     variants = ALL_CRITERIA
     default_variant = "plainact"
+    allocations = frozenset({"local", "global"})
     description = "the same units skipped at every token: importance (variant = criterion) averaged over calibration data"
 
     def fit(self, ctx, allocation):

@@ -1,6 +1,14 @@
-"""Shared fixtures. Offline by design: nothing may reach a hub."""
+"""Shared fixtures. Offline by design: nothing may reach a hub. Tests write under pytest's temporary folders
+only: the artefact cache goes to one (HARNESS_CACHE_DIR), and the session ends with a check that the
+repository (tracked files, untracked files, results/) is as it was before the tests."""
 import os
+import subprocess
+import tempfile
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+_CACHE = tempfile.TemporaryDirectory(prefix="harness-test-cache-")
+os.environ["HARNESS_CACHE_DIR"] = _CACHE.name  # never the repository's results/cache
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -11,6 +19,28 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def repository_state() -> str | None:
+    """`git status` of the checkout, ignored files under results/ included; None outside a git checkout."""
+    try:
+        tracked = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                                 capture_output=True, text=True, check=True).stdout
+        results = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--ignored", "--",
+                                  "results"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return tracked + results
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_stays_clean():
+    """Fails the session (an error in its last test's teardown) when a test wrote into the repository."""
+    before = repository_state()
+    yield
+    after = repository_state()
+    if before is not None:
+        assert after == before, f"the tests changed the repository:\nbefore:\n{before}\nafter:\n{after}"
 
 
 def tiny_config(**overrides):

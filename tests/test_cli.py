@@ -1,6 +1,7 @@
 """The command contract: bad input exits 2 naming the valid choices; runs resume; failures are recorded."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def test_run_writes_records_and_tables_then_resumes(tiny_model_dir, tmp_path):
     assert random_half["achieved_neurons"] == pytest.approx(0.5)
     table = (out / "table.md").read_text()
     assert "model: tiny-opt" in table.replace(tiny_model_dir.name, "tiny-opt") and "weights: pretrained" in table
-    assert "replace:ranked" in table and "wikitext2 @ 0.25" in table and "ptb @ 0.5" in table
+    assert "replace:ranked" in table and "wikitext2 ppl @ 0.25" in table and "ptb ppl @ 0.5" in table
     assert "\\toprule" in (out / "table.tex").read_text()
     assert list(out.glob("plot_*.png"))
     again = tiny_run(tiny_model_dir, out, "--methods", "dense,random,norm-mask,replace:ranked",
@@ -168,10 +169,13 @@ def test_seed_list_repeats_only_seeded_methods_and_tables_show_mean_and_std(tiny
     values = [r["value"] for r in records if r["method"] == "random"]
     mean = sum(values) / 3
     std = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5
-    from harness.tables import cell
-
     table = (out / "table.md").read_text()
-    assert "mean ± std over 3 seeds" in table and cell(mean, std) in table
+    assert "mean ± std over 3 seeds" in table and "wikitext2 ppl @ 0.5 (± std over 3 seeds)" in table
+    row = next(line for line in table.splitlines() if line.startswith("| random "))
+    value, spread = (float(x) for x in re.search(r"([0-9.]+) ± ([0-9.]+)", row).groups())
+    assert value == pytest.approx(mean, abs=0.01) and spread == pytest.approx(std, abs=0.01)
+    norm = next(line for line in table.splitlines() if line.startswith("| norm-mask "))
+    assert "±" not in norm.split("|")[3]  # one value (no seed spread) in the column of std over seeds
 
 
 def test_clip_units_runs_a_heads_only_method_at_a_combined_target(tiny_model_dir, tmp_path):

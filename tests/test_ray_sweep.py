@@ -1,5 +1,6 @@
 """The Ray executor and `harness sweep` on a local Ray cluster (CPU, 2 workers): a sweep with one shared fit
-completes; failing, once-failing and worker-killing jobs are retried and reported while the others finish."""
+completes; failing, once-failing and worker-killing jobs are retried and reported while the others finish; a job
+refusing its input is recorded at once, without a retry."""
 import json
 import os
 import sys
@@ -97,18 +98,21 @@ def test_failing_jobs_are_retried_and_reported_while_the_others_finish(ray_clust
                                                                       tmp_path):
     state = tmp_path / "state"
     file = write_sweep(tmp_path / "sweep.yaml", tiny_model_dir, ["dense", "flaky:always", "flaky:once", "flaky:crash",
-                                                                   "flaky:fit"],
+                                                                   "flaky:fit", "flaky:input"],
                        [0.5], {"method_settings": {"flaky": {"state_dir": str(state)}}})
     out = tmp_path / "sweep"
     result = sweep_cli(file, "--executor", "ray", "--out", out, "--retries", 1)
     assert result.exit_code == 1, result.output
-    assert "3 ran, 0 already done, 2 failed" in result.output, result.output
+    assert "3 ran, 0 already done, 3 failed" in result.output, result.output
     jobs = {job["spec"]["method"]: job for job in job_files(next(out.glob("smoke-*")))}
     assert jobs["flaky:always"]["status"] == "failed" and jobs["flaky:always"]["attempts"] == 2
     assert "made to fail" in jobs["flaky:always"]["error"]
     assert jobs["flaky:once"]["status"] == "ok" and jobs["flaky:once"]["attempts"] == 2
     assert jobs["flaky:crash"]["status"] == "ok" and jobs["flaky:crash"]["attempts"] == 2  # its worker was lost
     assert jobs["dense"]["status"] == "ok" and jobs["dense"]["attempts"] == 1
+    assert jobs["flaky:input"]["status"] == "failed" and jobs["flaky:input"]["attempts"] == 1, "input errors: no retry"
+    assert "HarnessError: flaky: this input is refused" in jobs["flaky:input"]["error"]
+    assert (state / "input-attempts").read_text().count("attempt") == 1
     assert jobs["flaky:fit"]["status"] == "failed"
     assert jobs["flaky:fit"]["error"] == "its fit (flaky:fit) failed: RuntimeError: flaky: fit failed"
     assert "flaky:always sparsity 0.5 task wikitext2: RuntimeError: flaky: made to fail" in (out / "table.md").read_text()
