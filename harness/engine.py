@@ -88,6 +88,8 @@ class MaskPolicy:
     needs: frozenset = frozenset()
     #: (L, H, D) values written for skipped heads instead of zero, or None
     head_replacement: torch.Tensor | None = None
+    #: the scores are the same at every token (static masks): the engine selects once and reuses the mask
+    token_independent: bool = False
 
     def begin(self, state: ForwardState) -> None:
         """Called at the start of every forward call (decode steps included)."""
@@ -159,6 +161,10 @@ def lowest_k_mask(scores: torch.Tensor, skip: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     if skip >= n:
         return torch.zeros_like(scores, dtype=torch.bool)
+    from harness import selection
+
+    if selection.available(scores):  # half-precision rows on a GPU: one Triton launch
+        return selection.lowest_k_keep(scores, skip)
     values = scores.float()
     threshold = values.kthvalue(skip, dim=-1, keepdim=True).values
     below = values < threshold
@@ -186,6 +192,7 @@ class MaskedEngine:
         self.meter = SparsityMeter(self.num_layers, self.sizes)
         self.state: ForwardState | None = None
         self._replacement_cache: dict = {}
+        self._fixed: dict = {}  # token-independent masks, selected once
         for layer in allocation.dense_layers:
             if not 0 <= layer < self.num_layers:
                 raise HarnessError(f"dense layer {layer} does not exist (the model has {self.num_layers} layers)")
@@ -306,7 +313,13 @@ class MaskedEngine:
             if scores is None:
                 self.meter.add(unit, layer, None, valid)
                 return None
-            keep = lowest_k_mask(scores, self.skip_count(unit))
+            if self.policy.token_independent:  # one selection for every token, made once
+                key = (unit, layer, scores.device)
+                if key not in self._fixed:
+                    self._fixed[key] = lowest_k_mask(scores[:1, :1], self.skip_count(unit))
+                keep = self._fixed[key].expand(scores.shape)
+            else:
+                keep = lowest_k_mask(scores, self.skip_count(unit))
         valid = valid.to(keep.device)  # sharded models: the forward's state lives on the first device
         if self.allocation.scope == "request":
             keep = request_scope(keep, valid)
@@ -316,6 +329,15 @@ class MaskedEngine:
     def _plan_global(self, unit: str) -> torch.Tensor:
         """One ranking over all sparsifiable layers per token: skip the lowest-scored units overall."""
         scores = self.policy.global_scores(unit, self.state).float()  # (B, T, L, n)
+        batch, seq, layers, n = scores.shape
+        if self.policy.token_independent:  # the same plan for every token, made once
+            key = ("global", unit, scores.device)
+            if key not in self._fixed:
+                self._fixed[key] = self._plan_from(unit, scores[:1, :1].clone())
+            return self._fixed[key].expand(batch, seq, layers, n)
+        return self._plan_from(unit, scores)
+
+    def _plan_from(self, unit: str, scores: torch.Tensor) -> torch.Tensor:
         batch, seq, layers, n = scores.shape
         eligible = [l for l in range(layers) if l not in self.allocation.dense_layers]
         scores = scores.clone()

@@ -20,6 +20,8 @@ from methods.criteria import ALL_CRITERIA, fit_importance
 class StaticPolicy(MaskPolicy):
     """Fixed scores: (L, H) for heads and (L, F) for neurons, the same at every token."""
 
+    token_independent = True
+
     def __init__(self, heads: torch.Tensor, neurons: torch.Tensor):
         self.tables = {"heads": heads.float(), "neurons": neurons.float()}
         self._on_device: dict = {}

@@ -212,3 +212,15 @@ def test_lowest_k_mask_skips_exactly_k_and_keeps_the_lowest_tied_indices():
     assert lowest_k_mask(tied, 2).tolist() == [[True, True, True, False, False, True]]
     assert lowest_k_mask(torch.zeros(1, 6, dtype=torch.float16), 4).tolist() == [[True, True, False, False, False, False]]
     assert json.dumps(lowest_k_mask(tied, 6).tolist()) == "[[false, false, false, false, false, false]]"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_selection_equals_lowest_k_mask_with_ties_and_signed_zeros(dtype):
+    from harness.selection import lowest_k_keep
+
+    torch.manual_seed(1)
+    for shape, skip in [((3, 37), 5), ((2, 100), 99), ((4, 64), 1), ((2, 3, 300), 150)]:
+        scores = torch.randn(shape).to(dtype)
+        scores[..., ::7] = 0.5  # ties at the threshold
+        scores[..., 3], scores[..., 4] = -0.0, 0.0
+        assert torch.equal(lowest_k_keep(scores, skip), lowest_k_mask(scores.float(), skip)), (shape, skip)

@@ -83,7 +83,11 @@ def mask_selection_ms() -> dict:
         return keep
 
     out = {}
-    for name, fn in (("torch.topk", old), ("lowest_k_mask", lambda: lowest_k_mask(scores, skip))):
+    def kthvalue():  # the torch form lowest_k_mask takes off the GPU
+        return lowest_k_mask(scores.float().cpu() if not scores.is_cuda else scores.float(), skip)
+
+    for name, fn in (("torch.topk", old), ("lowest_k_mask (Triton on GPU)", lambda: lowest_k_mask(scores, skip)),
+                     ("kthvalue form (float32 rows)", kthvalue)):
         fn()
         sync()
         times = []
@@ -93,6 +97,7 @@ def mask_selection_ms() -> dict:
             sync()
             times.append(time.perf_counter() - start)
         out[name] = sorted(times)[len(times) // 2] * 1e3
+    out["Triton mask == kthvalue form (fp16 ties included)"] = bool(torch.equal(lowest_k_mask(scores, skip), kthvalue()))
     return out
 
 
@@ -299,7 +304,8 @@ def render(report: dict) -> str:
     lines += ["", f"Artefact cache on disk: {sum(cache.values()):.2f} GiB in all; "
               + ", ".join(f"{k} {v:.2f}" for k, v in cache.items()) + " GiB.", "",
               "Mask selection of (2048, 20480) fp16 scores, skip 10240: "
-              + ", ".join(f"{k} {v:.2f} ms" for k, v in report["mask_selection_ms"].items()) + "."]
+              + ", ".join(f"{k} {v:.2f} ms" if not isinstance(v, bool) else f"{k}: {v}"
+                         for k, v in report["mask_selection_ms"].items()) + "."]
     for label, rows in report.get("profiles", {}).items():
         lines += ["", f"CUDA time by op, one window of {label}: "
                   + "; ".join(f"{name} {ms:.1f} ms" for name, ms in rows[:8])]
