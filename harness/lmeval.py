@@ -2,11 +2,15 @@
 
 * `MaskedHFLM` (registered with lm-eval as `harness-masked`): lm-eval's HFLM built from the already-loaded
   model and tokenizer. The runner applies the method's masks around the task (`engine.applied()`), so the
-  adapter only makes sure the hooks see which tokens are real: lm-eval right-pads loglikelihood batches and
-  calls the model without an attention mask; the adapter records the true lengths and passes the mask, so
-  padding is never a "token" (the sparsity meter skips it and `request` scope picks the last real token).
-  `generate_until` already passes lm-eval's left-padding mask to `generate`, whose decode steps are
-  single-token forwards with the KV cache (the engine reads positions from the growing mask).
+  adapter only makes sure the hooks see which tokens are real and where each request's context ends:
+  lm-eval right-pads loglikelihood batches and calls the model without an attention mask; the adapter
+  records the true lengths and passes the mask, so padding is never a "token" (the sparsity meter skips it).
+  A loglikelihood input is (context + continuation)[:-1]; the adapter tells the engine how many of each
+  row's tokens are context (`harness.engine.request_contexts`), so that `request` scope takes the mask of
+  the last context token, never one chosen from the continuation being scored. Rolling loglikelihood
+  windows go through the same path (each window's context is what lm-eval's window gives as context).
+  `generate_until` passes lm-eval's left-padding mask to `generate`; the whole prompt is the context, and
+  the decode steps (single-token forwards with the KV cache) keep the request's mask.
 * No response cache: lm-eval's `use_cache` (sqlite of answers) and `cache_requests` are always off, so two
   configurations (method, variant, sparsity, scope, seed…) can never share answers.
 * Tasks: `ZERO_SHOT` lists the harness tasks. Where lm-eval's own data set is in the Hugging Face cache,
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 
 from harness.data import REPO_ROOT
+from harness.engine import request_contexts
 from harness.errors import HarnessError
 
 LOCAL_TASKS_DIR = REPO_ROOT / "suites" / "lm_eval_tasks"
@@ -106,37 +111,69 @@ def _build_adapter_class():
                 raise HarnessError(f"{ADAPTER_NAME} wraps a loaded model: pass pretrained=<PreTrainedModel>")
             super().__init__(pretrained=pretrained, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
                              max_length=max_length, **kwargs)
-            self._lengths: list[int] | None = None
+            self._lengths: list[int] | None = None  # unpadded length of each row of the batch being built
+            self._contexts: list[int] | None = None  # context tokens of each row (the rest is continuation)
+            self._chunk = None  # the requests of that batch, as lm-eval's Collator yielded them
 
         @contextmanager
         def _recording_lengths(self):
-            """While lm-eval builds a loglikelihood batch, remember the unpadded length of every row."""
-            original = hf_module.pad_and_concat
+            """While lm-eval builds a loglikelihood batch, remember the unpadded length of every row and how
+            many of its tokens are context.
+
+            lm-eval batches the requests that its Collator yields (chunks of (key, context, continuation)) and
+            pads the rows with `pad_and_concat`; both are wrapped for the call. A row's input is
+            (context + continuation)[-(max_length + 1):][:-1], so its last len(continuation) - 1 tokens are
+            continuation and the rest context. Requests grouped by lm-eval (the same input, one-token
+            continuations) share one row: the one with the longest continuation, whose context is a prefix of
+            every member's, so its last context token is a context token for all of them.
+            """
+            original_pad, original_collator = hf_module.pad_and_concat, hf_module.Collator
             adapter = self
 
-            def recording(max_length, tensors, padding_side="right"):
-                adapter._lengths = [int(t.shape[0]) for t in tensors]
-                return original(max_length, tensors, padding_side=padding_side)
+            class RecordingCollator(original_collator):
+                def get_batched(self, *args, **kwargs):
+                    for chunk in super().get_batched(*args, **kwargs):
+                        adapter._chunk = chunk
+                        yield chunk
 
-            hf_module.pad_and_concat = recording
+            def recording(max_length, tensors, padding_side="right"):
+                lengths = [int(t.shape[0]) for t in tensors]
+                chunk = adapter._chunk
+                if chunk is not None and len(chunk) == len(lengths):
+                    adapter._contexts = [n - len(request[2]) + 1 for n, request in zip(lengths, chunk)]
+                adapter._lengths = lengths
+                return original_pad(max_length, tensors, padding_side=padding_side)
+
+            hf_module.pad_and_concat, hf_module.Collator = recording, RecordingCollator
             try:
                 yield
             finally:
-                hf_module.pad_and_concat = original
-                self._lengths = None
+                hf_module.pad_and_concat, hf_module.Collator = original_pad, original_collator
+                self._lengths = self._contexts = self._chunk = None
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             with self._recording_lengths():
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
 
         def _model_call(self, inps, attn_mask=None, labels=None):
-            lengths, self._lengths = self._lengths, None
+            lengths, contexts = self._lengths, self._contexts
+            self._lengths = self._contexts = None
             if attn_mask is None and labels is None and lengths is not None and len(lengths) == inps.shape[0]:
+                if contexts is None:
+                    raise HarnessError("lm-eval adapter: a loglikelihood batch came without its requests' context "
+                                       "lengths (lm-eval's batching changed?); request-scope masks need them")
                 positions = torch.arange(inps.shape[1], device=inps.device)
                 mask = (positions[None, :] < torch.tensor(lengths, device=inps.device)[:, None]).long()
-                with torch.no_grad():
+                with torch.no_grad(), request_contexts(self.model, contexts):
                     return self.model(input_ids=inps, attention_mask=mask).logits
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            """Generation: the whole prompt (the row's real tokens) is the request's context."""
+            mask = generation_kwargs.get("attention_mask")
+            counts = mask.sum(dim=1).tolist() if mask is not None else [context.shape[1]] * context.shape[0]
+            with request_contexts(self.model, counts):
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     try:
         register_model(ADAPTER_NAME)(MaskedHFLM)
