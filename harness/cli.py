@@ -124,7 +124,7 @@ def prepare(config, data_dir, tokenizer):
     model_spec.kind  # noqa: B018 - raises for an unknown model
     data = DataDir.resolve(data_dir)
     for task in tasks:
-        data.check(task.files)
+        task.check(data)
     if tokenizer is None:
         data.check(["tokenizer/opt/vocab.json", "tokenizer/opt/merges.txt"])
     dtype = dtype_name(resolve_dtype(config.dtype, resolve_device(config.device)))

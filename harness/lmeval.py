@@ -16,7 +16,8 @@
 * Tasks: `ZERO_SHOT` lists the harness tasks. Where lm-eval's own data set is in the Hugging Face cache,
   lm-eval's own task runs; otherwise the offline copy in `suites/lm_eval_tasks/` (same templates and
   functions, data from the harness data directory). The records say which (`data_source`) and how
-  faithful the offline data is (`fidelity`: exact, reconstructed or approximate, with `fidelity_note`).
+  faithful the offline data is (`fidelity`: exact, subset (exact documents, some left out: those lent to
+  calibration, harness/lmeval_data.py HOLDOUT), reconstructed or approximate, with `fidelity_note`).
 * Per job, lm-eval's own results JSON goes to `<run_dir>/lm_eval/<job key>.json` (and per-sample logs to
   `<job key>.samples.jsonl` when the `log_samples` setting is on).
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from harness.data import REPO_ROOT
+from harness.data import REPO_ROOT, hf_dataset_cached
 from harness.engine import request_contexts
 from harness.errors import HarnessError
 
@@ -46,8 +47,8 @@ DEFAULT_BOOTSTRAP_ITERS = 1000
 class ZeroShotTask:
     name: str  # harness task name
     lm_eval_task: str  # lm-eval's own task
-    local_task: str  # the offline task in suites/lm_eval_tasks
-    converter: str  # key in harness.lmeval_data.CONVERTERS
+    local_task: str | None  # the offline task in suites/lm_eval_tasks (None: the hub only)
+    converter: str | None  # key in harness.lmeval_data.CONVERTERS
     hf_dataset: tuple  # (path, config name) of the data set lm-eval's task loads
     files: tuple  # data files of the offline task
     metrics: tuple  # (lm-eval metric, our metric name), in table order
@@ -85,6 +86,14 @@ ZERO_SHOT: dict[str, ZeroShotTask] = {t.name: t for t in (
                  kind="perplexity",
                  description="WikiText-2 test, lm-eval protocol: document-level rolling loglikelihood, word perplexity "
                              "of the detokenized pages (not comparable to the SparseGPT-protocol wikitext2)"),
+    # lm-eval's own tasks on data sets that only the hub has (Deja Vu Table 4)
+    ZeroShotTask("cb", "cb", None, None, ("aps/super_glue", "cb"), (), (("acc", "acc"), ("f1", "f1")),
+                 description="CommitmentBank, SuperGLUE validation (lm-eval cb, from the Hugging Face hub): acc, f1"),
+    ZeroShotTask("c4_lmeval", "c4", None, None, ("allenai/c4", "en"), (),
+                 (("word_perplexity", "word_ppl"), ("byte_perplexity", "byte_ppl"), ("bits_per_byte", "bits_per_byte")),
+                 kind="perplexity",
+                 description="C4 en validation shard 0, lm-eval protocol (from the Hugging Face hub): document-level "
+                             "rolling loglikelihood, word perplexity (not comparable to the SparseGPT-protocol c4)"),
 )}
 
 
@@ -198,17 +207,16 @@ def make_adapter(model, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE, max_len
 
 
 # -- tasks ----------------------------------------------------------------------------------------------
-def hf_dataset_cached(path: str) -> bool:
-    """Whether the Hugging Face data set `path` (owner/name) is in the local hub or datasets cache."""
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    hub = Path(os.environ.get("HF_HUB_CACHE", os.environ.get("HUGGINGFACE_HUB_CACHE", home / "hub")))
-    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets"))
-    return (hub / f"datasets--{path.replace('/', '--')}").is_dir() or (datasets_cache / path.replace("/", "___")).is_dir()
-
-
 def choose_source(task: ZeroShotTask, setting: str = "auto") -> str:
+    """`hf` (lm-eval's own task and data set) or `local` (the offline copy). `auto`: hf when the data set is in the
+    Hugging Face cache or the task has no offline copy, else local."""
     if setting not in SOURCES:
         raise HarnessError(f"unknown lm-eval data source {setting!r}; valid: {', '.join(SOURCES)}")
+    if task.local_task is None:
+        if setting == "local":
+            raise HarnessError(f"task {task.name} has no offline copy (the data directory has none): it runs lm-eval's "
+                               f"own task on {task.hf_dataset[0]} from the Hugging Face hub")
+        return "hf"
     if setting == "auto":
         return "hf" if hf_dataset_cached(task.hf_dataset[0]) else "local"
     return setting
@@ -284,7 +292,10 @@ def _value(entry: dict, metric: str, suffix: str = ""):
     return float(value)
 
 
-def records_from_results(task: ZeroShotTask, lm_task: str, results: dict, source: str, num_fewshot: int) -> list[dict]:
+def records_from_results(task: ZeroShotTask, lm_task: str, results: dict, source: str, num_fewshot: int,
+                         holdout: str | None = None) -> list[dict]:
+    """Records of one lm-eval task. holdout: what the offline task leaves out of its split (lmeval_data.holdout_note);
+    an exact copy evaluated on part of its documents has fidelity `subset`."""
     from harness.lmeval_data import FIDELITY
     import lm_eval
 
@@ -294,8 +305,11 @@ def records_from_results(task: ZeroShotTask, lm_task: str, results: dict, source
         fidelity, note = "exact", "lm-eval's own task and data set (Hugging Face cache)"
     else:
         fidelity, note = FIDELITY[task.converter]
+        if holdout:
+            fidelity = "subset" if fidelity == "exact" else fidelity
+            note += f"; {holdout}"
         if num_fewshot:
-            fidelity = "approximate" if fidelity == "exact" else fidelity
+            fidelity = "approximate" if fidelity in ("exact", "subset") else fidelity
             note += "; offline few-shot examples come from the evaluation split (lm-eval samples the training split)"
     version = getattr(lm_eval, "__version__", "?")
     out = []
@@ -354,7 +368,10 @@ def evaluate_task(session, job, config, progress) -> list[dict]:
     results = run_lm_eval(lm, [lm_task], task_manager(session.data.root), limit=config.limit, num_fewshot=num_fewshot,
                           log_samples=bool(_setting(config, "log_samples", False)),
                           bootstrap_iters=int(_setting(config, "bootstrap_iters", DEFAULT_BOOTSTRAP_ITERS)))
-    records = records_from_results(task, lm_task, results, source, num_fewshot)
+    from harness.lmeval_data import holdout_note
+
+    holdout = holdout_note(task.converter, session.data.root) if source == "local" else None
+    records = records_from_results(task, lm_task, results, source, num_fewshot, holdout)
     path = save_results(session, job, results)
     if path is not None:
         for record in records:
@@ -369,4 +386,5 @@ def evaluate_task(session, job, config, progress) -> list[dict]:
 def register_tasks(tasks: dict, task_def_cls) -> None:
     """Add the zero-shot tasks to the harness TASKS registry."""
     for task in ZERO_SHOT.values():
-        tasks[task.name] = task_def_cls(task.name, task.kind, task.description, task.files, evaluate_task)
+        hub = (task.hf_dataset[0],) if task.local_task is None else ()
+        tasks[task.name] = task_def_cls(task.name, task.kind, task.description, task.files, evaluate_task, hub=hub)

@@ -16,7 +16,8 @@ from harness.errors import HarnessError
 from harness.runner import Session
 from harness.spec import RunConfig
 from methods import MethodSpec, get_method
-from methods.criteria import ALL_CRITERIA, CRITERIA, aggregate, score_example
+from methods.criteria import (ALL_CRITERIA, CRITERIA, FEATURES, UNITS, aggregate, aggregate_targets, score_example,
+                              score_targets)
 
 L, H, E, FF, T = 2, 4, 32, 64, 12
 D = E // H
@@ -456,3 +457,87 @@ def test_static_variants_are_the_criteria():
         assert get_method(MethodSpec.parse(f"static:{variant}")).variant == variant
     with pytest.raises(HarnessError, match="static:plainact"):
         get_method(MethodSpec.parse("static:bogus"))
+
+
+# -- ShadowLLM's protocol: loss on the target output, importance read at the last context token ------------------
+class Example:
+    def __init__(self, ids, target):
+        self.ids, self.target = list(ids), target
+
+
+@pytest.fixture(scope="module")
+def targets():
+    torch.manual_seed(11)
+    return [Example(torch.randint(3, 256, (9,)).tolist(), (5, 8)),  # context 5, target 3, one token after it
+            Example(torch.randint(3, 256, (6,)).tolist(), (3, 6)),
+            Example(torch.randint(3, 256, (11,)).tolist(), (9, 11))]
+
+
+def test_target_scores_are_read_at_the_last_context_token_with_the_loss_on_the_target(model, targets):
+    got = score_targets(model, targets, CRITERIA, batch_size=2, features=FEATURES)
+    assert got.index.tolist() == [4, 2, 8]
+    for i, example in enumerate(targets):
+        start, end = example.target
+        ids = torch.tensor(example.ids[:end])
+        counted = torch.zeros(end, dtype=torch.bool)
+        counted[start - 1:end - 1] = True  # the positions that predict the target's tokens
+        ref, _ = Explicit(model).scores(ids, counted)
+        lm = score_example(model, ids, ("plainact",))["plainact"]  # the loss over every token instead
+        for c in CRITERIA:
+            for unit in UNITS:
+                tol = dict(rtol=1e-5, atol=1e-9) if c == "grasp" else dict(rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(got.scores[c][unit][i], ref[c][unit][start - 1], **tol, msg=f"{c} {unit}")
+        assert not torch.allclose(got.scores["plainact"]["heads"][i], lm["heads"][start - 1])
+        # the features are the model's activations at that token
+        seen = {}
+        keep = lambda key, value: seen.__setitem__(key, value)  # noqa: E731 - hooks that return None
+        _, layers = opt_layers(model)
+        hooks = [layers[0].self_attn.register_forward_hook(lambda m, a, o: keep("attn", o[0]))]
+        hooks += [layer.register_forward_pre_hook(lambda m, a, kw, l=l: keep(("in", l), kw.get("hidden_states", a[0] if a else None)),
+                                                  with_kwargs=True) for l, layer in enumerate(layers)]
+        hooks += [layer.final_layer_norm.register_forward_pre_hook(lambda m, a, l=l: keep(("mlp", l), a[0]))
+                  for l, layer in enumerate(layers)]
+        with torch.no_grad():
+            model(input_ids=ids[None])
+        for h in hooks:
+            h.remove()
+        torch.testing.assert_close(got.features["attn_output0"][i], seen["attn"].reshape(end, E)[start - 1])
+        for l in range(L):
+            torch.testing.assert_close(got.features["layer_input"][i, l], seen[("in", l)].reshape(end, E)[start - 1])
+            torch.testing.assert_close(got.features["mlp_input"][i, l], seen[("mlp", l)].reshape(end, E)[start - 1])
+
+
+def test_target_scores_ignore_what_follows_the_target_and_how_examples_are_batched(model, targets):
+    one = score_targets(model, targets, ("plainact", "fisher"), batch_size=1)
+    padded = score_targets(model, targets, ("plainact", "fisher"), batch_size=3)
+    longer = [Example(e.ids + [7, 8, 9], e.target) for e in targets]
+    after = score_targets(model, longer, ("plainact", "fisher"), batch_size=3)
+    for c in ("plainact", "fisher"):
+        for unit in UNITS:
+            torch.testing.assert_close(padded.scores[c][unit], one.scores[c][unit], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(after.scores[c][unit], one.scores[c][unit], rtol=1e-9, atol=1e-12)
+    assert one.scores["plainact"]["neurons"].shape == (3, L, FF) and one.features["attn_output0"].shape == (3, E)
+    with pytest.raises(HarnessError, match="target span"):
+        score_targets(model, [Example([5, 6, 7], (0, 2))])
+    with pytest.raises(HarnessError, match="batch of examples only"):
+        score_targets(model, targets, ("jacov",))
+
+
+def test_aggregate_targets_means_the_read_scores_and_computes_jacov_at_the_read_token(model, targets):
+    agg = aggregate_targets(model, targets, ("plainact", "jacov"), batch_size=3)
+    per = score_targets(model, targets, ("plainact",))
+    for unit in UNITS:
+        torch.testing.assert_close(agg["plainact"][unit], per.scores["plainact"][unit].mean(0).float())
+    raws = []
+    for example in targets:
+        start, end = example.target
+        counted = torch.zeros(end, dtype=torch.bool)
+        counted[start - 1:end - 1] = True
+        raws.append((start - 1, Explicit(model).scores(torch.tensor(example.ids[:end]), counted, hessian=False)[1]))
+    for l in range(L):
+        for h in range(H):
+            jac = torch.stack([raw["G"][l][t, h] for t, raw in raws])
+            assert agg["jacov"]["heads"][l, h].item() == pytest.approx(jacov_reference(jac), rel=1e-4)
+        for j in range(0, FF, 9):
+            jac = torch.stack([raw["dW1"][l][t, j] for t, raw in raws])
+            assert agg["jacov"]["neurons"][l, j].item() == pytest.approx(jacov_reference(jac), rel=1e-4)
