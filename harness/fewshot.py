@@ -103,14 +103,26 @@ def _lm_eval_task(name: str, data_dir):
         return task_manager(data_dir).load([name])["tasks"][name]
 
 
+_DOCUMENTS: dict = {}
+
+
 def task_documents(name: str, data_dir, source: str = "auto"):
     """(lm-eval task object, calibration documents in its processed schema, where they come from, source), or
-    (None, [], why not, source) when the task has none there."""
+    (None, [], why not, source) when the task has none there. Loaded once per process and source."""
     from harness.lmeval import ZERO_SHOT, choose_source
+
+    chosen = choose_source(ZERO_SHOT[name], source)
+    key = (name, str(data_dir), chosen)
+    if key not in _DOCUMENTS:
+        _DOCUMENTS[key] = _load_documents(name, data_dir, chosen)
+    return _DOCUMENTS[key]
+
+
+def _load_documents(name: str, data_dir, chosen: str):
+    from harness.lmeval import ZERO_SHOT
     from harness.lmeval_data import calibration_rows
 
     spec = ZERO_SHOT[name]
-    chosen = choose_source(spec, source)
     if chosen == "hf":
         task = _lm_eval_task(spec.lm_eval_task, data_dir)
         if not task.has_training_docs():

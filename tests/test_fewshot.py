@@ -96,6 +96,7 @@ def test_the_hub_path_reads_the_training_split(monkeypatch, tokenizer, data):
         return ConfigurableTask(config=cfg)
 
     monkeypatch.setattr(fewshot_module, "_lm_eval_task", lm_eval_task)
+    monkeypatch.setattr(fewshot_module, "_DOCUMENTS", {})
     made = build_examples(tokenizer, data.root, tasks=("piqa",), examples=4, source="hf")
     assert made.tasks["piqa"]["source"].startswith("hf: baber/piqa train split")
     for e in made.examples:

@@ -108,6 +108,28 @@ def test_request_scope_continuations_of_one_context_get_the_same_mask(model, lm)
         assert (keep[0] == expected).all() and (keep[1] == expected).all(), key
 
 
+def test_request_scope_rolling_windows_take_the_mask_of_their_context(model, lm):
+    """loglikelihood_rolling scores a whole text; its first window's context is lm-eval's prefix token alone, so
+    the request's mask is the one chosen at that token, never at a token being scored."""
+    seen = []
+    hook = model.model.decoder.register_forward_hook(lambda m, a, o: seen.append(dict(engine.state.keep)))
+    request = [Instance("loglikelihood_rolling", {}, ("The quick brown fox jumps over the lazy dog",), 0)]
+    try:
+        engine = random_engine(model, scope="token")
+        with engine.applied():
+            lm.loglikelihood_rolling(request, disable_tqdm=True)
+        token_masks = seen.pop()
+        engine = random_engine(model, scope="request")
+        with engine.applied():
+            lm.loglikelihood_rolling(request, disable_tqdm=True)
+        request_masks = seen.pop()
+    finally:
+        hook.remove()
+    for key, keep in request_masks.items():
+        assert (keep[0] == token_masks[key][0, 0]).all(), key
+        assert not (token_masks[key][0] == token_masks[key][0, 0]).all()  # token masks do differ along the text
+
+
 def test_padding_is_not_counted_as_tokens(model, lm, tokenizer):
     engine = random_engine(model)
     with engine.applied():
