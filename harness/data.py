@@ -1,4 +1,5 @@
-"""The data directory: where it is, checking its files against MANIFEST.tsv, and the text loaders.
+"""The data directory: where it is, checking its files against MANIFEST.tsv, and the text loaders; and the
+data sets that only the Hugging Face hub has (BookCorpus, C4), read through `datasets`.
 
 Resolution order: `--data-dir`, else `HARNESS_DATA_DIR`, else `../shared/data` beside the repository.
 """
@@ -127,8 +128,13 @@ class DataDir:
         return _hf_wikitext_join(self.path("wikitext-2/wiki.test.raw"))
 
     def ptb_test(self) -> str:
-        """PTB test as `ptb_text_only` sentences (stripped lines) joined with a space (SparseGPT's ptb_new)."""
+        """PTB test as `ptb_text_only` sentences (stripped lines) joined with a space (GPTQ/SparseGPT `ptb_new`)."""
         return _ptb_join(self.path("ptb/ptb.test.txt"))
+
+    def ptb_valid_sparsegpt(self) -> str:
+        """PTB validation as `ptb_text_only` sentences joined with "\n\n" (GPTQ/SparseGPT `ptb`: their loader
+        evaluates the validation split)."""
+        return "\n\n".join(_ptb_sentences(self.path("ptb/ptb.valid.txt")))
 
     def calibration_text(self, name: str = "wikitext2-valid") -> str:
         """Text for calibration and predictor training; never the evaluation splits."""
@@ -149,6 +155,75 @@ def _hf_wikitext_join(path: Path) -> str:
     return "\n\n".join(rows)
 
 
-def _ptb_join(path: Path) -> str:
+def _ptb_sentences(path: Path) -> list[str]:
     with open(path, encoding="utf-8") as handle:
-        return " ".join(line.strip() for line in handle if line.strip())
+        return [line.strip() for line in handle if line.strip()]
+
+
+def _ptb_join(path: Path) -> str:
+    return " ".join(_ptb_sentences(path))
+
+
+# -- data sets read from the Hugging Face hub ---------------------------------------------------------------
+_TRUE = ("1", "true", "yes", "on")
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)."""
+    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def hf_dataset_cached(path: str) -> bool:
+    """Whether the Hugging Face data set `path` (owner/name) is in the local hub or datasets cache."""
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    hub = Path(os.environ.get("HF_HUB_CACHE", os.environ.get("HUGGINGFACE_HUB_CACHE", home / "hub")))
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets"))
+    return (hub / f"datasets--{path.replace('/', '--')}").is_dir() or (datasets_cache / path.replace("/", "___")).is_dir()
+
+
+def check_hub(path: str, task: str, streaming: bool = False) -> None:
+    """Exit-2 error when `task` needs the hub data set `path` and cannot have it: the hub is off and the data set
+    is not cached (a streamed data set always needs the hub)."""
+    if hub_offline() and (streaming or not hf_dataset_cached(path)):
+        where = "it is streamed from the hub" if streaming else "it is not in the local Hugging Face cache"
+        raise HarnessError(
+            f"task {task} reads the Hugging Face data set {path} through `datasets` (the data directory has no copy), "
+            f"but the hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and {where}: run it on a machine "
+            "with access to the hub, or leave the task out"
+        )
+
+
+def load_hub(path: str, *, task: str, streaming: bool = False, **kwargs):
+    """`datasets.load_dataset(path, **kwargs)` for `task`, with a message that names the data set on failure."""
+    import datasets
+
+    check_hub(path, task, streaming)
+    try:
+        return datasets.load_dataset(path, streaming=streaming, **kwargs)
+    except Exception as exc:  # network, authentication, a changed data set: say which one
+        raise HarnessError(f"task {task}: loading the Hugging Face data set {path} {kwargs} failed: "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+
+#: BookCorpus as the hub serves it (the data set's parquet export) and how much of it the task reads
+BOOKCORPUS = {"path": "bookcorpus/bookcorpus", "revision": "refs/convert/parquet", "split": "train", "sentences": 40000}
+#: C4 as GPTQ/SparseGPT read it: the first validation shard of allenai/c4 `en`
+C4 = {"path": "allenai/c4", "data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}, "split": "validation"}
+
+
+def bookcorpus_text(sentences: int = BOOKCORPUS["sentences"]) -> str:
+    """The first `sentences` sentences of BookCorpus train, joined with a space (streamed from the hub)."""
+    from itertools import islice
+
+    rows = load_hub(BOOKCORPUS["path"], task="bookcorpus", streaming=True, revision=BOOKCORPUS["revision"],
+                    split=BOOKCORPUS["split"])
+    texts = [row["text"].strip() for row in islice(rows, sentences)]
+    if not texts:
+        raise HarnessError(f"task bookcorpus: {BOOKCORPUS['path']} returned no sentences")
+    return " ".join(texts)
+
+
+def c4_validation_texts() -> list[str]:
+    """The documents of C4's first validation shard (GPTQ/SparseGPT's evaluation data)."""
+    rows = load_hub(C4["path"], task="c4", data_files=C4["data_files"], split=C4["split"])
+    return list(rows["text"])

@@ -30,7 +30,8 @@ class Allocation:
     dense_layers: layers never sparsified (e.g. (0,) as in ShadowLLM).
     min_keep: with `global`, at least this fraction of each layer's units is kept.
     scope: `token` (a token's mask depends only on what the model has seen up to it) or `request`
-    (one mask per request: the mask of its last token is used for every token; not causal).
+    (one mask per request: the mask of its last context token is used for every token of the request, the
+    tokens generated after it included; not causal). See `request_contexts` for where the context ends.
     """
 
     heads: float = 0.0
@@ -66,6 +67,8 @@ class ForwardState:
     captures: dict = field(default_factory=dict)  # (name, layer) -> tensor, see MaskPolicy.needs
     keep: dict = field(default_factory=dict)  # (unit, layer) -> (B, T, n) bool masks chosen in this call
     planned: dict = field(default_factory=dict)  # unit -> (B, T, L, n) bool, for global allocation
+    past: int = 0  # tokens already in the KV cache (0: the call starts new requests)
+    context_end: torch.Tensor | None = None  # (B,) column of each row's last context token (request scope)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -191,6 +194,7 @@ class MaskedEngine:
         self.sizes = {"heads": self.num_heads, "neurons": self.ffn_dim}
         self.meter = SparsityMeter(self.num_layers, self.sizes)
         self.state: ForwardState | None = None
+        self._request_keep: dict = {}  # (unit, layer) -> (B, n): the masks of the requests being decoded
         self._replacement_cache: dict = {}
         self._fixed: dict = {}  # token-independent masks, selected once
         for layer in allocation.dense_layers:
@@ -245,7 +249,10 @@ class MaskedEngine:
         else:
             positions = (torch.arange(seq, device=device) + past).expand(batch, seq)
             valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
-        self.state = ForwardState(input_ids=input_ids, positions=positions, valid=valid)
+        self.state = ForwardState(input_ids=input_ids, positions=positions, valid=valid, past=past)
+        if self.allocation.scope == "request" and past == 0:
+            self.state.context_end = context_end(valid, positions, getattr(self.model, CONTEXT_ATTR, None))
+            self._request_keep = {}
         self.policy.begin(self.state)
 
     def _capture_layer_input(self, index):
@@ -302,6 +309,10 @@ class MaskedEngine:
         if not self.active(unit) or layer in self.allocation.dense_layers:
             self.meter.add(unit, layer, None, valid)
             return None
+        if self.allocation.scope == "request" and self.state.past > 0:
+            keep = self._continued(unit, layer)  # a decode step: the request's mask, chosen at its context
+            self.meter.add(unit, layer, keep, valid if keep is None else valid.to(keep.device))
+            return keep
         if self.allocation.mode == "global":
             # planned once per forward, at the first sparsifiable layer: the policy may use what earlier
             # (dense) layers computed in this forward, e.g. ShadowLLM's layer-0 attention output
@@ -311,6 +322,7 @@ class MaskedEngine:
         else:
             scores = scores_fn()
             if scores is None:
+                self._request_keep[(unit, layer)] = None
                 self.meter.add(unit, layer, None, valid)
                 return None
             if self.policy.token_independent:  # one selection for every token, made once
@@ -322,9 +334,24 @@ class MaskedEngine:
                 keep = lowest_k_mask(scores, self.skip_count(unit))
         valid = valid.to(keep.device)  # sharded models: the forward's state lives on the first device
         if self.allocation.scope == "request":
-            keep = request_scope(keep, valid)
+            chosen = request_mask(keep, self.state.context_end.to(keep.device))
+            self._request_keep[(unit, layer)] = chosen
+            keep = chosen.unsqueeze(1).expand_as(keep)
         self.meter.add(unit, layer, keep, valid)
         return keep
+
+    def _continued(self, unit: str, layer: int) -> torch.Tensor | None:
+        """(B, T, n) keep mask of a call that continues requests from the KV cache (request scope); None where
+        the requests' first call kept the whole layer."""
+        batch, seq = self.state.shape
+        if (unit, layer) in self._request_keep and self._request_keep[(unit, layer)] is None:
+            return None
+        chosen = self._request_keep.get((unit, layer))
+        if chosen is None or chosen.shape[0] != batch:
+            raise HarnessError("request scope: a decode step continues requests whose first forward call (with an "
+                               "empty KV cache) ran outside this engine or with another batch; start the requests "
+                               "inside `engine.applied()`")
+        return chosen.unsqueeze(1).expand(batch, seq, chosen.shape[-1])
 
     def _plan_global(self, unit: str) -> torch.Tensor:
         """One ranking over all sparsifiable layers per token: skip the lowest-scored units overall."""
@@ -375,8 +402,46 @@ class MaskedEngine:
         }
 
 
-def request_scope(keep: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Use each request's last valid token's mask for all its tokens (ShadowLLM's per-request masks)."""
-    last = (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(dim=1)
-    chosen = keep[torch.arange(keep.shape[0], device=keep.device), last]  # (B, n)
-    return chosen.unsqueeze(1).expand_as(keep)
+# -- request scope: where a request's context ends -------------------------------------------------------
+#: the model attribute that `request_contexts` sets for the duration of a call
+CONTEXT_ATTR = "_harness_request_contexts"
+
+
+@contextmanager
+def request_contexts(model, lengths):
+    """Tell the masked engine, for the forward calls inside the block, how many of each row's real tokens are
+    the request's context (the rest is the continuation being scored, which a request mask must never see).
+
+    lengths: one int per row of the batch, counted over the row's valid tokens (padding excluded, so it works
+    for right- and left-padded batches alike). Under `request` scope the engine takes every row's mask from
+    its last context token. Calls without this information take it from the last valid token of the call.
+    The lm-eval adapter (harness/lmeval.py) sets it around every batch it runs.
+    """
+    previous = getattr(model, CONTEXT_ATTR, None)
+    setattr(model, CONTEXT_ATTR, [int(n) for n in lengths])
+    try:
+        yield
+    finally:
+        setattr(model, CONTEXT_ATTR, previous)
+
+
+def context_end(valid: torch.Tensor, positions: torch.Tensor, lengths) -> torch.Tensor:
+    """(B,) column of each row's last context token in a call that starts its requests: the `lengths[b]`-th
+    valid token of row b, or the row's last valid token when no lengths are given."""
+    columns = torch.arange(valid.shape[1], device=valid.device)
+    if lengths is None:
+        return (valid.long() * columns).argmax(dim=1)
+    if len(lengths) != valid.shape[0]:
+        raise HarnessError(f"request scope: {len(lengths)} context lengths for a batch of {valid.shape[0]} rows")
+    counts = valid.sum(dim=1)
+    wanted = torch.as_tensor(lengths, device=valid.device)
+    if bool(((wanted < 1) | (wanted > counts)).any()):
+        raise HarnessError(f"request scope: context lengths {list(lengths)} outside 1..valid tokens per row "
+                           f"{counts.tolist()}")
+    hit = valid & (positions == (wanted - 1)[:, None])  # positions count valid tokens from 0 (no KV cache yet)
+    return (hit.long() * columns).argmax(dim=1)
+
+
+def request_mask(keep: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """(B, n): each row's mask at its last context token `end[b]` (ShadowLLM's per-request masks)."""
+    return keep[torch.arange(keep.shape[0], device=keep.device), end]

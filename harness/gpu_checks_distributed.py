@@ -97,7 +97,7 @@ def main(argv=None) -> int:
 
     def flush():  # after every check: a run stopped at its time limit still leaves what it found
         lines = ["| check | result | verdict |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
-        report = ["# Ray executor on 2×GPU: checks of issue 6", "",
+        report = ["# Ray executor on 2×GPU: checks", "",
                   f"torch {torch.__version__}, ray {ray.__version__}, GPUs: "
                   f"{[torch.cuda.get_device_name(i) for i in range(gpus)]}, {time.perf_counter() - started:.0f} s", "",
                   "Command: `python -m harness.gpu_checks_distributed " + " ".join(argv or sys.argv[1:]) + "`", "",

@@ -2,17 +2,22 @@
 
 * `MaskedHFLM` (registered with lm-eval as `harness-masked`): lm-eval's HFLM built from the already-loaded
   model and tokenizer. The runner applies the method's masks around the task (`engine.applied()`), so the
-  adapter only makes sure the hooks see which tokens are real: lm-eval right-pads loglikelihood batches and
-  calls the model without an attention mask; the adapter records the true lengths and passes the mask, so
-  padding is never a "token" (the sparsity meter skips it and `request` scope picks the last real token).
-  `generate_until` already passes lm-eval's left-padding mask to `generate`, whose decode steps are
-  single-token forwards with the KV cache (the engine reads positions from the growing mask).
+  adapter only makes sure the hooks see which tokens are real and where each request's context ends:
+  lm-eval right-pads loglikelihood batches and calls the model without an attention mask; the adapter
+  records the true lengths and passes the mask, so padding is never a "token" (the sparsity meter skips it).
+  A loglikelihood input is (context + continuation)[:-1]; the adapter tells the engine how many of each
+  row's tokens are context (`harness.engine.request_contexts`), so that `request` scope takes the mask of
+  the last context token, never one chosen from the continuation being scored. Rolling loglikelihood
+  windows go through the same path (each window's context is what lm-eval's window gives as context).
+  `generate_until` passes lm-eval's left-padding mask to `generate`; the whole prompt is the context, and
+  the decode steps (single-token forwards with the KV cache) keep the request's mask.
 * No response cache: lm-eval's `use_cache` (sqlite of answers) and `cache_requests` are always off, so two
   configurations (method, variant, sparsity, scope, seed…) can never share answers.
 * Tasks: `ZERO_SHOT` lists the harness tasks. Where lm-eval's own data set is in the Hugging Face cache,
   lm-eval's own task runs; otherwise the offline copy in `suites/lm_eval_tasks/` (same templates and
   functions, data from the harness data directory). The records say which (`data_source`) and how
-  faithful the offline data is (`fidelity`: exact, reconstructed or approximate, with `fidelity_note`).
+  faithful the offline data is (`fidelity`: exact, subset (exact documents, some left out: those lent to
+  calibration, harness/lmeval_data.py HOLDOUT), reconstructed or approximate, with `fidelity_note`).
 * Per job, lm-eval's own results JSON goes to `<run_dir>/lm_eval/<job key>.json` (and per-sample logs to
   `<job key>.samples.jsonl` when the `log_samples` setting is on).
 """
@@ -27,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from harness.data import REPO_ROOT
+from harness.data import REPO_ROOT, hf_dataset_cached
+from harness.engine import request_contexts
 from harness.errors import HarnessError
 
 LOCAL_TASKS_DIR = REPO_ROOT / "suites" / "lm_eval_tasks"
@@ -41,8 +47,8 @@ DEFAULT_BOOTSTRAP_ITERS = 1000
 class ZeroShotTask:
     name: str  # harness task name
     lm_eval_task: str  # lm-eval's own task
-    local_task: str  # the offline task in suites/lm_eval_tasks
-    converter: str  # key in harness.lmeval_data.CONVERTERS
+    local_task: str | None  # the offline task in suites/lm_eval_tasks (None: the hub only)
+    converter: str | None  # key in harness.lmeval_data.CONVERTERS
     hf_dataset: tuple  # (path, config name) of the data set lm-eval's task loads
     files: tuple  # data files of the offline task
     metrics: tuple  # (lm-eval metric, our metric name), in table order
@@ -80,6 +86,14 @@ ZERO_SHOT: dict[str, ZeroShotTask] = {t.name: t for t in (
                  kind="perplexity",
                  description="WikiText-2 test, lm-eval protocol: document-level rolling loglikelihood, word perplexity "
                              "of the detokenized pages (not comparable to the SparseGPT-protocol wikitext2)"),
+    # lm-eval's own tasks on data sets that only the hub has (Deja Vu Table 4)
+    ZeroShotTask("cb", "cb", None, None, ("aps/super_glue", "cb"), (), (("acc", "acc"), ("f1", "f1")),
+                 description="CommitmentBank, SuperGLUE validation (lm-eval cb, from the Hugging Face hub): acc, f1"),
+    ZeroShotTask("c4_lmeval", "c4", None, None, ("allenai/c4", "en"), (),
+                 (("word_perplexity", "word_ppl"), ("byte_perplexity", "byte_ppl"), ("bits_per_byte", "bits_per_byte")),
+                 kind="perplexity",
+                 description="C4 en validation shard 0, lm-eval protocol (from the Hugging Face hub): document-level "
+                             "rolling loglikelihood, word perplexity (not comparable to the SparseGPT-protocol c4)"),
 )}
 
 
@@ -116,37 +130,69 @@ def _build_adapter_class():
                 raise HarnessError(f"{ADAPTER_NAME} wraps a loaded model: pass pretrained=<PreTrainedModel>")
             super().__init__(pretrained=pretrained, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
                              max_length=max_length, **kwargs)
-            self._lengths: list[int] | None = None
+            self._lengths: list[int] | None = None  # unpadded length of each row of the batch being built
+            self._contexts: list[int] | None = None  # context tokens of each row (the rest is continuation)
+            self._chunk = None  # the requests of that batch, as lm-eval's Collator yielded them
 
         @contextmanager
         def _recording_lengths(self):
-            """While lm-eval builds a loglikelihood batch, remember the unpadded length of every row."""
-            original = hf_module.pad_and_concat
+            """While lm-eval builds a loglikelihood batch, remember the unpadded length of every row and how
+            many of its tokens are context.
+
+            lm-eval batches the requests that its Collator yields (chunks of (key, context, continuation)) and
+            pads the rows with `pad_and_concat`; both are wrapped for the call. A row's input is
+            (context + continuation)[-(max_length + 1):][:-1], so its last len(continuation) - 1 tokens are
+            continuation and the rest context. Requests grouped by lm-eval (the same input, one-token
+            continuations) share one row: the one with the longest continuation, whose context is a prefix of
+            every member's, so its last context token is a context token for all of them.
+            """
+            original_pad, original_collator = hf_module.pad_and_concat, hf_module.Collator
             adapter = self
 
-            def recording(max_length, tensors, padding_side="right"):
-                adapter._lengths = [int(t.shape[0]) for t in tensors]
-                return original(max_length, tensors, padding_side=padding_side)
+            class RecordingCollator(original_collator):
+                def get_batched(self, *args, **kwargs):
+                    for chunk in super().get_batched(*args, **kwargs):
+                        adapter._chunk = chunk
+                        yield chunk
 
-            hf_module.pad_and_concat = recording
+            def recording(max_length, tensors, padding_side="right"):
+                lengths = [int(t.shape[0]) for t in tensors]
+                chunk = adapter._chunk
+                if chunk is not None and len(chunk) == len(lengths):
+                    adapter._contexts = [n - len(request[2]) + 1 for n, request in zip(lengths, chunk)]
+                adapter._lengths = lengths
+                return original_pad(max_length, tensors, padding_side=padding_side)
+
+            hf_module.pad_and_concat, hf_module.Collator = recording, RecordingCollator
             try:
                 yield
             finally:
-                hf_module.pad_and_concat = original
-                self._lengths = None
+                hf_module.pad_and_concat, hf_module.Collator = original_pad, original_collator
+                self._lengths = self._contexts = self._chunk = None
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             with self._recording_lengths():
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
 
         def _model_call(self, inps, attn_mask=None, labels=None):
-            lengths, self._lengths = self._lengths, None
+            lengths, contexts = self._lengths, self._contexts
+            self._lengths = self._contexts = None
             if attn_mask is None and labels is None and lengths is not None and len(lengths) == inps.shape[0]:
+                if contexts is None:
+                    raise HarnessError("lm-eval adapter: a loglikelihood batch came without its requests' context "
+                                       "lengths (lm-eval's batching changed?); request-scope masks need them")
                 positions = torch.arange(inps.shape[1], device=inps.device)
                 mask = (positions[None, :] < torch.tensor(lengths, device=inps.device)[:, None]).long()
-                with torch.no_grad():
+                with torch.no_grad(), request_contexts(self.model, contexts):
                     return self.model(input_ids=inps, attention_mask=mask).logits
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            """Generation: the whole prompt (the row's real tokens) is the request's context."""
+            mask = generation_kwargs.get("attention_mask")
+            counts = mask.sum(dim=1).tolist() if mask is not None else [context.shape[1]] * context.shape[0]
+            with request_contexts(self.model, counts):
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     try:
         register_model(ADAPTER_NAME)(MaskedHFLM)
@@ -171,17 +217,16 @@ def make_adapter(model, tokenizer, batch_size: int | str = DEFAULT_BATCH_SIZE, m
 
 
 # -- tasks ----------------------------------------------------------------------------------------------
-def hf_dataset_cached(path: str) -> bool:
-    """Whether the Hugging Face data set `path` (owner/name) is in the local hub or datasets cache."""
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    hub = Path(os.environ.get("HF_HUB_CACHE", os.environ.get("HUGGINGFACE_HUB_CACHE", home / "hub")))
-    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets"))
-    return (hub / f"datasets--{path.replace('/', '--')}").is_dir() or (datasets_cache / path.replace("/", "___")).is_dir()
-
-
 def choose_source(task: ZeroShotTask, setting: str = "auto") -> str:
+    """`hf` (lm-eval's own task and data set) or `local` (the offline copy). `auto`: hf when the data set is in the
+    Hugging Face cache or the task has no offline copy, else local."""
     if setting not in SOURCES:
         raise HarnessError(f"unknown lm-eval data source {setting!r}; valid: {', '.join(SOURCES)}")
+    if task.local_task is None:
+        if setting == "local":
+            raise HarnessError(f"task {task.name} has no offline copy (the data directory has none): it runs lm-eval's "
+                               f"own task on {task.hf_dataset[0]} from the Hugging Face hub")
+        return "hf"
     if setting == "auto":
         return "hf" if hf_dataset_cached(task.hf_dataset[0]) else "local"
     return setting
@@ -257,7 +302,10 @@ def _value(entry: dict, metric: str, suffix: str = ""):
     return float(value)
 
 
-def records_from_results(task: ZeroShotTask, lm_task: str, results: dict, source: str, num_fewshot: int) -> list[dict]:
+def records_from_results(task: ZeroShotTask, lm_task: str, results: dict, source: str, num_fewshot: int,
+                         holdout: str | None = None) -> list[dict]:
+    """Records of one lm-eval task. holdout: what the offline task leaves out of its split (lmeval_data.holdout_note);
+    an exact copy evaluated on part of its documents has fidelity `subset`."""
     from harness.lmeval_data import FIDELITY
     import lm_eval
 
@@ -267,8 +315,11 @@ def records_from_results(task: ZeroShotTask, lm_task: str, results: dict, source
         fidelity, note = "exact", "lm-eval's own task and data set (Hugging Face cache)"
     else:
         fidelity, note = FIDELITY[task.converter]
+        if holdout:
+            fidelity = "subset" if fidelity == "exact" else fidelity
+            note += f"; {holdout}"
         if num_fewshot:
-            fidelity = "approximate" if fidelity == "exact" else fidelity
+            fidelity = "approximate" if fidelity in ("exact", "subset") else fidelity
             note += "; offline few-shot examples come from the evaluation split (lm-eval samples the training split)"
     version = getattr(lm_eval, "__version__", "?")
     out = []
@@ -340,7 +391,10 @@ def evaluate_task(session, job, config, progress) -> list[dict]:
     results = run_lm_eval(lm, [lm_task], task_manager(session.data.root), limit=config.limit, num_fewshot=num_fewshot,
                           log_samples=bool(_setting(config, "log_samples", False)),
                           bootstrap_iters=int(_setting(config, "bootstrap_iters", DEFAULT_BOOTSTRAP_ITERS)))
-    records = records_from_results(task, lm_task, results, source, num_fewshot)
+    from harness.lmeval_data import holdout_note
+
+    holdout = holdout_note(task.converter, session.data.root) if source == "local" else None
+    records = records_from_results(task, lm_task, results, source, num_fewshot, holdout)
     path = save_results(session, job, results)
     if path is not None:
         for record in records:
@@ -355,4 +409,5 @@ def evaluate_task(session, job, config, progress) -> list[dict]:
 def register_tasks(tasks: dict, task_def_cls) -> None:
     """Add the zero-shot tasks to the harness TASKS registry."""
     for task in ZERO_SHOT.values():
-        tasks[task.name] = task_def_cls(task.name, task.kind, task.description, task.files, evaluate_task)
+        hub = (task.hf_dataset[0],) if task.local_task is None else ()
+        tasks[task.name] = task_def_cls(task.name, task.kind, task.description, task.files, evaluate_task, hub=hub)

@@ -14,6 +14,7 @@ back from another layout (lossless as far as can be checked offline, but not pro
 from __future__ import annotations
 
 import bz2
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -203,10 +204,32 @@ CONVERTERS = {
     "wikitext": (rows_wikitext, "test"),
 }
 
+# -- calibration documents of the offline copies ------------------------------------------------------------
+#: ShadowLLM's calibration examples (harness/fewshot.py) are drawn from splits that are never evaluated. Offline:
+#: OpenBookQA has its dev split (CALIBRATION_SPLITS). The tasks whose only local split is the evaluated one lend
+#: this many documents to calibration (HOLDOUT) and their offline evaluation leaves exactly those out, for every
+#: method alike; COPA (100 documents) and RTE (277) are too small to split and give no calibration offline.
+CALIBRATION_SPLITS = {"openbookqa": (lambda root: rows_openbookqa(root, "dev"), "dev")}
+HOLDOUT = {"piqa": 400, "winogrande": 300, "arc_easy": 500, "hellaswag": 1500}
+
+
+def _fingerprint(row: dict) -> str:
+    return hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def held_out(task: str, all_rows: list[dict]) -> list[int]:
+    """Indices (in file order) of the documents `task` lends to calibration: the HOLDOUT[task] documents with
+    the smallest sha256 of their content (deterministic, independent of the file's order); [] for other tasks."""
+    count = HOLDOUT.get(task, 0)
+    ranked = sorted(range(len(all_rows)), key=lambda i: (_fingerprint(all_rows[i]), i))
+    return sorted(ranked[:count])
+
+
 _CACHE: dict = {}
 
 
 def rows(task: str, data_dir) -> list[dict]:
+    """Every document of the task's local evaluation split (the converted file, nothing left out)."""
     key = (task, str(data_dir))
     if key not in _CACHE:
         convert, _ = CONVERTERS[task]
@@ -214,11 +237,41 @@ def rows(task: str, data_dir) -> list[dict]:
     return _CACHE[key]
 
 
+def evaluation_rows(task: str, data_dir) -> list[dict]:
+    """The documents the offline task evaluates: `rows` without the ones lent to calibration."""
+    all_rows = rows(task, data_dir)
+    lent = set(held_out(task, all_rows))
+    return [row for i, row in enumerate(all_rows) if i not in lent]
+
+
+def calibration_rows(task: str, data_dir) -> tuple[list[dict], str] | None:
+    """(documents, where they come from) for calibration from the local copy, or None when it has none."""
+    if task in CALIBRATION_SPLITS:
+        convert, split = CALIBRATION_SPLITS[task]
+        return convert(Path(data_dir)), f"{split} split, not evaluated"
+    if task in HOLDOUT:
+        all_rows = rows(task, data_dir)
+        return ([all_rows[i] for i in held_out(task, all_rows)],
+                f"{HOLDOUT[task]} of the {len(all_rows)} {CONVERTERS[task][1]} documents, left out of the offline "
+                "evaluation")
+    return None
+
+
+def holdout_note(task: str, data_dir) -> str | None:
+    """What an offline evaluation record says about the documents it leaves out, or None."""
+    if task not in HOLDOUT:
+        return None
+    total = len(rows(task, data_dir))
+    return (f"{total - HOLDOUT[task]} of the {total} documents evaluated: the other {HOLDOUT[task]} are calibration "
+            "documents (harness/fewshot.py)")
+
+
 def load(task: str, data_dir=None, **_ignored):
-    """A `datasets.DatasetDict` holding the task's evaluation split (for lm-eval's `custom_dataset`)."""
+    """A `datasets.DatasetDict` holding the task's evaluation split without its calibration documents (for
+    lm-eval's `custom_dataset`)."""
     import datasets
 
     if not data_dir:
         raise ValueError(f"{task}: the offline task needs `data_dir` in the task manager's metadata")
     _, split = CONVERTERS[task]
-    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows(task, data_dir))})
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(evaluation_rows(task, data_dir))})

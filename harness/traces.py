@@ -289,9 +289,9 @@ def collect_traces(ctx) -> Traces:
 def collect_scores(ctx, criterion: str) -> dict:
     """Per-token criterion scores of the traced tokens: {"heads": (N, L, H) fp32, "neurons": (N, L, F) bf16}
     (cached). bf16 keeps fp32's exponent range, so no non-zero score is stored as 0."""
-    from methods.criteria import score_example
+    from methods.criteria import CRITERIA_VERSION, score_example
 
-    inputs = {**trace_key(ctx), "criterion": criterion}
+    inputs = {**trace_key(ctx), "criterion": criterion, "criteria_version": CRITERIA_VERSION}
 
     def build():
         ids, keep = calibration_sample(ctx)

@@ -170,7 +170,7 @@ def check_data(data, config, tasks: list, fits: bool, model_spec, tokenizer) -> 
     from harness.models import tokenizer_dir_for
 
     for task in tasks:
-        data.check(task.files)
+        task.check(data)
     if fits:
         data.check([calibration_file(config.calib_data)])
     tokenizer_dir_for(model_spec, tokenizer, data)

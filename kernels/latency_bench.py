@@ -469,9 +469,9 @@ def write_report():
         plot = None
         STATE["errors"].append(f"plot: {exc!r}")
     main = [r for r in STATE["records"] if "sweep" not in r["method_label"]]
-    lines = ["# Decode latency on one H200 (issue 7, items 3–5)", "",
+    lines = ["# Decode latency on one H200", "",
              f"Machine: {STATE['machine']}", "",
-             "Command (one call of the device tool, from the repository root; see the lead's commit for the full line):",
+             "Command (from the repository root):",
              "", "```", f"python3 -m kernels.latency_bench --out $OUT --budget {ARGS.budget:.0f}", "```", "",
              f"Wall time of the script: {time.time() - T0:.0f} s (budget {ARGS.budget:.0f} s). Our engine's kernels: "
              f"programmatic dependent launch mode {_pdl_mode()!r} (KERNELS_PDL; see kernels.gemv.set_pdl).", "",

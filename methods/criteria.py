@@ -1,78 +1,118 @@
 """Importance criteria for attention heads and FFN neurons (a library module, not a registered method).
 
-Every criterion comes from ONE forward-backward pass per calibration example, all criteria from the same
-pass, so every criterion sees exactly the same samples. The loss L of an example is its language-modelling
-loss: the mean cross-entropy of predicting tokens 1..T-1 from their prefixes (what Hugging Face computes
-with `labels=input_ids`). A batch of B examples is scored with the sum of the B per-example losses, so
-every example's gradients are exactly those of its own loss (examples do not interact in a forward pass).
+The criteria are ShadowLLM's (Akhauri et al. 2024, §3, §6 and appendix A.2). Every criterion comes from ONE
+forward-backward pass per batch of examples, all criteria from the same pass, so every criterion sees exactly
+the same samples. Each example has its own loss L (examples do not interact in a forward pass; a batch is
+scored with the sum of its examples' losses, so every example's gradients are those of its own loss):
+  * language-model text (`aggregate`, `score_example`): the mean cross-entropy of predicting tokens 1..T-1
+    from their prefixes (what Hugging Face computes with `labels=input_ids`);
+  * ShadowLLM's protocol (`score_targets`, `aggregate_targets`): the mean cross-entropy of the example's
+    target output only, its context predicting nothing; the importance is read at the last context token.
 
 Notation, for layer l and token t of an example:
-  A[t, h, :]   the output of head h: the slice h of the input of `self_attn.out_proj` (head_dim values),
-  G = ∂L/∂A    its gradient,
+  A[t, h, :]   the output of head h: the slice h of the input of `self_attn.out_proj` (D = head_dim values),
+  G = ∂L/∂A    its gradient,   Hg = H·G   the Hessian of L times the gradient (below),
   W, gY        out_proj's weight (E × E, columns (h, d)) and the gradient at out_proj's output,
   x[t, :]      fc1's input (the normalised MLP input),  W1, b1  fc1's weight (F × E) and bias,
+  θ_j          the up-projection parameters of neuron j: row j of W1 (E values; the bias is not part of θ),
   act[t, j]    fc1's activation after ReLU (the input of fc2),  g[t, j] = ∂L/∂act[t, j],
-  gp[t, j]     the gradient at fc1's pre-activation output: g[t, j] · 1[act[t, j] > 0] (ReLU).
+  gp[t, j]     the gradient at fc1's pre-activation output: g[t, j] · 1[act[t, j] > 0] (ReLU),
+  ∂L/∂θ_j|t    the token's share of the weight gradient: gp[t, j] · x[t, :] (∂L/∂W1 = Σ_t of these).
 
-Per-token scores (higher = more important), heads | neurons:
+Per-token scores (higher = more important), heads | neurons. ShadowLLM's definitions (CRITERIA, first six):
   l2norm    ‖A[t,h]‖₂                         | |act[t,j]|
-  gradnorm  ‖G[t,h]‖₂                         | |g[t,j]|
-  plainact  |A[t,h]·G[t,h]|  (ShadowLLM)      | |act[t,j]·g[t,j]|  (activation-based)
-  fisher    (A[t,h]·G[t,h])²                  | (act[t,j]·g[t,j])²
-  snip      Σ_{i,d} |W[i,(h,d)]·gY[t,i]·A[t,(h,d)]|   (|θ ⊙ ∂L/∂θ| over the head's out_proj columns,
-                                                        the token's share of the weight gradient)
+  gradnorm  ‖G[t,h]‖₂                         | ‖∂L/∂θ_j|t‖₂ = |gp[t,j]| · ‖x[t]‖₂
+  plainact  ‖A[t,h] ⊙ G[t,h]‖₁ = Σ_d |A·G|    | ‖θ_j ⊙ ∂L/∂θ_j|t‖₁ = |gp[t,j]| · Σ_k |W1[j,k] x[t,k]|
+  fisher    ⟨(A[t,h] ⊙ G[t,h])²⟩ (mean over d) | ⟨(θ_j ⊙ ∂L/∂θ_j|t)²⟩ = gp[t,j]² · mean_k (W1[j,k] x[t,k])²
+  snip      Σ_{i,d} |W[i,(h,d)]·gY[t,i]·A[t,(h,d)]|   (|θ ⊙ ∂L/∂θ| over the head's out_proj columns)
             | |gp[t,j]| · (Σ_k |W1[j,k]·x[t,k]| + |b1[j]|)   (|θ ⊙ ∂L/∂θ| over fc1 row j and its bias)
-  plainact_weight (ShadowLLM's `plainact` for FFNs, weight-based):
-            heads as `plainact` | |gp[t,j]| · Σ_k |W1[j,k]·x[t,k]|  (Σ_k |W1[j,k]·∂L/∂W1[j,k]|, the token's
-            share of ∂L/∂W1, no bias)
-`A·G` is the dot product over the head dimension. The weight-based scores use the token's share of the
-weight gradient (∂L/∂W1[j,k] = Σ_t gp[t,j]·x[t,k]); ShadowLLM's code takes the absolute value after summing
-over an example's tokens, which is at most the sum of our per-token values. Per-token values are what a
-predictor trains on. Note |act·g| = |gp·pre| = |Σ_k W1[j,k]x[t,k]gp + b1[j]gp|: the activation-based
-plainact is the absolute value of the sum whose absolute terms `plainact_weight` (and `snip`) add up.
+  grasp     ‖−(Hg)[t,h] ⊙ A[t,h]‖₁            | |(Hg)[t,j] · act[t,j]|
+            (GraSP, Wang et al. 2020, in the activation form the paper writes for it: H is the Hessian of L
+            with respect to all heads' outputs and all neurons' activations of all layers and tokens jointly,
+            Hg = ∂(G · stop_gradient(G))/∂A, one double backward; attention runs in its math kernel then)
+The activation forms of the gradient criteria (the earlier definitions), under their own names:
+  gradnorm_act  ‖G[t,h]‖₂                     | |g[t,j]|
+  plainact_act  |A[t,h] · G[t,h]| (|dot|)     | |act[t,j] · g[t,j]|
+  fisher_act    (A[t,h] · G[t,h])²            | (act[t,j] · g[t,j])²
+Batch-level, static only (STATIC_ONLY): jacov (NASWOT's Jacobian covariance, Mellor et al. 2021). For a batch
+of B ≥ 2 examples and one unit, J_b is example b's gradient of the unit (heads: G[t,h,:] over the tokens read,
+flattened; neurons: ∂L_b/∂θ_j, the sum of the token shares over the tokens read), C = corrcoef(J_1..J_B)
+(B × B; a unit whose gradient is zero correlates with nothing, C's row 0), λ = eigenvalues(C), and
+jacov = −Σ_b [log(λ_b + k) + 1/(λ_b + k)], k = 1e-5. It depends on the whole batch, so it has no per-token or
+per-example value (ShadowLLM: "jacov does not have a context-dependent equivalent"); `aggregate` averages it
+over its batches.
 
-The gradient-based scores of a sequence's last token are 0 (it predicts nothing inside the example).
+The weight-based scores use the token's share of the weight gradient, so per-token values add up over an
+example's tokens to the share of each token (ShadowLLM's code takes the absolute value after summing over an
+example's tokens, which is at most the sum of our per-token values). Per-token values are what a predictor
+trains on. Scores are float32 (float64 for a float64 model) whatever the model's dtype: per-token neuron scores
+are far below fp16's range. The gradient-based scores of a sequence's last token are 0 for language-model text
+(it predicts nothing inside the example).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from harness.engine import opt_layers
+from harness.engine import mlp_input_module, opt_layers
 from harness.errors import HarnessError
 
-#: The criteria of the papers (ShadowLLM's study), for heads and neurons alike.
-CRITERIA = ("l2norm", "gradnorm", "plainact", "fisher", "snip")
-#: CRITERIA plus ShadowLLM's weight-based FFN plainact (heads: the activation-based plainact).
-ALL_CRITERIA = CRITERIA + ("plainact_weight",)
+#: Every per-token criterion (ShadowLLM's, then the activation forms): the variants of `static` and `shadow`.
+CRITERIA = ("l2norm", "gradnorm", "plainact", "fisher", "snip", "grasp", "gradnorm_act", "plainact_act", "fisher_act")
+#: Criteria defined over a batch of examples only (no per-token value): `static` can rank by them.
+STATIC_ONLY = ("jacov",)
+ALL_CRITERIA = CRITERIA + STATIC_ONLY
+#: Other names accepted for a criterion: `plainact_weight` was the weight-based FFN plainact, which `plainact` is.
+ALIASES = {"plainact_weight": "plainact"}
 UNITS = ("heads", "neurons")
+#: Changes whenever a definition changes: cached artefacts built from criterion scores include it in their key.
+CRITERIA_VERSION = 2
+#: Examples per forward-backward pass in `aggregate` when jacov is asked for (its batch).
+JACOV_BATCH = 8
+JACOV_K = 1e-5
+#: Activations that `score_targets` can return at the read index, besides the scores.
+FEATURES = ("attn_output0", "layer_input", "mlp_input")
 
 
-def _check(criteria) -> tuple[str, ...]:
+def _check(criteria, allowed=ALL_CRITERIA) -> tuple[str, ...]:
     criteria = tuple(criteria)
-    unknown = [c for c in criteria if c not in ALL_CRITERIA]
+    unknown = [c for c in criteria if ALIASES.get(c, c) not in allowed]
     if unknown or not criteria:
-        raise HarnessError(f"unknown importance criteria {unknown or criteria}; valid: {', '.join(ALL_CRITERIA)}")
+        if any(c in STATIC_ONLY for c in unknown) and allowed is CRITERIA:
+            raise HarnessError(f"{', '.join(c for c in unknown if c in STATIC_ONLY)}: defined over a batch of "
+                               "examples only (no per-token or per-example value); use `aggregate`")
+        raise HarnessError(f"unknown importance criteria {unknown or criteria}; valid: {', '.join(allowed)}")
     return criteria
+
+
+def _token_losses(logits: torch.Tensor, input_ids: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """(B,) sum of the next-token cross-entropies at the positions `counted` (B, T) marks (float32 or wider);
+    position t predicts token t + 1."""
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    targets = input_ids[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (nll.view(targets.shape) * counted[:, :-1]).sum(dim=1)
 
 
 def example_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Sum over the batch of each example's mean next-token cross-entropy (float32 or wider)."""
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    targets = input_ids[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return nll.view(targets.shape).mean(dim=1).sum()
+    counted = torch.ones_like(input_ids, dtype=torch.bool)
+    return (_token_losses(logits, input_ids, counted) / (input_ids.shape[1] - 1)).sum()
 
 
 class _Capture:
     """Temporary hooks that capture, per layer, out_proj's input A and output Y, fc1's input x and fc2's
-    input act (all as (B, T, ·)). A of a layer that would not be tracked by autograd (layer 0 with frozen
-    parameters) is made a leaf that requires grad, so that every captured tensor is part of the graph."""
+    input act (all as (B, T, ·)), and optionally the residual streams entering the layer and its MLP block.
+    A of a layer that would not be tracked by autograd (layer 0 with frozen parameters) is made a leaf that
+    requires grad, so that every captured tensor is part of the graph."""
 
-    def __init__(self, model):
+    def __init__(self, model, features=()):
         self.decoder, self.layers = opt_layers(model)
+        self.pre_ln = model.config.do_layer_norm_before
+        self.features = tuple(features)
         self.store: dict = {}
         self.handles: list = []
         self.shape = None
@@ -85,6 +125,11 @@ class _Capture:
                 self.handles.append(attn.out_proj.register_forward_hook(self._post("Y", index)))
                 self.handles.append(layer.fc1.register_forward_pre_hook(self._pre_plain("x", index)))
                 self.handles.append(layer.fc2.register_forward_pre_hook(self._pre_plain("act", index)))
+                if "layer_input" in self.features:
+                    self.handles.append(layer.register_forward_pre_hook(self._layer_input(index), with_kwargs=True))
+                if "mlp_input" in self.features:
+                    module = mlp_input_module(layer, self.pre_ln)
+                    self.handles.append(module.register_forward_pre_hook(self._pre_plain("mlp_input", index)))
         except BaseException:
             self.__exit__()
             raise
@@ -94,10 +139,6 @@ class _Capture:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-
-    def _view(self, tensor):
-        batch, seq = self.shape
-        return tensor.view(batch, seq, -1)
 
     def _pre_a(self, index):
         def hook(module, args):
@@ -115,15 +156,44 @@ class _Capture:
             self.store[(name, index)] = args[0]
         return hook
 
+    def _layer_input(self, index):
+        def hook(module, args, kwargs):
+            self.store[("layer_input", index)] = kwargs.get("hidden_states", args[0] if args else None)
+        return hook
+
     def _post(self, name, index):
         def hook(module, args, output):
             self.store[(name, index)] = output
         return hook
 
 
-def _layer_scores(model, input_ids: torch.Tensor, criteria: tuple[str, ...]):
-    """One forward-backward pass; yields (layer, {criterion: {"heads": (B,T,H), "neurons": (B,T,F)}})
-    in float32 (float64 for a float64 model) on the model's device."""
+def _jacov(vectors: torch.Tensor, mean: torch.Tensor, sq_norm: torch.Tensor, size: int) -> torch.Tensor:
+    """jacov of every unit from the Gram matrices of its per-example Jacobians.
+
+    vectors: (U, B, B) Gram matrices <J_b, J_c>; mean: (U, B) the mean of each J_b's `size` elements;
+    sq_norm: (U, B) the diagonal. Returns (U,) −Σ log(λ + k) + 1/(λ + k) over the eigenvalues of corrcoef(J)."""
+    centred = vectors - size * mean.unsqueeze(-1) * mean.unsqueeze(-2)  # <J_b - m_b, J_c - m_c>
+    var = (sq_norm - size * mean.square()).clamp(min=0)
+    scale = var.sqrt()
+    live = scale > 0
+    denom = torch.where(live, scale, torch.ones_like(scale))
+    corr = centred / (denom.unsqueeze(-1) * denom.unsqueeze(-2))
+    corr = corr * (live.unsqueeze(-1) & live.unsqueeze(-2))  # a flat Jacobian correlates with nothing
+    corr = (corr + corr.transpose(-1, -2)) / 2
+    eig = torch.linalg.eigvalsh(corr).clamp(min=0)
+    return -(torch.log(eig + JACOV_K) + 1.0 / (eig + JACOV_K)).sum(-1)
+
+
+def _layer_scores(model, input_ids: torch.Tensor, criteria: tuple[str, ...], counted: torch.Tensor | None = None,
+                  attention_mask: torch.Tensor | None = None, read: torch.Tensor | None = None, features=()):
+    """One forward-backward pass (two backwards with grasp); yields (layer, scores, feats) per layer.
+
+    scores: {criterion: {"heads": (B,T,H), "neurons": (B,T,F)}} for per-token criteria, {"heads": (H,),
+    "neurons": (F,)} for jacov, in float32 (float64 for a float64 model) on the model's device.
+    counted (B, T) bool: the positions whose next-token prediction is the example's loss (default: all but the
+    last). read (B, T) bool: the positions whose gradients jacov's Jacobians gather (default: all).
+    feats: {name: (B, T, E)} detached activations named in `features` (attn_output0 only at layer 0).
+    """
     config = model.config
     if getattr(config, "activation_function", "relu") != "relu":
         raise HarnessError(f"importance criteria assume OPT's ReLU FFN (got {config.activation_function!r})")
@@ -133,30 +203,46 @@ def _layer_scores(model, input_ids: torch.Tensor, criteria: tuple[str, ...]):
         input_ids = input_ids.unsqueeze(0)
     if input_ids.shape[1] < 2:
         raise HarnessError("an example needs at least 2 tokens to have a language-modelling loss")
+    batch, seq = input_ids.shape
+    names = {ALIASES.get(c, c) for c in criteria}
+    grasp, jacov = "grasp" in names, "jacov" in names
+    if jacov and batch < 2:
+        raise HarnessError("jacov needs a batch of at least 2 examples (it is the covariance of their Jacobians)")
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
+    counted = torch.ones_like(input_ids, dtype=torch.bool) if counted is None else counted.to(device).bool().clone()
+    counted[:, -1] = False  # the last token predicts nothing inside the example
+    count = counted.sum(dim=1)
+    if bool((count == 0).any()):
+        raise HarnessError("an example has no token to compute its loss on")
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
     params = list(model.parameters())
     saved_grad = [p.requires_grad for p in params]
     was_training = model.training
-    capture = _Capture(model)
-    capture.shape = tuple(input_ids.shape)
+    capture = _Capture(model, features)
+    capture.shape = (batch, seq)
+    layers = range(len(capture.layers))
+    order = [(n, l) for l in layers for n in ("A", "Y", "act")]
     try:
         model.eval()
         for p in params:
             p.requires_grad_(False)
-        with torch.enable_grad(), capture:
-            logits = model(input_ids=input_ids, use_cache=False).logits
-            loss = example_loss(logits, input_ids)
-        layers = range(len(capture.layers))
-        wanted = [capture.store[(n, l)] for l in layers for n in ("A", "Y", "act")]
-        # backward on the per-example token sums (the means times T-1): the same gradients up to a
-        # factor undone below in float32, without fp16 underflow of gradients scaled by 1/(T-1)
-        scale = input_ids.shape[1] - 1
-        grads = torch.autograd.grad(loss * scale, wanted, allow_unused=True)
-        grad = {}
-        for i, (l, n) in enumerate((l, n) for l in layers for n in ("A", "Y", "act")):
-            g = grads[i]
-            grad[(n, l)] = torch.zeros_like(wanted[i]) if g is None else g
+        with torch.enable_grad(), capture, _math_attention(grasp):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            # backward on each example's token sum (its mean loss times its count): the same gradients up to
+            # a per-example factor undone below in float32, without fp16 underflow of gradients scaled by 1/count
+            loss = _token_losses(logits, input_ids, counted).sum()
+            wanted = [capture.store[key] for key in order]
+            grads = list(torch.autograd.grad(loss, wanted, allow_unused=True, create_graph=grasp))
+            grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted)]
+            hess = {}
+            if grasp:  # Hg = ∂(g · stop(g))/∂(A, act): the Hessian of every head and neuron jointly times g
+                pairs = [(key, i) for i, key in enumerate(order) if key[0] in ("A", "act")]
+                dot = sum((grads[i] * grads[i].detach()).sum() for _, i in pairs)
+                hg = torch.autograd.grad(dot, [wanted[i] for _, i in pairs], allow_unused=True)
+                hess = {key: (torch.zeros_like(wanted[i]) if h is None else h.detach()) for (key, i), h in zip(pairs, hg)}
+            grad = {key: g.detach() for key, g in zip(order, grads)}
         del logits, loss, grads, wanted
     finally:
         for p, flag in zip(params, saved_grad):
@@ -164,55 +250,114 @@ def _layer_scores(model, input_ids: torch.Tensor, criteria: tuple[str, ...]):
         model.train(was_training)
 
     work = torch.promote_types(next(model.parameters()).dtype, torch.float32)
-    batch, seq = input_ids.shape
+    read = torch.ones(batch, seq, dtype=torch.bool, device=device) if read is None else read.to(device).bool()
     with torch.no_grad():
         for l, layer in enumerate(capture.layers):
-            view = lambda t: t.detach().to(work).reshape(batch, seq, -1)  # noqa: E731
-            a, ga = view(capture.store[("A", l)]), view(grad[("A", l)]) / scale
-            act, gact = view(capture.store[("act", l)]), view(grad[("act", l)]) / scale
+            def view(t, scale=None):
+                t = t.detach().to(work).reshape(batch, seq, -1)
+                return t if scale is None else t / scale.to(t.device, work).view(batch, 1, 1)
+            a, ga = view(capture.store[("A", l)]), view(grad[("A", l)], count)
+            act, gact = view(capture.store[("act", l)]), view(grad[("act", l)], count)
             a4, ga4 = a.view(batch, seq, num_heads, head_dim), ga.view(batch, seq, num_heads, head_dim)
-            dot = (a4 * ga4).sum(-1)  # (B, T, H)
-            prod = act * gact  # (B, T, F)
+            gpre = gact * (act > 0)  # ∂L/∂pre-activation (ReLU)
+            fc1 = layer.fc1
+            x = view(capture.store[("x", l)])
+            w1 = fc1.weight.detach().to(work)
+            row = None
+            if names & {"plainact", "snip"}:
+                row = x.abs() @ w1.abs().t()  # Σ_k |W1[j,k] x[t,k]|
+            elems = a4 * ga4
+            dot = elems.sum(-1)  # (B, T, H)
             out = {}
-            for c in criteria:
+            for c in names:
                 if c == "l2norm":
                     out[c] = {"heads": a4.norm(dim=-1), "neurons": act.abs()}
                 elif c == "gradnorm":
-                    out[c] = {"heads": ga4.norm(dim=-1), "neurons": gact.abs()}
+                    out[c] = {"heads": ga4.norm(dim=-1), "neurons": gpre.abs() * x.norm(dim=-1, keepdim=True)}
                 elif c == "plainact":
-                    out[c] = {"heads": dot.abs(), "neurons": prod.abs()}
+                    out[c] = {"heads": elems.abs().sum(-1), "neurons": gpre.abs() * row}
                 elif c == "fisher":
-                    out[c] = {"heads": dot.square(), "neurons": prod.square()}
-            if "snip" in criteria or "plainact_weight" in criteria:
-                fc1 = layer.fc1
-                x = view(capture.store[("x", l)])
-                gpre = (gact * (act > 0)).abs()  # |∂L/∂pre|, ReLU
-                row = x.abs() @ fc1.weight.detach().to(work).abs().t()  # Σ_k |W1[j,k] x[t,k]|
-                if "plainact_weight" in criteria:
-                    out["plainact_weight"] = {"heads": dot.abs(), "neurons": gpre * row}
-                if "snip" in criteria:
+                    out[c] = {"heads": elems.square().mean(-1),
+                              "neurons": gpre.square() * (x.square() @ w1.square().t()) / w1.shape[1]}
+                elif c == "snip":
                     bias = fc1.bias.detach().to(work).abs() if fc1.bias is not None else 0.0
-                    gy = view(grad[("Y", l)]) / scale
+                    gy = view(grad[("Y", l)], count)
                     w = layer.self_attn.out_proj.weight.detach().to(work)
                     col = gy.abs() @ w.abs()  # Σ_i |gY[t,i]| |W[i,c]|
                     heads = (col * a.abs()).view(batch, seq, num_heads, head_dim).sum(-1)
-                    out["snip"] = {"heads": heads, "neurons": gpre * (row + bias)}
-            yield l, {c: out[c] for c in criteria}
+                    out[c] = {"heads": heads, "neurons": gpre.abs() * (row + bias)}
+                elif c == "grasp":
+                    square = count.to(device, work).square()
+                    ha = view(hess[("A", l)], square).view(batch, seq, num_heads, head_dim)
+                    hact = view(hess[("act", l)], square)
+                    out[c] = {"heads": (ha * a4).abs().sum(-1), "neurons": (hact * act).abs()}
+                elif c == "gradnorm_act":
+                    out[c] = {"heads": ga4.norm(dim=-1), "neurons": gact.abs()}
+                elif c == "plainact_act":
+                    out[c] = {"heads": dot.abs(), "neurons": (act * gact).abs()}
+                elif c == "fisher_act":
+                    out[c] = {"heads": dot.square(), "neurons": (act * gact).square()}
+                elif c == "jacov":
+                    out[c] = _jacov_layer(ga4, gpre, x, read)
+            feats = {}
+            for name in features:
+                if name == "attn_output0":
+                    if l == 0:
+                        feats[name] = view(capture.store[("Y", 0)])
+                else:
+                    feats[name] = view(capture.store[(name, l)])
+            yield l, {c: out[ALIASES.get(c, c)] for c in criteria}, feats
     capture.store.clear()
 
 
+def _jacov_layer(ga4: torch.Tensor, gpre: torch.Tensor, x: torch.Tensor, read: torch.Tensor) -> dict:
+    """jacov of one layer's heads (H,) and neurons (F,) over the batch, from the gradients at `read` tokens."""
+    per_example = read.sum(dim=1)
+    if bool((per_example != per_example[0]).any()):
+        raise HarnessError("jacov compares Jacobians of the same size: read the same number of tokens per example")
+    # heads: J_b = G[b, tokens read, h, :] flattened, the tokens aligned by their order within each example
+    g_heads = torch.stack([g[r] for g, r in zip(ga4, read)])  # (B, n, H, D)
+    head_size = g_heads.shape[1] * g_heads.shape[3]
+    gram = torch.einsum("bthd,cthd->hbc", g_heads, g_heads)
+    heads = _jacov(gram, g_heads.sum(dim=(1, 3)).t() / head_size, torch.diagonal(gram, dim1=-2, dim2=-1), head_size)
+    # neurons: J_b = ∂L_b/∂θ_j = Σ over the tokens read of gp[t, j] · x[t, :]
+    jac = torch.einsum("btf,bte->fbe", gpre * read.to(gpre.dtype)[:, :, None], x)  # (F, B, E)
+    gram_n = torch.einsum("fbe,fce->fbc", jac, jac)
+    neurons = _jacov(gram_n, jac.mean(-1), torch.diagonal(gram_n, dim1=-2, dim2=-1), x.shape[-1])
+    return {"heads": heads, "neurons": neurons}
+
+
+class _math_attention:
+    """The math kernel of scaled-dot-product attention while `active` (it has a double backward)."""
+
+    def __init__(self, active: bool):
+        self.active, self.context = active, None
+
+    def __enter__(self):
+        if self.active:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            self.context = sdpa_kernel([SDPBackend.MATH])
+            self.context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.context is not None:
+            self.context.__exit__(*exc)
+
+
 def score_example(model, input_ids: torch.Tensor, criteria: Iterable[str] = CRITERIA) -> dict:
-    """Per-token scores of one example from one forward-backward pass.
+    """Per-token scores of language-model text from one forward-backward pass.
 
     input_ids: (T,) for one example -> {criterion: {"heads": (T, L, H), "neurons": (T, L, F)}};
     (B, T) for B examples (each with its own loss) -> shapes (B, T, L, ·). float32 (float64 for a float64
-    model), on the model's device. The model is left as it was (no hooks, parameters' requires_grad and
-    train/eval mode restored; it runs in eval mode).
+    model), on the model's device. jacov has no per-token value (use `aggregate`). The model is left as it was
+    (no hooks, parameters' requires_grad and train/eval mode restored; it runs in eval mode).
     """
-    criteria = _check(criteria)
+    criteria = _check(criteria, CRITERIA)
     single = input_ids.dim() == 1
     per_layer: dict = {c: {u: [] for u in UNITS} for c in criteria}
-    for _, scores in _layer_scores(model, input_ids, criteria):
+    for _, scores, _ in _layer_scores(model, input_ids, criteria):
         for c in criteria:
             for u in UNITS:
                 per_layer[c][u].append(scores[c][u])
@@ -222,34 +367,187 @@ def score_example(model, input_ids: torch.Tensor, criteria: Iterable[str] = CRIT
     return result
 
 
-def aggregate(model, batches, criteria: Iterable[str] = CRITERIA, log=None) -> dict:
-    """Mean per-token scores over every token of the calibration examples.
+def _batches(batches, batch_size: int):
+    if isinstance(batches, torch.Tensor) and batches.dim() == 2:
+        return (batches[i:i + batch_size] for i in range(0, batches.shape[0], batch_size))
+    return batches
 
-    batches: a (N, T) tensor (one example per pass) or an iterable of (T,) / (B, T) tensors.
+
+def aggregate(model, batches, criteria: Iterable[str] = CRITERIA, log=None, batch_size: int | None = None) -> dict:
+    """Mean per-token scores over every token of the calibration examples; jacov averaged over the batches.
+
+    batches: a (N, T) tensor (cut into passes of `batch_size` examples: 1, or JACOV_BATCH when jacov is asked
+    for) or an iterable of (T,) / (B, T) tensors (one pass each). Per-token criteria do not depend on how the
+    examples are batched; jacov does (it is a property of a batch): batches of one example do not count for it.
     Returns {criterion: {"heads": (L, H), "neurons": (L, F)}} float32 on the CPU (sums kept in float64).
     Per-token score tensors are never held for all layers at once.
     """
     criteria = _check(criteria)
+    jacov = [c for c in criteria if ALIASES.get(c, c) in STATIC_ONLY]
+    if batch_size is None:
+        batch_size = JACOV_BATCH if jacov else 1
     config = model.config
     num_layers = config.num_hidden_layers
     sizes = {"heads": config.num_attention_heads, "neurons": config.ffn_dim}
     sums = {c: {u: torch.zeros(num_layers, sizes[u], dtype=torch.float64) for u in UNITS} for c in criteria}
-    tokens = 0
-    for index, batch in enumerate(batches):
+    tokens = groups = seen = 0
+    for index, batch in enumerate(_batches(batches, batch_size)):
         batch = batch.reshape(-1, batch.shape[-1])
-        for l, scores in _layer_scores(model, batch, criteria):
-            for c in criteria:
+        seen += batch.shape[0]
+        asked = criteria if batch.shape[0] >= 2 else tuple(c for c in criteria if c not in jacov)
+        if not asked:
+            continue
+        for l, scores, _ in _layer_scores(model, batch, asked):
+            for c in asked:
                 for u in UNITS:
-                    sums[c][u][l] += scores[c][u].double().sum(dim=(0, 1)).cpu()
+                    value = scores[c][u].double()
+                    sums[c][u][l] += (value if c in jacov else value.sum(dim=(0, 1))).cpu()
         tokens += batch.numel()
+        groups += batch.shape[0] >= 2
         if log is not None:
             log(f"importance: example batch {index + 1} ({tokens} tokens)")
-    if tokens == 0:
+    if seen == 0:
         raise HarnessError("no calibration examples to compute importance from")
-    return {c: {u: (sums[c][u] / tokens).float() for u in UNITS} for c in criteria}
+    if jacov and groups == 0:
+        raise HarnessError("jacov needs batches of at least 2 examples; got batches of one")
+    return {c: {u: (sums[c][u] / (groups if c in jacov else tokens)).float() for u in UNITS} for c in criteria}
 
 
-IMPORTANCE_VERSION = 1
+# -- ShadowLLM's protocol: loss on the target output, importance read at the last context token -------------
+@dataclass
+class TargetScores:
+    """What `score_targets` returns, one row per example (in the order given), float32 on the CPU.
+
+    scores: {criterion: {"heads": (N, L, H), "neurons": (N, L, F)}} read at each example's last context token;
+    features: {"attn_output0": (N, E), "layer_input": (N, L, E), "mlp_input": (N, L, E)} (those asked for), the
+    model's activations at the same token (layer 0's attention output is ShadowLLM's predictor input);
+    index: (N,) the token index read (the last context token: target start − 1).
+    """
+
+    scores: dict
+    features: dict
+    index: torch.Tensor
+
+
+def _target_batch(examples):
+    """Right-padded (input ids, attention mask, counted positions, read index) of a batch of examples."""
+    rows, spans = [], []
+    for example in examples:
+        ids, (start, end) = list(example.ids), tuple(example.target)
+        if not 1 <= start < end <= len(ids):
+            raise HarnessError(f"target span {(start, end)} must lie inside the {len(ids)} tokens and leave at "
+                               "least one context token before it")
+        rows.append(ids[:end])  # the last target token is only the label of the one before it
+        spans.append((start, end))
+    width = max(len(r) for r in rows)
+    input_ids = torch.ones(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    counted = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, (row, (start, end)) in enumerate(zip(rows, spans)):
+        input_ids[b, :len(row)] = torch.tensor(row)
+        mask[b, :len(row)] = 1
+        counted[b, start - 1:end - 1] = True  # position t predicts token t + 1: the target tokens
+    index = torch.tensor([start - 1 for start, _ in spans])
+    return input_ids, mask, counted, index
+
+
+def _target_passes(model, examples: Sequence, criteria, batch_size: int, features=()):
+    """(batch examples, index, per-layer list of (scores, feats)) for each pass over `examples`."""
+    if not examples:
+        raise HarnessError("no calibration examples")
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        input_ids, mask, counted, index = _target_batch(chunk)
+        read = torch.zeros_like(counted)
+        read[torch.arange(len(chunk)), index] = True
+        yield chunk, index, _layer_scores(model, input_ids, criteria, counted=counted, attention_mask=mask,
+                                          read=read, features=features)
+
+
+def score_targets(model, examples: Sequence, criteria: Iterable[str] = CRITERIA, *, batch_size: int = 8,
+                  features: Iterable[str] = ("attn_output0",)) -> TargetScores:
+    """ShadowLLM's calibration scores: per example, every criterion with the loss on the target output only,
+    read at the last sequence index before the target (the last context token), as the paper trains its
+    predictor ("the output of the first attention layer's last sequence index").
+
+    examples: a sequence of objects with `ids` (the token ids of context + target, e.g. a few-shot prompt and
+      its answer; harness.fewshot.CalibrationExample) and `target` = (start, end), the target's token span
+      (start ≥ 1). The loss is the mean cross-entropy of the tokens ids[start:end], each predicted from its
+      prefix (the model reads ids[:end]; attention is causal, so the predictions are those of lm-eval's input
+      (context + continuation)[:-1], and tokens after the target are never read); the scores (per-token
+      formulas of this module) and `features` are read at index start − 1, whose next-token prediction is the
+      target's first token. Examples are right-padded into passes of `batch_size` (padding never changes an
+      example's scores: each example has its own loss and attention mask).
+    criteria: per-token criteria (CRITERIA); jacov has no per-example value (see `aggregate_targets`).
+    features: activations to return at the same index (FEATURES).
+    Returns a TargetScores (float32 on the CPU, float64 for a float64 model).
+    """
+    criteria = _check(criteria, CRITERIA)
+    features = tuple(features)
+    unknown = [f for f in features if f not in FEATURES]
+    if unknown:
+        raise HarnessError(f"unknown features {unknown}; valid: {', '.join(FEATURES)}")
+    parts = {c: {u: [] for u in UNITS} for c in criteria}
+    feats: dict = {f: [] for f in features}
+    indices = []
+    for chunk, index, layers in _target_passes(model, examples, criteria, batch_size, features):
+        rows = torch.arange(len(chunk))
+        per = {c: {u: [] for u in UNITS} for c in criteria}
+        per_f: dict = {f: [] for f in features}
+        for _, scores, layer_feats in layers:
+            for c in criteria:
+                for u in UNITS:
+                    per[c][u].append(scores[c][u][rows, index.to(scores[c][u].device)].cpu())
+            for f, value in layer_feats.items():
+                per_f[f].append(value[rows, index.to(value.device)].cpu())
+        for c in criteria:
+            for u in UNITS:
+                parts[c][u].append(torch.stack(per[c][u], dim=1))
+        for f in features:
+            parts_f = per_f[f]
+            feats[f].append(parts_f[0] if f == "attn_output0" else torch.stack(parts_f, dim=1))
+        indices.append(index)
+    return TargetScores(scores={c: {u: torch.cat(parts[c][u]) for u in UNITS} for c in criteria},
+                        features={f: torch.cat(v) for f, v in feats.items()}, index=torch.cat(indices))
+
+
+def aggregate_targets(model, examples: Sequence, criteria: Iterable[str] = ALL_CRITERIA, *,
+                      batch_size: int = JACOV_BATCH) -> dict:
+    """ShadowLLM's aggregate importance (its static pruning, Figures 15-18): the mean over examples of the scores
+    `score_targets` reads, and jacov averaged over the passes of `batch_size` examples (its Jacobians read at
+    each example's last context token; a last pass of one example does not count for it).
+    Returns {criterion: {"heads": (L, H), "neurons": (L, F)}} float32 on the CPU."""
+    criteria = _check(criteria)
+    jacov = [c for c in criteria if ALIASES.get(c, c) in STATIC_ONLY]
+    config = model.config
+    sizes = {"heads": config.num_attention_heads, "neurons": config.ffn_dim}
+    sums = {c: {u: torch.zeros(config.num_hidden_layers, sizes[u], dtype=torch.float64) for u in UNITS}
+            for c in criteria}
+    count = groups = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        asked = criteria if len(chunk) >= 2 else tuple(c for c in criteria if c not in jacov)
+        if not asked:
+            continue
+        for _, index, layers in _target_passes(model, chunk, asked, len(chunk)):
+            rows = torch.arange(len(chunk))
+            for l, scores, _ in layers:
+                for c in asked:
+                    for u in UNITS:
+                        value = scores[c][u].double()
+                        if c not in jacov:
+                            value = value[rows, index.to(value.device)].sum(0)
+                        sums[c][u][l] += value.cpu()
+        count += len(chunk)
+        groups += len(chunk) >= 2
+    if count == 0:
+        raise HarnessError("no calibration examples")
+    if jacov and groups == 0:
+        raise HarnessError("jacov needs passes of at least 2 examples")
+    return {c: {u: (sums[c][u] / (groups if c in jacov else count)).float() for u in UNITS} for c in criteria}
+
+
+IMPORTANCE_VERSION = 2
 
 
 def fit_importance(ctx):
@@ -257,14 +555,22 @@ def fit_importance(ctx):
 
     One artefact (kind `importance`) holds `<criterion>.heads` (L, H) and `<criterion>.neurons` (L, F) for
     all of ALL_CRITERIA, so every static variant (and any method that ranks by a criterion) shares it.
+    The examples are scored in passes of `importance_batch` (a method setting, default JACOV_BATCH), jacov's
+    batch.
     """
-    inputs = {**ctx.base_key(), "criteria": list(ALL_CRITERIA), "version": IMPORTANCE_VERSION}
+    batch_size = int(ctx.settings.get("importance_batch", JACOV_BATCH))
+    inputs = {**ctx.base_key(), "criteria": list(ALL_CRITERIA), "version": IMPORTANCE_VERSION,
+              "criteria_version": CRITERIA_VERSION, "batch": batch_size}
 
     def build():
         ids = ctx.calibration_ids()
+        if ids.shape[0] < 2:
+            raise HarnessError(f"importance needs at least 2 calibration examples (jacov is a property of a batch of "
+                               f"examples); got {ids.shape[0]}: raise calib_samples")
         ctx.log(f"importance: {len(ALL_CRITERIA)} criteria over {ids.shape[0]} calibration examples of {ids.shape[1]} tokens")
-        scores = aggregate(ctx.model, ids, ALL_CRITERIA)
+        scores = aggregate(ctx.model, ids, ALL_CRITERIA, batch_size=batch_size)
         tensors = {f"{c}.{unit}": scores[c][unit] for c in ALL_CRITERIA for unit in UNITS}
-        return tensors, {"criteria": list(ALL_CRITERIA), "examples": int(ids.shape[0]), "tokens": int(ids.numel())}
+        return tensors, {"criteria": list(ALL_CRITERIA), "examples": int(ids.shape[0]), "tokens": int(ids.numel()),
+                         "batch": batch_size}
 
     return ctx.cache.get_or_build("importance", inputs, build)

@@ -62,7 +62,7 @@ def test_missing_data_names_the_path_and_the_setting(tmp_path):
 def test_run_writes_records_and_tables_then_resumes(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     result = tiny_run(tiny_model_dir, out, "--methods", "dense,random,norm-mask,replace:ranked",
-                      "--sparsity", "0.25,0.5", "--tasks", "wikitext2,ptb")
+                      "--sparsity", "0.25,0.5", "--tasks", "wikitext2,ptb_new")
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(records) == (1 + 3 * 2) * 2
@@ -75,11 +75,11 @@ def test_run_writes_records_and_tables_then_resumes(tiny_model_dir, tmp_path):
     assert random_half["achieved_neurons"] == pytest.approx(0.5)
     table = (out / "table.md").read_text()
     assert "model: tiny-opt" in table.replace(tiny_model_dir.name, "tiny-opt") and "weights: pretrained" in table
-    assert "replace:ranked" in table and "wikitext2 ppl @ 0.25" in table and "ptb ppl @ 0.5" in table
+    assert "replace:ranked" in table and "wikitext2 ppl @ 0.25" in table and "ptb_new ppl @ 0.5" in table
     assert "\\toprule" in (out / "table.tex").read_text()
     assert list(out.glob("plot_*.png"))
     again = tiny_run(tiny_model_dir, out, "--methods", "dense,random,norm-mask,replace:ranked",
-                     "--sparsity", "0.25,0.5", "--tasks", "wikitext2,ptb")
+                     "--sparsity", "0.25,0.5", "--tasks", "wikitext2,ptb_new")
     assert again.exit_code == 0 and "0 ran, 14 already done" in again.output
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from harness.engine import Allocation, MaskedEngine, MaskPolicy
+from harness.engine import Allocation, MaskedEngine, MaskPolicy, request_contexts
 from harness.errors import HarnessError
 from methods.norm_mask import NormPolicy
 from methods.random import RandomPolicy
@@ -137,6 +137,59 @@ def test_request_scope_uses_the_last_tokens_mask_for_every_token():
         keep = engine.state.keep[("heads", 0)]
     assert (keep[0] == keep[0, -1]).all() and (keep[1] == keep[1, 5]).all()
     assert engine.achieved()["achieved_heads"] == pytest.approx(0.5)  # padding is not counted
+
+
+def test_request_scope_takes_the_mask_of_the_last_context_token():
+    """Two continuations of one context, batched (right-padded) as lm-eval does: inputs are
+    (context + continuation)[:-1]; both rows must get the mask of the context's last token."""
+    model = tiny_model()
+    engine = MaskedEngine(model, RandomPolicy(0, {"heads": H, "neurons": F}, L),
+                          Allocation(heads=0.5, neurons=0.5, scope="request"))
+    context = ids(seq=5, seed=1)[0]
+    inputs = torch.ones(2, 8, dtype=torch.long)
+    inputs[0, :8] = torch.cat([context, ids(seq=3, seed=2)[0]])  # continuation of 4 tokens, 3 in the input
+    inputs[1, :6] = torch.cat([context, ids(seq=1, seed=3)[0]])  # continuation of 2 tokens, 1 in the input
+    mask = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
+    with engine.applied(), request_contexts(model, [5, 5]):
+        model(input_ids=inputs, attention_mask=mask)
+        keep = dict(engine.state.keep)
+    with engine.applied():  # the mask of the context alone, at its last token
+        model(input_ids=context[None])
+        alone = dict(engine.state.keep)
+    for key, mask_ in keep.items():
+        assert (mask_[0] == alone[key][0, -1]).all() and (mask_[1, :6] == alone[key][0, -1]).all(), key
+    assert getattr(model, "_harness_request_contexts") is None  # the context manager cleans up
+    with engine.applied(), request_contexts(model, [5]), pytest.raises(HarnessError, match="1 context lengths"):
+        model(input_ids=inputs, attention_mask=mask)
+    with engine.applied(), request_contexts(model, [5, 7]), pytest.raises(HarnessError, match="outside"):
+        model(input_ids=inputs, attention_mask=mask)
+
+
+def test_request_scope_decode_steps_keep_the_requests_mask():
+    """With the KV cache, the generated tokens use the mask chosen at the prompt's last token; a left-padded
+    batch's prompt ends at its last column."""
+    model = tiny_model()
+    engine = MaskedEngine(model, RandomPolicy(0, {"heads": H, "neurons": F}, L),
+                          Allocation(heads=0.5, neurons=0.5, scope="request"))
+    prompt = ids(batch=2, seq=6, seed=4)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    calls = []
+    with engine.applied(), request_contexts(model, mask.sum(1).tolist()):
+        handle = model.model.decoder.register_forward_hook(lambda m, a, o: calls.append(dict(engine.state.keep)))
+        try:
+            model.generate(prompt, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=1)
+        finally:
+            handle.remove()
+    assert len(calls) == 4  # the prefill and three decode steps
+    for key, first in calls[0].items():
+        for step in calls[1:]:
+            assert step[key].shape[1] == 1 and (step[key][:, 0] == first[:, -1]).all(), key
+    skipped, tokens = engine.meter.counts("neurons")
+    assert tokens[0] == 4 + 6 + 2 * 3 and sum(skipped) == sum(tokens) * F // 2
+    with engine.applied(), pytest.raises(HarnessError, match="first forward call"):  # no prefill in this engine
+        out = model(input_ids=prompt[:, :1], use_cache=True)
+        engine._request_keep = {("heads", 0): torch.ones(1, H, dtype=torch.bool)}
+        model(input_ids=prompt[:, 1:2], past_key_values=out.past_key_values, use_cache=True)
 
 
 def test_padding_tokens_are_not_counted():

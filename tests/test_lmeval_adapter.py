@@ -82,6 +82,54 @@ def test_batching_and_padding_do_not_change_answers(model, lm, scope):
     assert abs(alone - batched[0]) < 1e-4
 
 
+def test_request_scope_continuations_of_one_context_get_the_same_mask(model, lm):
+    """lm-eval scores each choice on (context + choice)[:-1]: under request scope every choice must be scored
+    under the mask of the context's last token, not one chosen from its own continuation."""
+    context = "The cat sat on the"
+    pairs = [(context, " mat"), (context, " warm red blanket by the fire")]
+    seen = []
+    hook = model.model.decoder.register_forward_hook(lambda m, a, o: seen.append(dict(engine.state.keep)))
+    try:
+        engine = random_engine(model, scope="token")
+        with engine.applied():
+            ll(lm, pairs)
+        token_masks = seen.pop()
+        engine = random_engine(model, scope="request")
+        with engine.applied():
+            ll(lm, pairs)
+        request_masks = seen.pop()
+    finally:
+        hook.remove()
+    last_context = len(lm.tok_encode(context)) - 1
+    for key, keep in request_masks.items():
+        assert keep.shape[0] == 2
+        expected = token_masks[key][0, last_context]
+        assert (token_masks[key][1, last_context] == expected).all()  # the same token at the same position
+        assert (keep[0] == expected).all() and (keep[1] == expected).all(), key
+
+
+def test_request_scope_rolling_windows_take_the_mask_of_their_context(model, lm):
+    """loglikelihood_rolling scores a whole text; its first window's context is lm-eval's prefix token alone, so
+    the request's mask is the one chosen at that token, never at a token being scored."""
+    seen = []
+    hook = model.model.decoder.register_forward_hook(lambda m, a, o: seen.append(dict(engine.state.keep)))
+    request = [Instance("loglikelihood_rolling", {}, ("The quick brown fox jumps over the lazy dog",), 0)]
+    try:
+        engine = random_engine(model, scope="token")
+        with engine.applied():
+            lm.loglikelihood_rolling(request, disable_tqdm=True)
+        token_masks = seen.pop()
+        engine = random_engine(model, scope="request")
+        with engine.applied():
+            lm.loglikelihood_rolling(request, disable_tqdm=True)
+        request_masks = seen.pop()
+    finally:
+        hook.remove()
+    for key, keep in request_masks.items():
+        assert (keep[0] == token_masks[key][0, 0]).all(), key
+        assert not (token_masks[key][0] == token_masks[key][0, 0]).all()  # token masks do differ along the text
+
+
 def test_padding_is_not_counted_as_tokens(model, lm, tokenizer):
     engine = random_engine(model)
     with engine.applied():
@@ -91,7 +139,8 @@ def test_padding_is_not_counted_as_tokens(model, lm, tokenizer):
     assert tokens[0] == real  # each row scored on its real tokens only (inputs drop the last token)
 
 
-def test_generate_until_with_the_kv_cache(model, lm):
+@pytest.mark.parametrize("scope", ["token", "request"])
+def test_generate_until_with_the_kv_cache(model, lm, scope):
     requests = [Instance("generate_until", {}, ("Once upon a time", {"until": ["\n\n"], "max_gen_toks": 6,
                                                                    "do_sample": False}), 0),
                 Instance("generate_until", {}, ("A much longer prompt, so that the batch is left-padded", {
@@ -99,7 +148,7 @@ def test_generate_until_with_the_kv_cache(model, lm):
     unmasked = lm.generate_until(requests, disable_tqdm=True)
     with MaskedEngine(model, None, Allocation()).applied():
         dense = lm.generate_until(requests, disable_tqdm=True)
-    engine = random_engine(model)
+    engine = random_engine(model, scope=scope)
     with engine.applied():
         sparse = lm.generate_until(requests, disable_tqdm=True)
     assert dense == unmasked

@@ -13,7 +13,8 @@ pytest.importorskip("lm_eval")
 
 from harness.data import DataDir  # noqa: E402
 from harness.lmeval import ZERO_SHOT, task_manager  # noqa: E402
-from harness.lmeval_data import CONVERTERS, rows, split_hellaswag_ctx  # noqa: E402
+from harness.lmeval_data import (CONVERTERS, HOLDOUT, calibration_rows, evaluation_rows, held_out, rows,  # noqa: E402
+                                 split_hellaswag_ctx)
 
 # docs compared per task (None = all); the big ones use a prefix to keep the test fast
 LIMITS = {"piqa": None, "copa": None, "openbookqa": None, "winogrande": None, "rte": None,
@@ -59,10 +60,10 @@ def requests_of(task, limit):
     return out, targets
 
 
-@pytest.mark.parametrize("name", sorted(ZERO_SHOT))
+@pytest.mark.parametrize("name", sorted(n for n, t in ZERO_SHOT.items() if t.local_task))
 def test_offline_task_builds_lm_evals_requests(name, manager, data_root):
     spec = ZERO_SHOT[name]
-    converted = rows(spec.converter, data_root)
+    converted = evaluation_rows(spec.converter, data_root)
     ours = manager.load([spec.local_task])["tasks"][spec.local_task]
     theirs = original_task(manager, spec.lm_eval_task, converted)
     assert ours.OUTPUT_TYPE == theirs.OUTPUT_TYPE
@@ -76,8 +77,31 @@ def test_offline_task_builds_lm_evals_requests(name, manager, data_root):
     assert len(list(ours.eval_docs)) == len(converted)
 
 
+def test_calibration_documents_are_never_evaluated(data_root):
+    """Offline, the documents lent to calibration are left out of the evaluated split, deterministically."""
+    for name in CONVERTERS:
+        everything = rows(name, data_root)
+        evaluated = evaluation_rows(name, data_root)
+        lent = calibration_rows(name, data_root)
+        if name in HOLDOUT:
+            assert len(lent[0]) == HOLDOUT[name] and len(evaluated) == len(everything) - HOLDOUT[name]
+            keys = {repr(sorted(r.items())) for r in evaluated}
+            assert not any(repr(sorted(r.items())) in keys for r in lent[0])
+            assert held_out(name, list(reversed(everything))) == sorted(len(everything) - 1 - i
+                                                                        for i in held_out(name, everything))
+        else:
+            assert evaluated == everything
+    docs, where = calibration_rows("openbookqa", data_root)
+    assert len(docs) == 500 and "dev" in where  # a split of its own
+    test_ids = {r["id"] for r in rows("openbookqa", data_root)}
+    assert not test_ids & {r["id"] for r in docs}
+    assert calibration_rows("copa", data_root) is None and calibration_rows("rte", data_root) is None
+
+
 def test_every_converter_has_a_task():
-    assert {t.converter for t in ZERO_SHOT.values()} == set(CONVERTERS)
+    assert {t.converter for t in ZERO_SHOT.values() if t.local_task} == set(CONVERTERS)
+    hub_only = {n for n, t in ZERO_SHOT.items() if t.local_task is None}
+    assert hub_only == {"cb", "c4_lmeval"}  # lm-eval's own tasks on data the data directory has no copy of
 
 
 def test_local_copies_have_the_published_sizes(data_root):
