@@ -227,12 +227,23 @@ class MaskedEngine:
                         handles.append(layer.self_attn.out_proj.register_forward_pre_hook(self._mask_heads(index)))
                     if self.active("neurons"):
                         handles.append(layer.fc2.register_forward_pre_hook(self._mask_neurons(index)))
+                self._warm_up()
             yield self
         finally:
             for handle in handles:
                 handle.remove()
             if self.state is not None:  # keep the last call's masks for inspection, drop activations
                 self.state.captures = {}
+
+    def _warm_up(self) -> None:
+        """Compile the GPU selection kernel for this model's rows before the first forward is timed."""
+        from harness import selection
+
+        param = next(self.model.parameters())
+        widths = [self.sizes[unit] for unit in self.sizes if self.active(unit)]
+        if self.allocation.mode == "global":
+            widths = [self.sizes[unit] * self.num_layers for unit in self.sizes if self.active(unit)]
+        selection.warm_up(widths, param.dtype, param.device)
 
     # -- hooks ---------------------------------------------------------------------------------------
     def _begin(self, module, args, kwargs):
