@@ -158,7 +158,7 @@ def test_a_file_not_in_the_manifest_is_refused(data_copy, tmp_path):
     lines = manifest.read_text().splitlines()
     manifest.unlink()
     manifest.write_text("".join(line + "\n" for line in lines if not line.startswith("ptb/ptb.test.txt")))
-    result, work = run(tmp_path, "--tasks", "ptb", "--data-dir", data_copy)
+    result, work = run(tmp_path, "--tasks", "ptb_new", "--data-dir", data_copy)
     refused(result, "ptb.test.txt is not listed in", "--no-verify", nothing_in=work)
 
 
