@@ -166,7 +166,7 @@ def lowest_k_mask(scores: torch.Tensor, skip: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     from harness import selection
 
-    if selection.available(scores):  # half-precision rows on a GPU: one Triton launch
+    if selection.enabled() and selection.available(scores):  # opt-in: one Triton launch (harness/selection.py)
         return selection.lowest_k_keep(scores, skip)
     values = scores.float()
     threshold = values.kthvalue(skip, dim=-1, keepdim=True).values
