@@ -26,25 +26,18 @@ def enabled() -> bool:
 def available(scores: torch.Tensor) -> bool:
     if not scores.is_cuda or scores.dtype not in (torch.float16, torch.bfloat16) or scores.shape[-1] > MAX_ROW:
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton is not None
 
 
-_KERNEL = None
-
-
-def _kernel():
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
+try:  # Triton is optional (the [gpu] extra); without it the engine uses the torch form
     import triton
     import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
 
+if triton is not None:
     @triton.jit
-    def lowest_k_keep(scores_ptr, keep_ptr, n, skip, BLOCK: tl.constexpr):
+    def _lowest_k_keep_kernel(scores_ptr, keep_ptr, n, skip, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offsets = tl.arange(0, BLOCK)
         inside = offsets < n
@@ -70,20 +63,15 @@ def _kernel():
         skipped = below | (tied & (from_end <= missing))
         tl.store(keep_ptr + row * n + offsets, (~skipped).to(tl.int8), mask=inside)
 
-    _KERNEL = lowest_k_keep
-    return _KERNEL
-
 
 def lowest_k_keep(scores: torch.Tensor, skip: int) -> torch.Tensor:
     """Keep-mask (same shape, bool) with exactly `skip` of each row's lowest scores False; 0 < skip < n."""
-    import triton
-
     n = scores.shape[-1]
     rows = scores.reshape(-1, n).contiguous()
     keep = torch.empty(rows.shape, dtype=torch.int8, device=scores.device)
     block = triton.next_power_of_2(n)
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    _kernel()[(rows.shape[0],)](rows, keep, n, skip, BLOCK=block, num_warps=warps)
+    _lowest_k_keep_kernel[(rows.shape[0],)](rows, keep, n, skip, BLOCK=block, num_warps=warps)
     return keep.view(torch.bool).view(scores.shape)
 
 
