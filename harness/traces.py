@@ -57,6 +57,18 @@ def calibration_tokens(run_config) -> int:
     return run_config.calib_samples * run_config.calib_seqlen
 
 
+def kept_tokens(model_config, run_config) -> int:
+    """How many calibration tokens the run's budget keeps for this model (estimated from the config alone)."""
+    return budget_tokens(model_config, calibration_tokens(run_config), run_config.calib_budget_gb)
+
+
+def run_dtype(run_config) -> str:
+    """The dtype name the run's model will have (auto: fp16 on a GPU, fp32 on the CPU)."""
+    from harness.models import dtype_name, resolve_device, resolve_dtype
+
+    return dtype_name(resolve_dtype(run_config.dtype, resolve_device(run_config.device)))
+
+
 def store_bytes(dtype: str) -> int:
     """Bytes per stored predictor parameter: half-precision models keep their predictors in their dtype."""
     return 2 if dtype in ("float16", "bfloat16") else 4
@@ -65,7 +77,7 @@ def store_bytes(dtype: str) -> int:
 def trace_need(model_config, run_config):
     from harness.footprint import Need
 
-    tokens = budget_tokens(model_config, calibration_tokens(run_config), run_config.calib_budget_gb)
+    tokens = kept_tokens(model_config, run_config)
     size = tokens * trace_bytes_per_token(model_config)
     d, f = model_config.hidden_size, model_config.ffn_dim
     return Need(f"traces ({tokens} tokens)", host=size, disk=size, gpu=BATCH_TOKENS * (16 * d + 4 * f))
@@ -75,7 +87,7 @@ def score_need(model_config, run_config, criterion: str):
     """Per-token scores of the traced tokens; building them takes one forward-backward per example."""
     from harness.footprint import Need
 
-    tokens = budget_tokens(model_config, calibration_tokens(run_config), run_config.calib_budget_gb)
+    tokens = kept_tokens(model_config, run_config)
     size = tokens * score_bytes_per_token(model_config)
     return Need(f"{criterion} scores ({tokens} tokens)", host=size, disk=size,
                 gpu=backward_bytes(model_config, run_config.calib_seqlen), settings="calib_budget_gb,calib_seqlen")

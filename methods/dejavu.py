@@ -77,14 +77,13 @@ class DejaVu(Method):
 
     def footprint(self, model_config, run_config, allocation, seed):
         from harness.footprint import Need, predictor_training_gpu
-        from harness.models import dtype_name, resolve_device, resolve_dtype
-        from harness.traces import budget_tokens, calibration_tokens, store_bytes, trace_need
+        from harness.traces import kept_tokens, run_dtype, store_bytes, trace_need
 
         hp = self.hp()
-        dtype = dtype_name(resolve_dtype(run_config.dtype, resolve_device(run_config.device)))
+        dtype = run_dtype(run_config)
         layers = model_config.num_hidden_layers - len(set(allocation.dense_layers))
         d, h = model_config.hidden_size, hp["hidden"]
-        tokens = budget_tokens(model_config, calibration_tokens(run_config), run_config.calib_budget_gb)
+        tokens = kept_tokens(model_config, run_config)
         needs = {("traces",): trace_need(model_config, run_config)}
         for unit, fraction, out in (("attn", allocation.heads, model_config.num_attention_heads),
                                     ("mlp", allocation.neurons, model_config.ffn_dim)):

@@ -139,15 +139,14 @@ class Shadow(Method):
 
     def footprint(self, model_config, run_config, allocation, seed):
         from harness.footprint import Need, predictor_training_gpu
-        from harness.models import dtype_name, resolve_device, resolve_dtype
-        from harness.traces import (budget_tokens, calibration_tokens, score_bytes_per_token, score_need, store_bytes,
+        from harness.traces import (kept_tokens, run_dtype, score_bytes_per_token, score_need, store_bytes,
                                     trace_need)
 
         hp = self.hp()
-        dtype = dtype_name(resolve_dtype(run_config.dtype, resolve_device(run_config.device)))
+        dtype = run_dtype(run_config)
         d, h = model_config.hidden_size, hp["hidden"]
         outputs = model_config.num_hidden_layers * (model_config.num_attention_heads + model_config.ffn_dim)
-        tokens = budget_tokens(model_config, calibration_tokens(run_config), run_config.calib_budget_gb)
+        tokens = kept_tokens(model_config, run_config)
         params = d * h + h + h * outputs + outputs
         gpu = predictor_training_gpu(params, hp["batch_size"] * (h + 3 * outputs) * 4,
                                      tokens * (score_bytes_per_token(model_config) + 2 * d))
