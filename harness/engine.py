@@ -120,7 +120,9 @@ class SparsityMeter:
     def add(self, unit: str, layer: int, keep: torch.Tensor | None, valid: torch.Tensor) -> None:
         self.tokens[unit][layer] = self.tokens[unit][layer] + valid.sum()
         if keep is not None:
-            self.skipped[unit][layer] = self.skipped[unit][layer] + ((~keep).sum(-1) * valid).sum()
+            # skipped per token without materialising ~keep (keep may be a broadcast view of one static mask)
+            skipped = self.sizes[unit] - keep.sum(-1)
+            self.skipped[unit][layer] = self.skipped[unit][layer] + (skipped * valid).sum()
 
     def counts(self, unit: str) -> tuple[list[int], list[int]]:
         """(skipped units, valid tokens) per layer."""
@@ -293,10 +295,10 @@ class MaskedEngine:
                 return None
             keep = keep.to(heads.device)  # sharded models: scores may come from another layer's device
             self.state.keep[("heads", index)] = keep
-            out = heads * keep.unsqueeze(-1).to(heads.dtype)
+            out = heads * keep.unsqueeze(-1)  # one pass: a bool factor promotes to the activations' dtype
             replacement = self._replacement(index, heads)
             if replacement is not None:
-                out = out + (~keep).unsqueeze(-1).to(heads.dtype) * replacement
+                out = out + (~keep).unsqueeze(-1) * replacement
             return (out.reshape(x.shape),)
         return hook
 
@@ -310,7 +312,7 @@ class MaskedEngine:
                 return None
             keep = keep.to(act.device)  # sharded models: scores may come from another layer's device
             self.state.keep[("neurons", index)] = keep
-            return ((act * keep.to(act.dtype)).view(x.shape),)
+            return ((act * keep).view(x.shape),)  # one pass, no float copy of the mask
         return hook
 
     # -- scores to masks -----------------------------------------------------------------------------
@@ -348,7 +350,8 @@ class MaskedEngine:
             chosen = request_mask(keep, self.state.context_end.to(keep.device))
             self._request_keep[(unit, layer)] = chosen
             keep = chosen.unsqueeze(1).expand_as(keep)
-        self.meter.add(unit, layer, keep, valid)
+        # a broadcast mask (static, or one request's) is counted on its base, not over every token
+        self.meter.add(unit, layer, keep[:, :1] if keep.stride(1) == 0 else keep, valid)
         return keep
 
     def _continued(self, unit: str, layer: int) -> torch.Tensor | None:

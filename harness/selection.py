@@ -1,14 +1,17 @@
 """Exact lowest-k selection of half-precision score rows in one Triton launch (the masked engine on a GPU).
 
-One program per row holds the row's 16-bit scores as order-preserving keys, finds the key of the `skip`-th
-smallest by two 256-bin histograms (high byte, then low byte among the keys of the chosen high byte), and
-writes the keep mask: keys below the threshold are skipped, and among keys equal to it the highest indices
-(the kept ties are the lowest indices, as in `lowest_k_mask` and the decode engine). At (2048, 20480) this
-reads the scores once and writes the mask once, where torch's kthvalue and the tie bookkeeping take ~2 ms a
-layer on an H200. `harness.engine.lowest_k_mask` uses it for fp16/bf16 rows on CUDA when Triton is installed and
-HARNESS_SELECT=triton is set. It is opt-in because on the H200 (results/reports/acceptance-h200.md) one call
-measured 1.40 ms against 2.34 ms for the kthvalue form, yet Deja Vu's evaluation ran at 0.16× of a plain forward
-with it against 0.37× with kthvalue: the cost it adds inside the engine is not understood yet.
+One program per row holds the row's 16-bit scores in registers as order-preserving integer keys (two
+power-of-two blocks, so a 20480-wide row pads nothing), finds the key of the `skip`-th smallest by a 16-step
+bisection on the key's bits (each step one count of the keys below a candidate), and writes the keep mask:
+keys below the threshold are skipped, and among keys equal to it the highest indices (the kept ties are the
+lowest indices, as in `lowest_k_mask` and the decode engine), found by a second bisection on the index only
+when the ties outnumber the units still to skip. It reads the scores once and writes the mask once; no
+histogram, so its cost does not depend on how the scores are distributed. (An earlier kernel built two
+256-bin histograms per row; on trained predictors' narrow score ranges its bins collided and Deja Vu ran at
+0.16x of a plain forward, results/reports/acceptance-h200.md run 3.)
+
+`harness.engine.lowest_k_mask` uses it for fp16/bf16 rows on CUDA when Triton is installed; HARNESS_SELECT=torch
+selects the torch form (kthvalue) instead.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ MAX_ROW = 65536
 
 
 def enabled() -> bool:
-    return os.environ.get("HARNESS_SELECT", "") == "triton"
+    return os.environ.get("HARNESS_SELECT", "triton") != "torch"
 
 
 def available(scores: torch.Tensor) -> bool:
@@ -37,41 +40,67 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 if triton is not None:
     @triton.jit
-    def _lowest_k_keep_kernel(scores_ptr, keep_ptr, n, skip, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        offsets = tl.arange(0, BLOCK)
+    def _keys(row_ptr, start, n, BLOCK: tl.constexpr):
+        """Order-preserving 16-bit unsigned keys of scores[start : start + BLOCK] (padding: 0x10000, after all)."""
+        offsets = start + tl.arange(0, BLOCK)
         inside = offsets < n
-        bits = tl.load(scores_ptr + row * n + offsets, mask=inside, other=0).to(tl.int16, bitcast=True)
-        raw = bits.to(tl.int32) & 0xFFFF
-        # order-preserving unsigned keys: negatives flipped whole, positives with the sign bit set
-        key = tl.where((raw & 0x8000) != 0, (~raw) & 0xFFFF, raw | 0x8000)
+        raw = tl.load(row_ptr + offsets, mask=inside, other=0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        key = tl.where((raw & 0x8000) != 0, (~raw) & 0xFFFF, raw | 0x8000)  # negatives flipped whole
         key = tl.where(raw == 0x8000, 0x8000, key)  # -0.0 ties with +0.0
-        key = tl.where(inside, key, 0x10000)  # padding sorts after every score
-        bins = tl.arange(0, 512)
-        high = tl.histogram(key >> 8, 512)
-        below_high = tl.cumsum(high, axis=0) - high  # keys whose high byte is below each bin
-        chosen_high = tl.sum(((below_high + high) < skip).to(tl.int32), axis=0)
-        before = tl.sum(tl.where(bins < chosen_high, high, 0), axis=0)
-        low = tl.histogram(tl.where((key >> 8) == chosen_high, key & 0xFF, 511), 512)
-        low = tl.where(bins < 256, low, 0)
-        chosen_low = tl.sum(((tl.cumsum(low, axis=0) + before) < skip).to(tl.int32), axis=0)
-        threshold = chosen_high * 256 + chosen_low
-        below = key < threshold
-        tied = key == threshold
-        missing = skip - tl.sum(below.to(tl.int32), axis=0)
-        from_end = tl.cumsum(tied.to(tl.int32), axis=0, reverse=True)
-        skipped = below | (tied & (from_end <= missing))
-        tl.store(keep_ptr + row * n + offsets, (~skipped).to(tl.int8), mask=inside)
+        return tl.where(inside, key, 0x10000), offsets, inside
+
+    @triton.jit
+    def _count(a, b):
+        return tl.sum(a.to(tl.int32), axis=0) + tl.sum(b.to(tl.int32), axis=0)
+
+    @triton.jit
+    def _lowest_k_keep_kernel(scores_ptr, keep_ptr, n, stride, skip, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                              INDEX_BITS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        key_a, off_a, in_a = _keys(scores_ptr + row * stride, 0, n, BLOCK_A)
+        key_b, off_b, in_b = _keys(scores_ptr + row * stride, BLOCK_A, n, BLOCK_B)
+        # the skip-th smallest key, bit by bit: the largest t with count(key < t) < skip
+        threshold = skip * 0
+        for bit in tl.static_range(16):
+            candidate = threshold | (1 << (15 - bit))
+            below = _count(key_a < candidate, key_b < candidate)
+            threshold = tl.where(below < skip, candidate, threshold)
+        tied_a, tied_b = key_a == threshold, key_b == threshold
+        missing = skip - _count(key_a < threshold, key_b < threshold)  # ties to skip (>= 1)
+        # skip the `missing` tied units of highest index: those at or after the smallest cut with
+        # count(tied at index >= cut) <= missing (the largest `last` with a count above it, plus one)
+        last = skip * 0 - 1
+        if _count(tied_a, tied_b) > missing:
+            last = skip * 0
+            for bit in tl.static_range(INDEX_BITS):
+                candidate = last | (1 << (INDEX_BITS - 1 - bit))
+                after = _count(tied_a & (off_a >= candidate), tied_b & (off_b >= candidate))
+                last = tl.where(after > missing, candidate, last)
+        cut = last + 1
+        keep_a = ~((key_a < threshold) | (tied_a & (off_a >= cut)))
+        keep_b = ~((key_b < threshold) | (tied_b & (off_b >= cut)))
+        tl.store(keep_ptr + row * n + off_a, keep_a.to(tl.int8), mask=in_a)
+        tl.store(keep_ptr + row * n + off_b, keep_b.to(tl.int8), mask=in_b)
 
 
-def lowest_k_keep(scores: torch.Tensor, skip: int) -> torch.Tensor:
+def blocks(n: int) -> tuple[int, int]:
+    """Two power-of-two blocks covering n with little padding: the largest power of two <= n, then the rest."""
+    first = 1 << (n.bit_length() - 1)
+    rest = n - first
+    return first, max(16, triton.next_power_of_2(rest)) if rest else 16
+
+
+def lowest_k_keep(scores: torch.Tensor, skip: int, num_warps: int | None = None) -> torch.Tensor:
     """Keep-mask (same shape, bool) with exactly `skip` of each row's lowest scores False; 0 < skip < n."""
     n = scores.shape[-1]
-    rows = scores.reshape(-1, n).contiguous()
+    rows = scores.reshape(-1, n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
     keep = torch.empty(rows.shape, dtype=torch.int8, device=scores.device)
-    block = triton.next_power_of_2(n)
-    warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    _lowest_k_keep_kernel[(rows.shape[0],)](rows, keep, n, skip, BLOCK=block, num_warps=warps)
+    block_a, block_b = blocks(n)
+    warps = num_warps or (1 if n <= 256 else 4 if n <= 4096 else 8 if n <= 16384 else 16)
+    _lowest_k_keep_kernel[(rows.shape[0],)](rows, keep, n, rows.stride(0), skip, BLOCK_A=block_a, BLOCK_B=block_b,
+                                            INDEX_BITS=max(1, (n - 1).bit_length()), num_warps=warps)
     return keep.view(torch.bool).view(scores.shape)
 
 

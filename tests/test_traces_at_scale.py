@@ -224,3 +224,12 @@ def test_triton_selection_equals_lowest_k_mask_with_ties_and_signed_zeros(dtype)
         scores[..., ::7] = 0.5  # ties at the threshold
         scores[..., 3], scores[..., 4] = -0.0, 0.0
         assert torch.equal(lowest_k_keep(scores, skip), lowest_k_mask(scores.float(), skip)), (shape, skip)
+    tied = torch.full((2, 40), 1.5, dtype=dtype)  # one value: the skipped units are the highest indices
+    assert torch.equal(lowest_k_keep(tied, 25), torch.arange(40).expand(2, 40) < 15)
+    wide = torch.randn(3, 2, 90).to(dtype)  # rows that are a strided view (e.g. one layer's slice of a wider output)
+    wide[0, 0, 20:30] = float("inf")
+    wide[1, 1, 40:50] = float("-inf")
+    view = wide[..., 17:77]
+    assert view.reshape(-1, 60).stride(0) == 90
+    for skip in (1, 30, 59):
+        assert torch.equal(lowest_k_keep(view, skip), lowest_k_mask(view.float(), skip)), skip

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 WINDOW = 2048
+#: methods also evaluated with the torch selection (HARNESS_SELECT=torch) beside the default Triton kernel
+SELECTION_COMPARED = ("dejavu", "random", "shadow")
 
 
 def log(message: str) -> None:
@@ -70,24 +72,19 @@ def cache_sizes(root: Path) -> dict:
 
 
 def mask_selection_ms() -> dict:
-    """torch.topk (the engine's old selection) against lowest_k_mask on (2048, 20480) fp16 scores, skip half."""
+    """One selection of (2048, 20480) fp16 scores, skip half: torch.topk (the engine's first form), the kthvalue
+    form (HARNESS_SELECT=torch) and the Triton kernel, on spread scores and on a narrow range with many ties
+    (what trained predictors give), with the masks compared."""
+    from harness import selection
     from harness.engine import lowest_k_mask
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    scores = torch.randn(1, 2048, 20480, device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    spread = torch.randn(1, 2048, 20480, device=device).to(dtype)
+    narrow = (3 + 0.01 * torch.randn(1, 2048, 20480, device=device)).to(dtype)
     skip = 10240
 
-    def old():
-        keep = torch.ones_like(scores, dtype=torch.bool)
-        keep.scatter_(-1, torch.topk(scores.float(), skip, dim=-1, largest=False).indices, False)
-        return keep
-
-    out = {}
-    def kthvalue():  # the torch form lowest_k_mask takes off the GPU
-        return lowest_k_mask(scores.float().cpu() if not scores.is_cuda else scores.float(), skip)
-
-    for name, fn in (("torch.topk", old), ("lowest_k_mask (Triton on GPU)", lambda: lowest_k_mask(scores, skip)),
-                     ("kthvalue form (float32 rows)", kthvalue)):
+    def timed(fn):
         fn()
         sync()
         times = []
@@ -96,8 +93,30 @@ def mask_selection_ms() -> dict:
             fn()
             sync()
             times.append(time.perf_counter() - start)
-        out[name] = sorted(times)[len(times) // 2] * 1e3
-    out["Triton mask == kthvalue form (fp16 ties included)"] = bool(torch.equal(lowest_k_mask(scores, skip), kthvalue()))
+        return sorted(times)[len(times) // 2] * 1e3
+
+    def torch_form(scores):
+        os.environ["HARNESS_SELECT"] = "torch"
+        try:
+            return lowest_k_mask(scores, skip)
+        finally:
+            os.environ.pop("HARNESS_SELECT")
+
+    out = {}
+    for label, scores in (("spread", spread), ("narrow", narrow)):
+        def old(scores=scores):
+            keep = torch.ones_like(scores, dtype=torch.bool)
+            keep.scatter_(-1, torch.topk(scores.float(), skip, dim=-1, largest=False).indices, False)
+            return keep
+
+        out[f"{label}: torch.topk"] = timed(old)
+        out[f"{label}: kthvalue form"] = timed(lambda scores=scores: torch_form(scores))
+        if selection.available(scores):
+            for warps in (4, 8, 16):
+                out[f"{label}: Triton, {warps} warps"] = timed(
+                    lambda scores=scores, warps=warps: selection.lowest_k_keep(scores, skip, num_warps=warps))
+            out[f"{label}: Triton == kthvalue form"] = bool(torch.equal(selection.lowest_k_keep(scores, skip),
+                                                                        torch_form(scores)))
     return out
 
 
@@ -170,6 +189,8 @@ def main(argv=None) -> None:
     report: dict = {"model": args.model, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "windows": args.windows,
                     "sparsity": args.sparsity, "calib_budget_gb": config.calib_budget_gb,
                     "calib": f"{config.calib_samples} x {config.calib_seqlen} tokens of {config.calib_data}"}
+    report["mask_selection_ms"] = mask_selection_ms()  # first: a broken kernel shows before the model is built
+    log(f"mask selection: {report['mask_selection_ms']}")
     report["estimate"] = check_run(config, jobs, spec, cache_dir)
     log(f"fit estimate: {report['estimate']}")
     session = Session(config, data, ArtefactCache(cache_dir, log=log), log=log)
@@ -214,13 +235,26 @@ def main(argv=None) -> None:
                      "achieved_neurons": record["achieved_neurons"], "eval_peak_gpu_gb": record["peak_gpu_gb"],
                      "calib_tokens": record.get("calib_tokens")})
         log(f"{job.method}: fit {fit_s:.1f} s, {rows[-1]['tokens_per_s']:.0f} tokens/s, ppl {record['value']:.1f}")
+    for job in jobs:  # the same jobs with the torch selection (HARNESS_SELECT=torch), side by side
+        if torch.cuda.is_available() and MethodSpec.parse(job.method).name in SELECTION_COMPARED:
+            os.environ["HARNESS_SELECT"] = "torch"
+            try:
+                record = execute_job(session, job)["records"][0]
+            finally:
+                os.environ.pop("HARNESS_SELECT")
+            rows.append({"method": f"{job.method} [torch selection]", "fit_s": float("nan"), "fit_peak_gpu_gb": 0.0,
+                         "eval_s": record["timings"]["eval_s"],
+                         "tokens_per_s": record["n"] * record["seqlen"] / record["timings"]["eval_s"],
+                         "ppl": record["value"], "achieved_heads": record["achieved_heads"],
+                         "achieved_neurons": record["achieved_neurons"], "eval_peak_gpu_gb": record["peak_gpu_gb"],
+                         "calib_tokens": record.get("calib_tokens")})
+            log(f"{rows[-1]['method']}: {rows[-1]['tokens_per_s']:.0f} tokens/s, ppl {record['value']:.1f}")
     report["plain_hf_after"] = plain_hf_tokens_per_s(model, ids, args.windows)
     plain = (report["plain_hf_before"] + report["plain_hf_after"]) / 2
     for row in rows:
         row["vs_plain_hf"] = row["tokens_per_s"] / plain
     report["perplexity"] = rows
     report["cache_gb"] = cache_sizes(cache_dir)
-    report["mask_selection_ms"] = mask_selection_ms()
 
     if not args.no_profile:
         report["profiles"] = {}
@@ -274,7 +308,8 @@ def zero_shot(session, args, started, out) -> dict:
         seconds = time.perf_counter() - clock
         n = res.get("n-samples", {}).get(ZERO_SHOT[task].local_task, {}).get("effective")
         result["lm_eval_hf"][task] = {"s": seconds, "n": n}
-    for job in expand_jobs(config, {}):
+    order = {task: i for i, task in enumerate(tasks)}  # task by task, so a cut budget leaves every method some tasks
+    for job in sorted(expand_jobs(config, {}), key=lambda job: order[job.task]):
         if not in_time():
             result["not_run"].append(f"{job.method} {job.task}")
             continue
@@ -304,7 +339,7 @@ def render(report: dict) -> str:
     cache = report["cache_gb"]
     lines += ["", f"Artefact cache on disk: {sum(cache.values()):.2f} GiB in all; "
               + ", ".join(f"{k} {v:.2f}" for k, v in cache.items()) + " GiB.", "",
-              "Mask selection of (2048, 20480) fp16 scores, skip 10240: "
+              "Mask selection of (2048, 20480) fp16 scores, skip 10240 (medians of 10): "
               + ", ".join(f"{k} {v:.2f} ms" if not isinstance(v, bool) else f"{k}: {v}"
                          for k, v in report["mask_selection_ms"].items()) + "."]
     for label, rows in report.get("profiles", {}).items():
