@@ -117,9 +117,14 @@ class SparsityMeter:
         self.skipped = {unit: [0] * num_layers for unit in sizes}
         self.tokens = {unit: [0] * num_layers for unit in sizes}
 
-    def add(self, unit: str, layer: int, keep: torch.Tensor | None, valid: torch.Tensor) -> None:
-        self.tokens[unit][layer] = self.tokens[unit][layer] + valid.sum()
-        if keep is not None:
+    def add(self, unit: str, layer: int, keep: torch.Tensor | None, valid: torch.Tensor, exact: int | None = None) -> None:
+        """Count one call. `exact`: every token skips exactly this many (a `lowest_k_mask` selection), so the
+        mask need not be read again."""
+        count = valid.sum()
+        self.tokens[unit][layer] = self.tokens[unit][layer] + count
+        if exact is not None:
+            self.skipped[unit][layer] = self.skipped[unit][layer] + exact * count
+        elif keep is not None:
             # skipped per token without materialising ~keep (keep may be a broadcast view of one static mask)
             skipped = self.sizes[unit] - keep.sum(-1)
             self.skipped[unit][layer] = self.skipped[unit][layer] + (skipped * valid).sum()
@@ -326,6 +331,7 @@ class MaskedEngine:
             keep = self._continued(unit, layer)  # a decode step: the request's mask, chosen at its context
             self.meter.add(unit, layer, keep, valid if keep is None else valid.to(keep.device))
             return keep
+        exact = None
         if self.allocation.mode == "global":
             # planned once per forward, at the first sparsifiable layer: the policy may use what earlier
             # (dense) layers computed in this forward, e.g. ShadowLLM's layer-0 attention output
@@ -345,13 +351,13 @@ class MaskedEngine:
                 keep = self._fixed[key].expand(scores.shape)
             else:
                 keep = lowest_k_mask(scores, self.skip_count(unit))
+            exact = self.skip_count(unit)  # lowest_k_mask skips exactly this many a row (tested): not counted again
         valid = valid.to(keep.device)  # sharded models: the forward's state lives on the first device
         if self.allocation.scope == "request":
             chosen = request_mask(keep, self.state.context_end.to(keep.device))
             self._request_keep[(unit, layer)] = chosen
             keep = chosen.unsqueeze(1).expand_as(keep)
-        # a broadcast mask (static, or one request's) is counted on its base, not over every token
-        self.meter.add(unit, layer, keep[:, :1] if keep.stride(1) == 0 else keep, valid)
+        self.meter.add(unit, layer, keep, valid, exact)
         return keep
 
     def _continued(self, unit: str, layer: int) -> torch.Tensor | None:

@@ -141,7 +141,17 @@ def profile_window(session, job, ids) -> list[tuple[str, float]]:
             session.model(input_ids=window, use_cache=False)
             sync()
     rows = [(e.key, e.device_time_total / 1e3) for e in prof.key_averages()]
-    return sorted(rows, key=lambda r: -r[1])[:12]
+    with MaskedEngine(session.model, policy, allocation).applied(), torch.no_grad():
+        issued, total = [], []
+        for _ in range(3):  # when the host returns from the forward call, and when the GPU has finished it
+            sync()
+            start = time.perf_counter()
+            session.model(input_ids=window, use_cache=False)
+            issued.append(time.perf_counter() - start)
+            sync()
+            total.append(time.perf_counter() - start)
+    timing = [("host issue ms (median of 3)", sorted(issued)[1] * 1e3), ("window ms", sorted(total)[1] * 1e3)]
+    return timing + sorted(rows, key=lambda r: -r[1])[:12]
 
 
 def main(argv=None) -> None:
@@ -160,6 +170,10 @@ def main(argv=None) -> None:
     parser.add_argument("--zero-shot-limit", type=int, default=200)
     parser.add_argument("--budget", type=float, default=540.0, help="seconds; the zero-shot part stops in time")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-selection-compare", action="store_true",
+                        help="skip the second evaluation of " + ", ".join(SELECTION_COMPARED) + " with HARNESS_SELECT=torch")
+    parser.add_argument("--profile-methods", default="dejavu,shadow",
+                        help="methods profiled on one window (CUDA time by op, host issue time)")
     parser.add_argument("--no-zero-shot", action="store_true")
     parser.add_argument("--device", default="cuda", help="cpu only to check the script itself")
     args = parser.parse_args(argv)
@@ -236,7 +250,8 @@ def main(argv=None) -> None:
                      "calib_tokens": record.get("calib_tokens")})
         log(f"{job.method}: fit {fit_s:.1f} s, {rows[-1]['tokens_per_s']:.0f} tokens/s, ppl {record['value']:.1f}")
     for job in jobs:  # the same jobs with the torch selection (HARNESS_SELECT=torch), side by side
-        if torch.cuda.is_available() and MethodSpec.parse(job.method).name in SELECTION_COMPARED:
+        if (torch.cuda.is_available() and not args.no_selection_compare
+                and MethodSpec.parse(job.method).name in SELECTION_COMPARED):
             os.environ["HARNESS_SELECT"] = "torch"
             try:
                 record = execute_job(session, job)["records"][0]
@@ -259,7 +274,7 @@ def main(argv=None) -> None:
     if not args.no_profile:
         report["profiles"] = {}
         for job in jobs:
-            if MethodSpec.parse(job.method).name in ("dejavu", "shadow"):
+            if MethodSpec.parse(job.method).name in args.profile_methods.split(","):
                 report["profiles"][job.method] = profile_window(session, job, ids)
 
     report["zero_shot"] = {"error": "not run (--no-zero-shot)"} if args.no_zero_shot else zero_shot(session, args, started, out)
@@ -343,7 +358,7 @@ def render(report: dict) -> str:
               + ", ".join(f"{k} {v:.2f} ms" if not isinstance(v, bool) else f"{k}: {v}"
                          for k, v in report["mask_selection_ms"].items()) + "."]
     for label, rows in report.get("profiles", {}).items():
-        lines += ["", f"CUDA time by op, one window of {label}: "
+        lines += ["", f"One window of {label} (host issue time, window time, then CUDA time by op): "
                   + "; ".join(f"{name} {ms:.1f} ms" for name, ms in rows[:8])]
     zs = report["zero_shot"]
     if "error" in zs:
