@@ -547,30 +547,51 @@ def aggregate_targets(model, examples: Sequence, criteria: Iterable[str] = ALL_C
     return {c: {u: (sums[c][u] / (groups if c in jacov else count)).float() for u in UNITS} for c in criteria}
 
 
-IMPORTANCE_VERSION = 2
+IMPORTANCE_VERSION = 3
+
+#: criteria computed together in one pass over the calibration data, by what their pass costs: the first-order
+#: ones share one backward per example; grasp needs a second backward through the graph (about twice the memory);
+#: jacov needs JACOV_BATCH examples in one backward (its batch is what it measures)
+IMPORTANCE_GROUPS = {
+    "first_order": tuple(c for c in ALL_CRITERIA if c not in ("grasp",) + STATIC_ONLY),
+    "grasp": ("grasp",),
+    "jacov": STATIC_ONLY,
+}
+#: GPU memory of a pass of each group, in backward_bytes of one calibration example (grasp's second backward keeps
+#: the first one's graph; measured on OPT-13B: 8 examples with grasp took 96 GiB over the weights, 1.6x of 8)
+GROUP_BACKWARDS = {"first_order": 1.0, "grasp": 2.0, "jacov": float(JACOV_BATCH)}
 
 
-def fit_importance(ctx):
-    """Aggregated importance of every criterion from one pass over the calibration data, cached.
+def importance_group(criterion: str) -> str:
+    criterion = ALIASES.get(criterion, criterion)
+    return next(group for group, members in IMPORTANCE_GROUPS.items() if criterion in members)
 
-    One artefact (kind `importance`) holds `<criterion>.heads` (L, H) and `<criterion>.neurons` (L, F) for
-    all of ALL_CRITERIA, so every static variant (and any method that ranks by a criterion) shares it.
-    The examples are scored in passes of `importance_batch` (a method setting, default JACOV_BATCH), jacov's
-    batch.
+
+def fit_importance(ctx, criterion: str = "plainact"):
+    """Aggregated importance of `criterion` and the criteria of its group (IMPORTANCE_GROUPS) from one pass
+    over the calibration data, cached.
+
+    One artefact (kind `importance`) per group holds `<criterion>.heads` (L, H) and `<criterion>.neurons` (L, F)
+    for every criterion of the group, so static variants of one group share a pass, and a variant never pays
+    for another group's memory (grasp's double backward, jacov's batch). First-order criteria and grasp are
+    scored one example per pass; jacov in passes of `importance_batch` examples (a method setting, default
+    JACOV_BATCH).
     """
-    batch_size = int(ctx.settings.get("importance_batch", JACOV_BATCH))
-    inputs = {**ctx.base_key(), "criteria": list(ALL_CRITERIA), "version": IMPORTANCE_VERSION,
+    group = importance_group(criterion)
+    criteria = IMPORTANCE_GROUPS[group]
+    batch_size = int(ctx.settings.get("importance_batch", JACOV_BATCH)) if group == "jacov" else 1
+    inputs = {**ctx.base_key(), "criteria": list(criteria), "version": IMPORTANCE_VERSION,
               "criteria_version": CRITERIA_VERSION, "batch": batch_size}
 
     def build():
         ids = ctx.calibration_ids()
-        if ids.shape[0] < 2:
-            raise HarnessError(f"importance needs at least 2 calibration examples (jacov is a property of a batch of "
+        if group == "jacov" and ids.shape[0] < 2:
+            raise HarnessError(f"jacov needs at least 2 calibration examples (it is a property of a batch of "
                                f"examples); got {ids.shape[0]}: raise calib_samples")
-        ctx.log(f"importance: {len(ALL_CRITERIA)} criteria over {ids.shape[0]} calibration examples of {ids.shape[1]} tokens")
-        scores = aggregate(ctx.model, ids, ALL_CRITERIA, batch_size=batch_size)
-        tensors = {f"{c}.{unit}": scores[c][unit] for c in ALL_CRITERIA for unit in UNITS}
-        return tensors, {"criteria": list(ALL_CRITERIA), "examples": int(ids.shape[0]), "tokens": int(ids.numel()),
+        ctx.log(f"importance: {', '.join(criteria)} over {ids.shape[0]} calibration examples of {ids.shape[1]} tokens")
+        scores = aggregate(ctx.model, ids, criteria, batch_size=batch_size)
+        tensors = {f"{c}.{unit}": scores[c][unit] for c in criteria for unit in UNITS}
+        return tensors, {"criteria": list(criteria), "examples": int(ids.shape[0]), "tokens": int(ids.numel()),
                          "batch": batch_size}
 
     return ctx.cache.get_or_build("importance", inputs, build)

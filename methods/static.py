@@ -3,8 +3,8 @@
 `fit` runs one forward-backward pass per calibration example (`ctx.calibration_ids()`: WikiText-2 valid by
 default, `calib_samples` examples of `calib_seqlen` tokens), scores every head and FFN neuron with the
 criteria of methods.criteria and averages the per-token scores over all calibration tokens. The (L, H)
-head and (L, F) neuron scores of every criterion are cached as one `importance` artefact shared by all
-variants; the variant picks its criterion. The policy returns these scores at
+head and (L, F) neuron scores are cached as one `importance` artefact per group of criteria that share a pass
+(the first-order ones; grasp; jacov: methods.criteria.IMPORTANCE_GROUPS); the variant picks its criterion. The policy returns these scores at
 every token, so the engine skips the same lowest-scored units everywhere (per layer with `local`
 allocation, ranked across layers with `global`).
 """
@@ -57,14 +57,22 @@ class Static(Method):
     description = "the same units skipped at every token: importance (variant = criterion) averaged over calibration data"
 
     def fit(self, ctx, allocation):
-        return fit_importance(ctx)  # every criterion from one calibration pass, shared by all variants
+        return fit_importance(ctx, self.variant)  # its group's criteria from one pass, shared by those variants
 
     def footprint(self, model_config, run_config, allocation, seed):
         from harness.footprint import Need
         from harness.traces import backward_bytes
+        from methods.criteria import GROUP_BACKWARDS, JACOV_BATCH, importance_group
 
-        return {("importance",): Need("importance (one forward-backward per example)",
-                                      gpu=backward_bytes(model_config, run_config.calib_seqlen), settings="calib_seqlen")}
+        group = importance_group(self.variant)
+        gpu = GROUP_BACKWARDS[group] * backward_bytes(model_config, run_config.calib_seqlen)
+        settings = "calib_seqlen"
+        if group == "jacov":  # its batch's (F, B, E) Jacobians, and their Gram product, in float32
+            batch = int(self.settings.get("importance_batch", JACOV_BATCH))
+            gpu = gpu / JACOV_BATCH * batch + 2 * 4 * model_config.ffn_dim * batch * model_config.hidden_size
+            settings = "calib_seqlen,importance_batch"
+        return {("importance", group): Need(f"importance ({group}: one forward-backward per pass)", gpu=int(gpu),
+                                            settings=settings)}
 
     def policy(self, ctx, allocation, artefact):
         if artefact is None:

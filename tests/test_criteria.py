@@ -1,5 +1,6 @@
 """Importance criteria (methods/criteria.py) against brute-force autograd references, and the `static` method."""
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -376,7 +377,8 @@ def test_static_fit_is_cached_reused_and_rebuilt_when_corrupt(session, tmp_path)
     assert method.variant == "plainact"
     allocation = Allocation(heads=0.5)
     first = method.fit(ctx, allocation)
-    assert session.cache.builds == 1 and first.meta["tokens"] == 64 and first.meta["batch"] == 8
+    assert session.cache.builds == 1 and first.meta["tokens"] == 64 and first.meta["batch"] == 1
+    assert "grasp" not in first.meta["criteria"] and "jacov" not in first.meta["criteria"]
     ids = ctx.calibration_ids()
     assert ids.shape == (2, 32)
     expected = aggregate(ctx.model, ids, ("plainact",))["plainact"]
@@ -398,15 +400,17 @@ def test_static_fit_is_cached_reused_and_rebuilt_when_corrupt(session, tmp_path)
 
     other = get_method(MethodSpec.parse("static:l2norm")).fit(ctx, allocation)  # same pass, no new build
     assert session.cache.builds == 2 and other.path == first.path
+    jacov = get_method(MethodSpec.parse("static:jacov")).fit(ctx, allocation)  # its own pass, 8 examples a batch
+    assert session.cache.builds == 3 and jacov.meta["criteria"] == ["jacov"] and jacov.meta["batch"] == 8
     ctx.config.calib_seqlen = 16  # any input of the key changes: rebuilt
     try:
-        assert method.fit(ctx, allocation).path != first.path and session.cache.builds == 3
+        assert method.fit(ctx, allocation).path != first.path and session.cache.builds == 4
     finally:
         ctx.config.calib_seqlen = 32
     ctx.config.calib_samples = 1
     try:
-        with pytest.raises(HarnessError, match="at least 2 calibration examples"):
-            method.fit(ctx, allocation)
+        with pytest.raises(HarnessError, match="at least 2 calibration examples"):  # jacov is a batch's property
+            get_method(MethodSpec.parse("static:jacov")).fit(ctx, allocation)
     finally:
         ctx.config.calib_samples = 2
 
@@ -541,3 +545,26 @@ def test_aggregate_targets_means_the_read_scores_and_computes_jacov_at_the_read_
         for j in range(0, FF, 9):
             jac = torch.stack([raw["dW1"][l][t, j] for t, raw in raws])
             assert agg["jacov"]["neurons"][l, j].item() == pytest.approx(jacov_reference(jac), rel=1e-4)
+
+
+def test_static_footprint_is_per_criterion_group_and_jacov_refuses_at_30b():
+    """OPT-30B on a 139 GiB GPU: plainact's one-example backward fits; jacov's 8-example pass does not (exit 2
+    naming the settings), where one pass of every criterion used to run out of memory halfway."""
+    from harness.footprint import GiB, check
+    from harness.models import ModelSpec
+    from harness.spec import RunConfig
+
+    model_config = ModelSpec("opt-30b", "random").config()
+    config = RunConfig(suite="x", model="opt-30b", weights="random", methods=["static"], sparsity=["0.5"])
+    needs = {}
+    for variant in ("plainact", "fisher", "grasp", "jacov"):
+        needs[variant] = get_method(MethodSpec.parse(f"static:{variant}")).footprint(model_config, config,
+                                                                                     Allocation(heads=0.5), 0)
+    assert list(needs["plainact"]) == list(needs["fisher"]) == [("importance", "first_order")]
+    gpu = {v: next(iter(n.values())).gpu for v, n in needs.items()}
+    assert gpu["grasp"] == 2 * gpu["plainact"] and gpu["jacov"] > 8 * gpu["plainact"]
+    kwargs = dict(model_config=model_config, run_config=config, device="cuda", dtype="float16",
+                  cache_root=Path("/tmp"), free_host=100 * GiB, free_disk=100 * GiB, gpu_total=139 * GiB)
+    assert check(needs["plainact"], **kwargs)["gpu_gb"] < 139
+    with pytest.raises(HarnessError, match="importance_batch"):
+        check(needs["jacov"], **kwargs)
