@@ -220,10 +220,13 @@ def _build_adapter_class():
             with request_contexts(self.model, counts):
                 return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
-    try:
-        register_model(ADAPTER_NAME)(MaskedHFLM)
-    except (AssertionError, ValueError):  # already registered (module reloaded)
-        pass
+    from lm_eval.api.registry import model_registry
+
+    if ADAPTER_NAME not in model_registry:  # else a placeholder (the entry point, harness/lmeval_plugin.py) names it
+        try:
+            register_model(ADAPTER_NAME)(MaskedHFLM)
+        except (AssertionError, ValueError):  # already registered (module reloaded)
+            pass
     return MaskedHFLM
 
 
