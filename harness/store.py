@@ -192,19 +192,31 @@ def _job_of(line: str):
         return None
 
 
+def _signature(records: list[dict]) -> tuple:
+    return tuple((r.get("metric"), r.get("task"), r.get("lm_eval_task"), r.get("engine")) for r in records)
+
+
 def dedupe_records(records: list[dict]) -> list[dict]:
-    """One set of records per job key: a job's records are written together, so where a job's records appear in
-    more than one run of lines, the last run wins (records without a job key are kept as they are)."""
-    blocks, last, block, previous = [], {}, -1, object()
-    for record in records:
+    """One set of records per job key. A job's records are written together (one run of lines); where the same job
+    key has another run of lines later with the same metrics, the earlier one is a duplicate (the job was written
+    twice) and goes: the last one wins. Records without a job key are kept as they are."""
+    blocks: list[tuple] = []  # (job key, [indices])
+    for index, record in enumerate(records):
         key = record.get("job")
-        if key != previous:
-            block += 1
-            previous = key
-        blocks.append(block)
-        if key is not None:
-            last[key] = block
-    return [record for record, block in zip(records, blocks) if record.get("job") is None or last[record["job"]] == block]
+        if blocks and blocks[-1][0] == key and key is not None:
+            blocks[-1][1].append(index)
+        else:
+            blocks.append((key, [index]))
+    keep, seen = set(), set()
+    for key, indices in reversed(blocks):
+        if key is None:
+            keep.update(indices)
+            continue
+        signature = (key, _signature([records[i] for i in indices]))
+        if signature not in seen:
+            seen.add(signature)
+            keep.update(indices)
+    return [record for index, record in enumerate(records) if index in keep]
 
 
 def _read_lines(path: Path) -> list[dict]:

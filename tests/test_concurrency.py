@@ -109,9 +109,10 @@ def test_records_are_appended_once_per_job_and_deduplicated_by_job_key(tmp_path)
     assert [r["job"] for r in read_records(tmp_path)] == ["b", "a"]
     add_records(path, "c", [{"job": "c", "metric": "ppl", "value": 5}])  # the torn line is cut off first
     assert [r["job"] for r in read_records(tmp_path)] == ["b", "a", "c"]
-    # a log written twice (e.g. by hand): each job's last run of lines wins
+    # a log holding a job twice (e.g. two logs concatenated): its last run of lines with the same metrics wins;
+    # other metrics of the same job key, and records without one, stay
     doubled = [{"job": "a", "metric": "ppl", "value": 1}, {"job": "b", "metric": "ppl", "value": 2},
-               {"job": "a", "metric": "ppl", "value": 3}, {"metric": "note"}]
+               {"job": "a", "metric": "ppl", "value": 3}, {"metric": "note"}, {"job": "b", "metric": "acc", "value": 4}]
     assert dedupe_records(doubled) == doubled[1:]
 
 
