@@ -439,9 +439,14 @@ def data_check(
 ):
     """Verify a bundle: every file MANIFEST.tsv lists exists with its size and sha256. Exit 2 when one is missing or
     altered; lists the complete groups and the files the manifest does not list (never read)."""
+    import os
+
     from harness.bundle import check
     from harness.data import DataDir
+    from harness.resources import source_checkout
 
+    if bundle is None and not os.environ.get("HARNESS_DATA_DIR") and source_checkout() is None:
+        raise HarnessError("no bundle to check: name one (harness data check DIR) or set HARNESS_DATA_DIR")
     root = bundle or DataDir.resolve(None, verify=False).root
     found = check(root)
     out = Table(show_header=True, header_style="bold")

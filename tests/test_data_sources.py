@@ -211,3 +211,11 @@ def test_a_copied_bundle_can_be_used_for_a_run(data, tmp_path, tiny_model_dir):
     shutil.rmtree(copy / "wikitext-2")  # ... and a missing file is named before anything runs
     result = tiny_run(tiny_model_dir, tmp_path / "run", "--data-dir", copy)
     assert result.exit_code == 2 and "wiki.test.raw" in result.output
+
+
+def test_data_check_without_a_bundle_says_how_to_name_one(no_bundle, monkeypatch):
+    import harness.resources as resources
+
+    monkeypatch.setattr(resources, "source_checkout", lambda: None)
+    result = CliRunner().invoke(app, ["data", "check"])
+    assert result.exit_code == 2 and "harness data check DIR" in result.output
