@@ -21,8 +21,6 @@ from safetensors.torch import load_file, save_file
 from harness.data import sha256_file
 from harness.resources import results_dir
 
-DEFAULT_CACHE_DIR = None  # ./results/cache in the current directory (resolved when used)
-
 
 def content_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -40,8 +38,8 @@ class CorruptArtefact(Exception):
 
 
 def cache_root(explicit: str | Path | None = None) -> Path:
-    """--cache-dir, else HARNESS_CACHE_DIR, else results/cache."""
-    return Path(explicit or os.environ.get("HARNESS_CACHE_DIR") or DEFAULT_CACHE_DIR or results_dir() / "cache")
+    """--cache-dir, else HARNESS_CACHE_DIR, else ./results/cache (in the current directory)."""
+    return Path(explicit or os.environ.get("HARNESS_CACHE_DIR") or results_dir() / "cache")
 
 
 class ArtefactCache:
