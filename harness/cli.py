@@ -330,7 +330,8 @@ def table(
         return
     records = read_records(run_dir)
     store = RunStore(run_dir)
-    write_tables(run_dir, records, store.failures(), formats, jobs=store.jobs())
+    with store.lock:  # a run still going on this folder writes its tables too
+        write_tables(run_dir, records, store.failures(), formats, jobs=store.jobs())
     print(latex(records) if formats == ("latex",) else (run_dir / "table.md").read_text())
 
 
