@@ -13,9 +13,9 @@
   the decode steps (single-token forwards with the KV cache) keep the request's mask.
 * No response cache: lm-eval's `use_cache` (sqlite of answers) and `cache_requests` are always off, so two
   configurations (method, variant, sparsity, scope, seed…) can never share answers.
-* Tasks: `ZERO_SHOT` lists the harness tasks. Where lm-eval's own data set is in the Hugging Face cache,
-  lm-eval's own task runs; otherwise the offline copy in `suites/lm_eval_tasks/` (same templates and
-  functions, data from the harness data directory). The records say which (`data_source`) and how
+* Tasks: `ZERO_SHOT` lists the harness tasks. Where lm-eval's own data set is in the Hugging Face cache, or no
+  offline bundle was given (the data comes from the hub), lm-eval's own task runs; otherwise the offline copy in
+  `suites/lm_eval_tasks/` (same templates and functions, data from the bundle). The records say which (`data_source`) and how
   faithful the offline data is (`fidelity`: exact, subset (exact documents, some left out: those lent to
   calibration, harness/lmeval_data.py HOLDOUT), reconstructed or approximate, with `fidelity_note`).
 * Per job, lm-eval's own results go to `<run_dir>/lm_eval/<job key>/results_<date>.json` in lm-eval's schema
