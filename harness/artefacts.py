@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from harness.data import REPO_ROOT, sha256_file
-
-DEFAULT_CACHE_DIR = REPO_ROOT / "results" / "cache"
+from harness.data import sha256_file
+from harness.resources import results_dir
 
 
 def content_key(inputs: dict) -> str:
@@ -39,8 +38,8 @@ class CorruptArtefact(Exception):
 
 
 def cache_root(explicit: str | Path | None = None) -> Path:
-    """--cache-dir, else HARNESS_CACHE_DIR, else results/cache."""
-    return Path(explicit or os.environ.get("HARNESS_CACHE_DIR") or DEFAULT_CACHE_DIR)
+    """--cache-dir, else HARNESS_CACHE_DIR, else ./results/cache (in the current directory)."""
+    return Path(explicit or os.environ.get("HARNESS_CACHE_DIR") or results_dir() / "cache")
 
 
 class ArtefactCache:

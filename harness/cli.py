@@ -22,6 +22,8 @@ LISTABLE = ("methods", "suites", "models", "tasks")
 NO_VERIFY_HELP = ("Use the data directory's files without checking their sha256 against its MANIFEST.tsv (a directory "
                   "without one is refused otherwise); records say data_verified: false.")
 VERBOSE_HELP = "Show the libraries' own progress bars and warnings (transformers, datasets, lm-eval)."
+WANDB_HELP = ("Also log every finished job to this Weights & Biases project (one W&B run per job, grouped by run folder; "
+              "needs `pip install wandb` and `wandb login`). Off by default.")
 
 
 def handle_errors(command):
@@ -108,7 +110,7 @@ class RunUI:
 
 
 def build_config(suite_name: str, overrides: dict):
-    from harness.data import REPO_ROOT
+    from harness.resources import source_checkout
     from harness.spec import RunConfig
     from harness.suites import load_suite
 
@@ -116,8 +118,13 @@ def build_config(suite_name: str, overrides: dict):
     values = {**suite["defaults"], **{k: v for k, v in overrides.items() if v is not None}}
     values["suite"] = suite["name"]
     model = values.get("model")
-    if model and not Path(model).exists() and (REPO_ROOT / model).is_dir():  # suite files name fixtures by repo path
-        values["model"] = str(REPO_ROOT / model)
+    if model and str(model).startswith("tests/fixtures/") and not Path(model).exists():  # suites name fixtures by repo path
+        checkout = source_checkout()
+        if checkout is None or not (checkout / model).is_dir():
+            raise HarnessError(f"suite {suite['name']} runs the project's reference model {model}, which ships with the "
+                               "source checkout only (git clone the repository and run from it); or pass --model, e.g. "
+                               "--model facebook/opt-1.3b --weights pretrained")
+        values["model"] = str(checkout / model)
     config = RunConfig.from_mapping(values, f"suite {suite['name']}")
     config.validate()
     return config
@@ -132,10 +139,24 @@ def configure_output(verbose: bool, tasks) -> None:
 
 
 def default_run_dir(config, identity: dict, model_label: str) -> Path:
-    from harness.data import REPO_ROOT
+    from harness.resources import results_dir
 
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return REPO_ROOT / "results" / f"{config.suite}-{model_label}-{config.weights}-{digest}"
+    return results_dir() / f"{config.suite}-{model_label}-{config.weights}-{digest}"
+
+
+def summary_line(summary) -> str:
+    line = f"{summary.ran} ran, {summary.skipped} already done, {summary.failed} failed"
+    if summary.elsewhere:
+        line += (f"; {summary.elsewhere} claimed by another process on this folder (it writes their results here; "
+                 "`harness table` once it has finished)")
+    return line
+
+
+def wandb_sink(project: str):
+    from harness.tracking import WandbSink
+
+    return WandbSink(project)
 
 
 @app.command()
@@ -181,7 +202,9 @@ def run(
     lmeval_source: Optional[str] = typer.Option(None, help="Zero-shot data: auto (lm-eval's own if cached, else the "
                                                            "offline copies), local or hf."),
     log_samples: Optional[bool] = typer.Option(None, "--log-samples/--no-log-samples",
-                                               help="Zero-shot tasks: keep lm-eval's per-sample logs in the run folder."),
+                                               help="Zero-shot tasks: also write lm-eval's per-sample logs "
+                                                    "(RUN/lm_eval/<job>/samples_<task>_<date>.jsonl)."),
+    wandb: Optional[str] = typer.Option(None, "--wandb", metavar="PROJECT", help=WANDB_HELP),
     no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
@@ -190,8 +213,8 @@ def run(
     Starting the same command again resumes: finished jobs are skipped. A failing job is recorded with its
     traceback and the others go on; the exit code is 1 when any job failed, 2 on bad input."""
     from harness.artefacts import ArtefactCache
-    from harness.data import REPO_ROOT
     from harness.executors import Unit, make_executor
+    from harness.resources import results_dir
     from harness.runner import Session
     from harness.spec import config_dict
     from harness.store import RunStore
@@ -206,25 +229,27 @@ def run(
                      dense_layers=_layers(dense_layers), calib_samples=calib_samples,
                      calib_budget_gb=calib_budget_gb)
     config = build_config(suite, overrides)
-    prepared = prepare(config, data_dir, tokenizer, cache_dir=cache_dir, out=out or REPO_ROOT / "results",
+    prepared = prepare(config, data_dir, tokenizer, cache_dir=cache_dir, out=out or results_dir(),
                        verify=not no_verify,
                        executor_options=dict(gpus_per_job=gpus_per_job, ray_address=ray_address, retries=retries))
+    sinks = [wandb_sink(wandb)] if wandb else []  # refused now (exit 2) when wandb is not installed
     configure_output(verbose, config.tasks)
     run_dir = out or default_run_dir(config, prepared.identity, prepared.model_spec.label)
     executor_ = make_executor(config.executor, address=ray_address, gpus_per_job=gpus_per_job, retries=retries)
     session = Session(config, prepared.data, ArtefactCache(cache_dir, log=console.print), tokenizer, log=console.print)
     session.run_dir = run_dir
-    unit = Unit(session, RunStore(run_dir), prepared.jobs)
+    unit = Unit(session, RunStore(run_dir, sinks=sinks), prepared.jobs)
     plan = executor_.plan([unit])  # Ray: shared fits and GPUs per job; refuses bad input its probes find
     store = unit.store
     store.claim(prepared.identity, config_dict(config))
     jobs = prepared.jobs
-    console.print(f"run folder: {run_dir} · {len(jobs)} jobs · executor {config.executor}"
-                  + ("" if prepared.data.verify else " · data not verified (--no-verify)"))
+    console.print(f"run folder: {run_dir} · {len(jobs)} jobs · executor {config.executor} · data: "
+                  f"{prepared.data.describe()}" + ("" if prepared.data.verify else " · data not verified (--no-verify)"))
     with RunUI() as ui:
         summary = executor_.run_units([unit], ui, plan)
-    written = write_tables(run_dir, store.records(), store.failures(), jobs=store.jobs())
-    console.print(f"{summary.ran} ran, {summary.skipped} already done, {summary.failed} failed")
+    with store.lock:  # tables of what every process on this folder has written so far
+        written = write_tables(run_dir, store.records(), store.failures(), jobs=store.jobs())
+    console.print(summary_line(summary))
     for path in written:
         console.print(f"wrote {path}")
     if summary.failed or store.failures():
@@ -305,7 +330,8 @@ def table(
         return
     records = read_records(run_dir)
     store = RunStore(run_dir)
-    write_tables(run_dir, records, store.failures(), formats, jobs=store.jobs())
+    with store.lock:  # a run still going on this folder writes its tables too
+        write_tables(run_dir, records, store.failures(), formats, jobs=store.jobs())
     print(latex(records) if formats == ("latex",) else (run_dir / "table.md").read_text())
 
 
@@ -325,6 +351,7 @@ def sweep(
                                                          "else a local cluster)."),
     gpus_per_job: Optional[int] = typer.Option(None, help="GPUs per quality job (default: from model size and dtype)."),
     retries: Optional[int] = typer.Option(None, help="Retries of a failed job (default: the file's, else 1)."),
+    wandb: Optional[str] = typer.Option(None, "--wandb", metavar="PROJECT", help=WANDB_HELP),
     no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
@@ -348,6 +375,10 @@ def sweep(
     units = build_units(spec, sweep_dir, data_dir, tokenizer, cache_dir, log=console.print, executor=executor,
                         verify=not no_verify)
     plan = plan_units(units, gpus_per_job, spec.get("gpu_memory_gb"))  # refuses bad input its probes find
+    if wandb:
+        sink = wandb_sink(wandb)
+        for unit in units:
+            unit.store.sinks.append(sink)
     configure_output(verbose, [task for unit in units for task in unit.session.config.tasks])
     console.print(f"sweep {spec['name']} → {sweep_dir} · executor {executor}"
                   + ("" if not no_verify else " · data not verified (--no-verify)"))
@@ -364,10 +395,72 @@ def sweep(
     with RunUI() as ui:
         summary = runner.run_units(units, ui, plan)
     written = write_sweep_tables(sweep_dir)
-    console.print(f"{summary.ran} ran, {summary.skipped} already done, {summary.failed} failed")
+    console.print(summary_line(summary))
     console.print(f"wrote {sweep_dir / 'table.md'} and {len(written) - 1} more files")
     if summary.failed or any(u.store.failures() for u in units):
         raise typer.Exit(1)
+
+
+data_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                       help="The offline data bundle: export one from the available source, check one.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("export")
+@handle_errors
+def data_export(
+    dest: Path = typer.Argument(..., help="A new (or empty) folder to write the bundle into."),
+    data_dir: Optional[Path] = typer.Option(None, help="Export from this bundle (else HARNESS_DATA_DIR, else a "
+                                                       "checkout's ../shared/data, else the Hugging Face hub)."),
+    only: Optional[str] = typer.Option(None, help="Comma-separated groups (default all): "
+                                                  "wikitext-2, ptb, lambada, piqa, copa, openbookqa, winogrande, rte, "
+                                                  "hellaswag, arc_easy, tokenizer."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Copy a source bundle's files without checking them."),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
+):
+    """Write an offline bundle (the data files and MANIFEST.tsv with their sha256) from whatever source is available:
+    a bundle, else the Hugging Face hub through `datasets`. Copy it to a machine without a network and point
+    --data-dir or HARNESS_DATA_DIR at it."""
+    from harness.bundle import export, groups
+    from harness.data import resolve_data
+    from harness.verbosity import configure
+
+    chosen = groups(_split(only))
+    source = resolve_data(data_dir, verify=not no_verify)
+    configure(verbose)
+    done = export(dest, source, chosen, log=console.print)
+    console.print(f"wrote {len(done.files)} files and {done.root / 'MANIFEST.tsv'} from {done.source}")
+
+
+@data_app.command("check")
+@handle_errors
+def data_check(
+    bundle: Optional[Path] = typer.Argument(None, help="The bundle (default: --data-dir's rules: HARNESS_DATA_DIR, "
+                                                       "else a checkout's ../shared/data)."),
+):
+    """Verify a bundle: every file MANIFEST.tsv lists exists with its size and sha256. Exit 2 when one is missing or
+    altered; lists the complete groups and the files the manifest does not list (never read)."""
+    import os
+
+    from harness.bundle import check
+    from harness.data import DataDir
+    from harness.resources import source_checkout
+
+    if bundle is None and not os.environ.get("HARNESS_DATA_DIR") and source_checkout() is None:
+        raise HarnessError("no bundle to check: name one (harness data check DIR) or set HARNESS_DATA_DIR")
+    root = bundle or DataDir.resolve(None, verify=False).root
+    found = check(root)
+    out = Table(show_header=True, header_style="bold")
+    out.add_column("group"), out.add_column("complete")
+    for name, complete in found.groups.items():
+        out.add_row(name, "yes" if complete else "no")
+    Console().print(out)
+    console.print(f"{root}: {len(found.ok)} files match MANIFEST.tsv")
+    for rel in found.unlisted:
+        console.print(f"not in the manifest (never read): {rel}", markup=False)
+    if found.problems:
+        raise HarnessError(f"bundle {root} has {len(found.problems)} problem(s): " + "; ".join(found.problems)
+                           + ". Restore the files (or write a new bundle with `harness data export DIR`)")
 
 
 @app.command("list")

@@ -15,11 +15,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from harness.data import REPO_ROOT
 from harness.errors import HarnessError
+from harness.resources import references_dir
 from harness.suites import load_yaml_mapping, yaml_files
 
-REFERENCES_DIR = REPO_ROOT / "suites" / "references"
+REFERENCES_DIR = references_dir()
 UNITS = ("percent", "fraction", "ppl", "ms")
 SEVEN_TASKS = ("piqa", "copa", "openbookqa", "winogrande", "rte", "hellaswag", "arc_easy")
 MEAN_TASK, LATENCY_TASK = "zero_shot_7_mean", "generation_128_128"

@@ -1,18 +1,31 @@
-"""The data directory: where it is, checking its files against MANIFEST.tsv, and the text loaders; and the
-data sets that only the Hugging Face hub has (BookCorpus, C4), read through `datasets`.
+"""Where evaluation and calibration data come from, in this order:
 
-Resolution order: `--data-dir`, else `HARNESS_DATA_DIR`, else `../shared/data` beside the repository.
+1. an offline bundle: `--data-dir`, else `HARNESS_DATA_DIR`, else (in a source checkout only) `../shared/data`
+   beside the repository. A bundle is a folder of data files with a `MANIFEST.tsv` (path, source, size, sha256);
+   every file a run reads is checked against its sha256 (`DataDir`). `harness data export DIR` writes one,
+   `harness data check DIR` verifies one (harness/bundle.py).
+2. otherwise the Hugging Face hub through `datasets` (`HubData`): the data sets the papers' loaders read
+   (`HUB`), cached by `datasets` in the usual Hugging Face cache.
+3. zero-shot tasks run lm-eval's own task definitions on lm-eval's own data sets (harness/lmeval.py); with a bundle,
+   the offline copies of those tasks read the bundle when lm-eval's data set is not in the local cache.
+
+Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) with no bundle and a data set that is not cached, a run stops before
+any work with exit 2 and names both ways to get data. BookCorpus and C4 come from the hub in either case.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.resources import PACKAGE_PARENT, source_checkout
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = PACKAGE_PARENT  # the folder above harness/ (a checkout's root; site-packages when installed)
+#: the bundle a source checkout uses by default (our machines and CI keep one there); unused when installed
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 _VERIFIED: dict[tuple, str] = {}  # (path, size, mtime_ns) -> the sha256 it was found to match
 
@@ -31,10 +44,12 @@ MANIFEST = "MANIFEST.tsv"
 
 
 class DataDir:
-    """A data directory and its manifest; `path(rel)` checks existence and sha256 on first use.
+    """A data bundle and its manifest; `path(rel)` checks existence and sha256 on first use.
 
     `verify=False` (`--no-verify`) uses the files unchecked: the directory may lack MANIFEST.tsv, and the
     records of such a run say `data_verified: false`."""
+
+    kind = "bundle"
 
     def __init__(self, root: Path, source: str, verify: bool = True):
         self.root = Path(root)
@@ -43,6 +58,7 @@ class DataDir:
 
     @classmethod
     def resolve(cls, explicit: str | Path | None = None, verify: bool = True) -> "DataDir":
+        """The bundle named by --data-dir, else HARNESS_DATA_DIR, else the checkout's default ../shared/data."""
         if explicit:
             root, source = Path(explicit), "--data-dir"
         elif os.environ.get("HARNESS_DATA_DIR"):
@@ -51,10 +67,18 @@ class DataDir:
             root, source = DEFAULT_DATA_DIR, f"the default ({DEFAULT_DATA_DIR})"
         if not root.is_dir():
             raise HarnessError(
-                f"data directory {root} does not exist (chosen by {source}); "
-                "point --data-dir or HARNESS_DATA_DIR at a folder laid out like ../shared/data"
+                f"data directory {root} does not exist (chosen by {source}); point --data-dir or HARNESS_DATA_DIR at "
+                "an offline bundle (a folder with MANIFEST.tsv; `harness data export DIR` writes one), or give "
+                "neither to read the data from the Hugging Face hub"
             )
         return cls(root.resolve(), source, verify)
+
+    def spec(self) -> dict:
+        """What a worker process needs to open the same source (harness.executors)."""
+        return {"kind": "bundle", "root": str(self.root), "verify": self.verify}
+
+    def describe(self) -> str:
+        return f"bundle {self.root}" + ("" if self.verify else " (not verified)")
 
     @cached_property
     def manifest(self) -> dict[str, str]:
@@ -149,15 +173,26 @@ def calibration_file(name: str) -> str:
     return CALIBRATION_FILES[name]
 
 
+def wikitext_join(rows) -> str:
+    """WikiText rows (a line with its newline, "" for a blank line) joined with "\n\n", as SparseGPT/Wanda's
+    loader joins the Hugging Face data set's `text` column."""
+    return "\n\n".join(row if row.strip() else "" for row in rows)
+
+
 def _hf_wikitext_join(path: Path) -> str:
+    """The file's lines are the Hugging Face `wikitext` rows (its builder yields each line, blank ones as "")."""
     with open(path, encoding="utf-8") as handle:
-        rows = [line if line.strip() else "" for line in handle]
-    return "\n\n".join(rows)
+        return wikitext_join(list(handle))
+
+
+def ptb_sentences(rows) -> list[str]:
+    """`ptb_text_only` sentences: stripped lines, blank ones left out."""
+    return [row.strip() for row in rows if row.strip()]
 
 
 def _ptb_sentences(path: Path) -> list[str]:
     with open(path, encoding="utf-8") as handle:
-        return [line.strip() for line in handle if line.strip()]
+        return ptb_sentences(handle)
 
 
 def _ptb_join(path: Path) -> str:
@@ -181,11 +216,22 @@ def hf_dataset_cached(path: str) -> bool:
     return (hub / f"datasets--{path.replace('/', '--')}").is_dir() or (datasets_cache / path.replace("/", "___")).is_dir()
 
 
-def check_hub(path: str, task: str, streaming: bool = False) -> None:
+BOTH_WAYS = ("Two ways to get the data: (1) an offline bundle: --data-dir DIR or HARNESS_DATA_DIR=DIR (write one with "
+             "`harness data export DIR` on a machine that reaches the hub, and copy it over); (2) the hub: unset "
+             "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE on a machine with a network (`huggingface-cli login` first for gated "
+             "data sets), and `datasets` downloads it into the Hugging Face cache")
+
+
+def check_hub(path: str, task: str, streaming: bool = False, bundled: bool = False) -> None:
     """Exit-2 error when `task` needs the hub data set `path` and cannot have it: the hub is off and the data set
-    is not cached (a streamed data set always needs the hub)."""
+    is not cached (a streamed data set always needs the hub). `bundled`: an offline bundle could serve it instead
+    (the message then names both ways)."""
     if hub_offline() and (streaming or not hf_dataset_cached(path)):
         where = "it is streamed from the hub" if streaming else "it is not in the local Hugging Face cache"
+        if bundled:
+            raise HarnessError(
+                f"{task} reads the Hugging Face data set {path} through `datasets` (no offline bundle was given), but "
+                f"the hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and {where}. {BOTH_WAYS}")
         raise HarnessError(
             f"task {task} reads the Hugging Face data set {path} through `datasets` (the data directory has no copy), "
             f"but the hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and {where}: run it on a machine "
@@ -193,16 +239,154 @@ def check_hub(path: str, task: str, streaming: bool = False) -> None:
         )
 
 
-def load_hub(path: str, *, task: str, streaming: bool = False, **kwargs):
+def load_hub(path: str, *, task: str, streaming: bool = False, bundled: bool = False, **kwargs):
     """`datasets.load_dataset(path, **kwargs)` for `task`, with a message that names the data set on failure."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - a dependency of the package
+        raise HarnessError(f"{task} reads {path} from the Hugging Face hub through `datasets`, which is not "
+                           "installed: pip install datasets") from None
 
-    check_hub(path, task, streaming)
+    check_hub(path, task, streaming, bundled)
     try:
         return datasets.load_dataset(path, streaming=streaming, **kwargs)
     except Exception as exc:  # network, authentication, a changed data set: say which one
-        raise HarnessError(f"task {task}: loading the Hugging Face data set {path} {kwargs} failed: "
-                           f"{type(exc).__name__}: {exc}") from exc
+        hint = f" {BOTH_WAYS}" if bundled else ""
+        raise HarnessError(f"{task}: loading the Hugging Face data set {path} {kwargs} failed: "
+                           f"{type(exc).__name__}: {exc}.{hint}") from exc
+
+
+@dataclass(frozen=True)
+class HubSplit:
+    """One split of a Hugging Face data set, as `datasets.load_dataset(path, name, split=…, revision=…)` reads it."""
+
+    path: str
+    name: str | None
+    split: str
+    revision: str | None = None  # refs/convert/parquet: the hub's parquet export of a script-based data set
+
+    @property
+    def label(self) -> str:
+        return f"{self.path}" + (f" {self.name}" if self.name else "") + f" {self.split}"
+
+    def load(self, purpose: str) -> list[dict]:
+        """The split's rows (cached for the process)."""
+        if self not in _HUB_ROWS:
+            kwargs = {"split": self.split}
+            if self.name:
+                kwargs["name"] = self.name
+            if self.revision:
+                kwargs["revision"] = self.revision
+            rows = load_hub(self.path, task=purpose, bundled=True, **kwargs)
+            _HUB_ROWS[self] = [dict(row) for row in rows]
+        return _HUB_ROWS[self]
+
+
+_HUB_ROWS: dict[HubSplit, list[dict]] = {}
+_WIKITEXT, _PTB = "Salesforce/wikitext", "ptb-text-only/ptb_text_only"
+#: every file of the offline bundle, and the hub split it is a copy of (the data sets the papers and lm-eval read)
+HUB: dict[str, HubSplit] = {
+    "wikitext-2/wiki.test.raw": HubSplit(_WIKITEXT, "wikitext-2-raw-v1", "test"),
+    "wikitext-2/wiki.test.tokens": HubSplit(_WIKITEXT, "wikitext-2-v1", "test"),
+    "wikitext-2/wiki.valid.tokens": HubSplit(_WIKITEXT, "wikitext-2-v1", "validation"),
+    "ptb/ptb.test.txt": HubSplit(_PTB, "penn_treebank", "test", "refs/convert/parquet"),
+    "ptb/ptb.valid.txt": HubSplit(_PTB, "penn_treebank", "validation", "refs/convert/parquet"),
+    "lambada/lambada_test.jsonl": HubSplit("EleutherAI/lambada_openai", "default", "test"),
+    "piqa/valid.jsonl": HubSplit("baber/piqa", None, "validation"),
+    "piqa/valid-labels.lst": HubSplit("baber/piqa", None, "validation"),
+    "copa/val.jsonl": HubSplit("aps/super_glue", "copa", "validation"),
+    "openbookqa/test.tsv": HubSplit("allenai/openbookqa", "main", "test"),
+    "openbookqa/dev.tsv": HubSplit("allenai/openbookqa", "main", "validation"),
+    "winogrande/dev.jsonl": HubSplit("allenai/winogrande", "winogrande_xl", "validation"),
+    "winogrande/dev-labels.lst": HubSplit("allenai/winogrande", "winogrande_xl", "validation"),
+    "rte/val.jsonl": HubSplit("nyu-mll/glue", "rte", "validation"),
+    "hellaswag/hellaswag_val_full.txt.bz2": HubSplit("Rowan/hellaswag", None, "validation"),
+    "arc_easy/test.llm_adapters_format.json": HubSplit("allenai/ai2_arc", "ARC-Easy", "test"),
+}
+#: the OPT tokenizer (one for every OPT size) where no bundle holds it and the model names none
+OPT_TOKENIZER_ID = "facebook/opt-125m"
+
+
+class HubData:
+    """The data of the bundle's files read from the Hugging Face hub through `datasets` (no bundle given).
+
+    The same texts as a bundle gives (WikiText-2 rows joined with "\n\n", PTB sentences …), so perplexity is the
+    same on either source; zero-shot tasks run lm-eval's own tasks and data sets. `check` refuses, before any work,
+    a data set that cannot be had (offline and not cached)."""
+
+    kind = "hub"
+    root = None  # no folder: the offline lm-eval task copies are not used
+    verify = True  # nothing to skip: there is no manifest to check against
+    source = "the Hugging Face hub (no --data-dir, HARNESS_DATA_DIR or bundle was given)"
+
+    def spec(self) -> dict:
+        return {"kind": "hub"}
+
+    def describe(self) -> str:
+        return "the Hugging Face hub (datasets)"
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A content id for cache keys: the hub splits it reads (token ids are keyed by the text's own hash)."""
+        listing = sorted((rel, split.label, split.revision or "") for rel, split in HUB.items())
+        return "hub-" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+    def check(self, files) -> None:
+        for rel in files:
+            if rel in TOKENIZER_FILES:
+                continue  # the tokenizer comes from the model or a named one (harness.models.tokenizer_dir_for)
+            split = self._split(rel)
+            check_hub(split.path, f"{rel} (from {split.label})", bundled=True)
+
+    def path(self, rel: str) -> Path:
+        raise HarnessError(f"{rel} is a file of an offline bundle, and no bundle was given (the data comes from the "
+                           "Hugging Face hub); pass --data-dir DIR or set HARNESS_DATA_DIR")
+
+    def _split(self, rel: str) -> HubSplit:
+        if rel not in HUB:
+            raise HarnessError(f"no Hugging Face data set serves the bundle file {rel}; pass --data-dir with a bundle "
+                               "that holds it")
+        return HUB[rel]
+
+    def rows(self, rel: str) -> list[dict]:
+        """The hub rows the bundle file `rel` is a copy of."""
+        return self._split(rel).load(rel)
+
+    def column(self, rel: str, name: str) -> list:
+        return [row[name] for row in self.rows(rel)]
+
+    # -- texts (the same as DataDir's) -------------------------------------------------------------------
+    def wikitext2_test(self) -> str:
+        return wikitext_join(self.column("wikitext-2/wiki.test.raw", "text"))
+
+    def ptb_test(self) -> str:
+        return " ".join(ptb_sentences(self.column("ptb/ptb.test.txt", "sentence")))
+
+    def ptb_valid_sparsegpt(self) -> str:
+        return "\n\n".join(ptb_sentences(self.column("ptb/ptb.valid.txt", "sentence")))
+
+    def calibration_text(self, name: str = "wikitext2-valid") -> str:
+        rel = calibration_file(name)
+        if name == "wikitext2-valid":
+            return wikitext_join(self.column(rel, "text"))
+        return " ".join(ptb_sentences(self.column(rel, "sentence")))
+
+
+def resolve_data(explicit: str | Path | None = None, verify: bool = True):
+    """The run's data source: a bundle (--data-dir, HARNESS_DATA_DIR, or a checkout's ../shared/data), else the
+    Hugging Face hub (`HubData`)."""
+    if explicit or os.environ.get("HARNESS_DATA_DIR"):
+        return DataDir.resolve(explicit, verify)
+    if source_checkout() is not None and DEFAULT_DATA_DIR.is_dir():
+        return DataDir.resolve(None, verify)
+    return HubData()
+
+
+def data_from_spec(spec: dict):
+    """The source `spec()` describes (a worker process opening the driver's source)."""
+    if spec.get("kind") == "hub":
+        return HubData()
+    return DataDir(spec["root"], "the driver's data directory", verify=spec.get("verify", True))
 
 
 #: BookCorpus as the hub serves it (the data set's parquet export) and how much of it the task reads

@@ -39,6 +39,11 @@ class Summary:
     ran: int = 0
     skipped: int = 0
     failed: int = 0
+    elsewhere: int = 0  # jobs another process (or machine) had claimed: it writes their results into the folder
+
+    def add(self, other: "Summary") -> None:
+        self.ran, self.skipped = self.ran + other.ran, self.skipped + other.skipped
+        self.failed, self.elsewhere = self.failed + other.failed, self.elsewhere + other.elsewhere
 
 
 class LocalExecutor:
@@ -60,28 +65,37 @@ class LocalExecutor:
             else:
                 pending.append(job)
         ui.start(len(jobs), summary.skipped)
-        for job in pending:
-            started = now()
-            progress = ui.job_started(job)
-            try:
-                result = execute_job(session, job, progress)
-            except Exception as exc:  # noqa: BLE001 - a failing job must not stop the run
-                result = failed_result(job, exc, started)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            store.write_job(result)
-            ok = result["status"] == "ok"
-            summary.ran += ok
-            summary.failed += not ok
-            ui.job_finished(job, result)
+        try:
+            for job in pending:
+                state = store.begin(job.key)  # claim it: another process on this folder may be running it
+                if state != "claimed":
+                    summary.skipped += state == "done"
+                    summary.elsewhere += state == "busy"
+                    continue
+                try:
+                    started = now()
+                    progress = ui.job_started(job)
+                    try:
+                        result = execute_job(session, job, progress)
+                    except Exception as exc:  # noqa: BLE001 - a failing job must not stop the run
+                        result = failed_result(job, exc, started)
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                    store.write_job(result)
+                finally:
+                    store.end(job.key)
+                ok = result["status"] == "ok"
+                summary.ran += ok
+                summary.failed += not ok
+                ui.job_finished(job, result)
+        finally:
+            store.release_all()
         return summary
 
     def run_units(self, units: list["Unit"], ui, plan=None) -> Summary:
         total = Summary()
         for unit in units:
-            summary = self.run(unit.jobs, unit.session, unit.store, ui)
-            total.ran, total.skipped, total.failed = (total.ran + summary.ran, total.skipped + summary.skipped,
-                                                      total.failed + summary.failed)
+            total.add(self.run(unit.jobs, unit.session, unit.store, ui))
         return total
 
 
@@ -209,12 +223,15 @@ def job_gpus(session: Session, job: JobSpec, model_config, gpus_per_job=None, gp
                     gpu_memory_gb=gpu_memory_gb)
 
 
-def plan_units(units: list[Unit], gpus_per_job=None, gpu_memory_gb=None, skip_done=True) -> Plan:
-    """Eval tasks for the jobs not done yet, and one fit task per distinct fit key not in the cache yet."""
+def plan_units(units: list[Unit], gpus_per_job=None, gpu_memory_gb=None, skip_done=True, exclude=()) -> Plan:
+    """Eval tasks for the jobs not done yet, and one fit task per distinct fit key not in the cache yet.
+    `exclude`: job keys another process has claimed (left out, not counted as done)."""
     tasks, fits, skipped, cached_fits = [], {}, 0, 0
     for index, unit in enumerate(units):
         model_config = unit.session.model_spec.config()
         for job in unit.jobs:
+            if job.key in exclude:
+                continue
             if skip_done and unit.store.is_done(job.key):
                 skipped += 1
                 continue
@@ -283,17 +300,17 @@ class JobWorker:
 
     def _session(self, payload: dict) -> Session:
         from harness.artefacts import ArtefactCache
-        from harness.data import DataDir
+        from harness.data import data_from_spec
 
-        key = json.dumps([payload["config"].__dict__, payload["shard"], payload["data_root"], payload["data_verify"],
-                          payload["cache_root"], payload["tokenizer_dir"]], sort_keys=True, default=str)
+        key = json.dumps([payload["config"].__dict__, payload["shard"], payload["data"], payload["cache_root"],
+                          payload["tokenizer_dir"]], sort_keys=True, default=str)
         if key != self.key:
             self.session = None  # free the previous model before loading the next
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log = lambda *args, **kwargs: None  # noqa: E731 - results carry what matters back to the driver
-            data = DataDir(payload["data_root"], "the driver's data directory", verify=payload["data_verify"])
+            data = data_from_spec(payload["data"])  # the driver's bundle, or the hub
             session = Session(payload["config"], data,
                               ArtefactCache(payload["cache_root"], log=log), payload["tokenizer_dir"], log=log)
             session.run_dir = payload["run_dir"]
@@ -397,19 +414,40 @@ class RayExecutor:
         """Fits and evaluations, GPUs per job (see `plan_units`); raises for bad input the probes find."""
         return plan_units(units, self.gpus_per_job, self.gpu_memory_gb)
 
+    def _claim(self, units: list[Unit], plan: Plan) -> tuple[Plan, int]:
+        """Claim every evaluation job of the plan (harness/locking.py); the plan again without the jobs that another
+        process holds or has finished meanwhile, and how many another process holds."""
+        others: set[str] = set()
+        busy = 0
+        for task in plan.evals:
+            state = units[task.unit].store.begin(task.job.key)
+            if state != "claimed":
+                others.add(task.job.key)
+                busy += state == "busy"
+        if not others:
+            return plan, 0
+        again = plan_units(units, self.gpus_per_job, self.gpu_memory_gb, exclude=others)
+        again.skipped += len(others) - busy
+        return again, busy
+
     def run_units(self, units: list[Unit], ui, plan: Plan | None = None) -> Summary:
         plan = plan or self.plan(units)
-        summary = Summary(skipped=plan.skipped)
-        ui.start(sum(len(u.jobs) for u in units), plan.skipped)
-        if not plan.tasks:  # everything is done: no cluster needed
-            return summary
-        ray = self.connect()
         try:
-            return self._run(ray, units, ui, plan, summary)
+            plan, busy = self._claim(units, plan)
+            summary = Summary(skipped=plan.skipped, elsewhere=busy)
+            ui.start(sum(len(u.jobs) for u in units), plan.skipped)
+            if not plan.tasks:  # everything is done (or another process runs it): no cluster needed
+                return summary
+            ray = self.connect()
+            try:
+                return self._run(ray, units, ui, plan, summary)
+            finally:
+                if self._started:
+                    ray.shutdown()
+                    self._started = False
         finally:
-            if self._started:
-                ray.shutdown()
-                self._started = False
+            for unit in units:
+                unit.store.release_all()
 
     def _run(self, ray, units: list[Unit], ui, plan: Plan, summary: Summary) -> Summary:
         resources = ray.cluster_resources()
@@ -532,7 +570,7 @@ class RayExecutor:
                 task.attempts += 1
                 session = units[task.unit].session
                 payload = {"kind": task.kind, "job": task.job, "config": session.config, "shard": task.shard,
-                           "data_root": str(session.data.root), "data_verify": session.data.verify,
+                           "data": session.data.spec(),
                            "cache_root": str(session.cache.root),
                            "tokenizer_dir": None if session.tokenizer_dir is None else str(session.tokenizer_dir),
                            "run_dir": None if session.run_dir is None else str(session.run_dir)}
@@ -584,6 +622,7 @@ class RayExecutor:
     @staticmethod
     def _finish(units, task, result, summary, status, ui):
         units[task.unit].store.write_job(result)
+        units[task.unit].store.end(task.job.key)
         ok = result["status"] == "ok"
         summary.ran += ok
         summary.failed += not ok

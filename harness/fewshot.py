@@ -111,7 +111,7 @@ def task_documents(name: str, data_dir, source: str = "auto"):
     (None, [], why not, source) when the task has none there. Loaded once per process and source."""
     from harness.lmeval import ZERO_SHOT, choose_source
 
-    chosen = choose_source(ZERO_SHOT[name], source)
+    chosen = choose_source(ZERO_SHOT[name], source, data_dir)  # no bundle (None): lm-eval's own data
     key = (name, str(data_dir), chosen)
     if key not in _DOCUMENTS:
         _DOCUMENTS[key] = _load_documents(name, data_dir, chosen)

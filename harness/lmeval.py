@@ -13,13 +13,17 @@
   the decode steps (single-token forwards with the KV cache) keep the request's mask.
 * No response cache: lm-eval's `use_cache` (sqlite of answers) and `cache_requests` are always off, so two
   configurations (method, variant, sparsity, scope, seed…) can never share answers.
-* Tasks: `ZERO_SHOT` lists the harness tasks. Where lm-eval's own data set is in the Hugging Face cache,
-  lm-eval's own task runs; otherwise the offline copy in `suites/lm_eval_tasks/` (same templates and
-  functions, data from the harness data directory). The records say which (`data_source`) and how
+* Tasks: `ZERO_SHOT` lists the harness tasks. Where lm-eval's own data set is in the Hugging Face cache, or no
+  offline bundle was given (the data comes from the hub), lm-eval's own task runs; otherwise the offline copy in
+  `suites/lm_eval_tasks/` (same templates and functions, data from the bundle). The records say which (`data_source`) and how
   faithful the offline data is (`fidelity`: exact, subset (exact documents, some left out: those lent to
   calibration, harness/lmeval_data.py HOLDOUT), reconstructed or approximate, with `fidelity_note`).
-* Per job, lm-eval's own results JSON goes to `<run_dir>/lm_eval/<job key>.json` (and per-sample logs to
-  `<job key>.samples.jsonl` when the `log_samples` setting is on).
+* Per job, lm-eval's own results go to `<run_dir>/lm_eval/<job key>/results_<date>.json` in lm-eval's schema
+  (what `lm-eval run --output_path` writes, through lm-eval's EvaluationTracker), and with the `log_samples` setting
+  (`--log-samples`) its per-sample logs to `samples_<task>_<date>.jsonl` beside it.
+* The same class is lm-eval's `harness-masked` model for lm-eval's own command line and Python API
+  (harness/lmeval_plugin.py): given `pretrained=<name>` instead of a loaded model, it builds the model, fits the
+  method and applies it for the whole evaluation.
 """
 from __future__ import annotations
 
@@ -32,11 +36,12 @@ from pathlib import Path
 
 import torch
 
-from harness.data import REPO_ROOT, hf_dataset_cached
+from harness.data import hf_dataset_cached
 from harness.engine import request_contexts
 from harness.errors import HarnessError
+from harness.resources import lm_eval_tasks_dir
 
-LOCAL_TASKS_DIR = REPO_ROOT / "suites" / "lm_eval_tasks"
+LOCAL_TASKS_DIR = lm_eval_tasks_dir()
 ADAPTER_NAME = "harness-masked"
 SOURCES = ("auto", "local", "hf")
 DEFAULT_BATCH_SIZE = 16
@@ -126,10 +131,18 @@ def _build_adapter_class():
 
         def __init__(self, pretrained, tokenizer=None, batch_size: int | str = DEFAULT_BATCH_SIZE, max_length=None,
                      **kwargs):
-            if isinstance(pretrained, str):
-                raise HarnessError(f"{ADAPTER_NAME} wraps a loaded model: pass pretrained=<PreTrainedModel>")
+            self.harness_cache_scope = None  # set for a model built from a name: lm-eval's caches are keyed by it
+            self._harness = None
+            if isinstance(pretrained, (str, Path)):  # lm-eval's CLI / simple_evaluate(model="harness-masked", …)
+                from harness.lmeval_plugin import build_masked
+
+                built = build_masked(str(pretrained), tokenizer=tokenizer, **kwargs)
+                pretrained, tokenizer, kwargs = built.model, built.tokenizer, built.hflm_kwargs
+                self._harness, self.harness_cache_scope = built, built.scope
             super().__init__(pretrained=pretrained, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
                              max_length=max_length, **kwargs)
+            if self._harness is not None:
+                self._harness.apply()  # the method's masks stay on for this model's whole evaluation
             self._lengths: list[int] | None = None  # unpadded length of each row of the batch being built
             self._contexts: list[int] | None = None  # context tokens of each row (the rest is continuation)
             self._chunk = None  # the requests of that batch, as lm-eval's Collator yielded them
@@ -170,6 +183,19 @@ def _build_adapter_class():
                 hf_module.pad_and_concat, hf_module.Collator = original_pad, original_collator
                 self._lengths = self._contexts = self._chunk = None
 
+        @property
+        def tokenizer_name(self) -> str:
+            """lm-eval keys its request cache (`cache_requests`) by task, shots and this name, never by the model's
+            arguments: with a built configuration the name carries its digest, so two configurations never share."""
+            name = super().tokenizer_name
+            return f"{name}-harness-{self.harness_cache_scope}" if self.harness_cache_scope else name
+
+        def get_model_info(self) -> dict:
+            info = super().get_model_info()
+            if self._harness is not None:
+                info["harness"] = self._harness.info()
+            return info
+
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             with self._recording_lengths():
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
@@ -194,10 +220,13 @@ def _build_adapter_class():
             with request_contexts(self.model, counts):
                 return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
-    try:
-        register_model(ADAPTER_NAME)(MaskedHFLM)
-    except (AssertionError, ValueError):  # already registered (module reloaded)
-        pass
+    from lm_eval.api.registry import model_registry
+
+    if ADAPTER_NAME not in model_registry:  # else a placeholder (the entry point, harness/lmeval_plugin.py) names it
+        try:
+            register_model(ADAPTER_NAME)(MaskedHFLM)
+        except (AssertionError, ValueError):  # already registered (module reloaded)
+            pass
     return MaskedHFLM
 
 
@@ -217,15 +246,24 @@ def make_adapter(model, tokenizer, batch_size: int | str = DEFAULT_BATCH_SIZE, m
 
 
 # -- tasks ----------------------------------------------------------------------------------------------
-def choose_source(task: ZeroShotTask, setting: str = "auto") -> str:
-    """`hf` (lm-eval's own task and data set) or `local` (the offline copy). `auto`: hf when the data set is in the
-    Hugging Face cache or the task has no offline copy, else local."""
+_BUNDLE = object()  # choose_source's default: a bundle is there (the caller did not say)
+
+
+def choose_source(task: ZeroShotTask, setting: str = "auto", data_dir=_BUNDLE) -> str:
+    """`hf` (lm-eval's own task and data set) or `local` (the offline copy in the bundle). `auto`: hf when the data
+    set is in the Hugging Face cache, the task has no offline copy, or there is no bundle (`data_dir` None: the data
+    comes from the hub); else local."""
     if setting not in SOURCES:
         raise HarnessError(f"unknown lm-eval data source {setting!r}; valid: {', '.join(SOURCES)}")
     if task.local_task is None:
         if setting == "local":
             raise HarnessError(f"task {task.name} has no offline copy (the data directory has none): it runs lm-eval's "
                                f"own task on {task.hf_dataset[0]} from the Hugging Face hub")
+        return "hf"
+    if data_dir is None:  # no bundle
+        if setting == "local":
+            raise HarnessError(f"lmeval_source local: task {task.name}'s offline copy reads an offline bundle, and none "
+                               "was given; pass --data-dir DIR (or HARNESS_DATA_DIR), or use lmeval_source auto/hf")
         return "hf"
     if setting == "auto":
         return "hf" if hf_dataset_cached(task.hf_dataset[0]) else "local"
@@ -341,20 +379,37 @@ def _run_dir(session):
 
 
 def save_results(session, job, results: dict) -> Path | None:
-    """lm-eval's results JSON (and samples, if logged) in `<run_dir>/lm_eval/`; None without a run folder."""
-    from harness.store import write_atomic
+    """lm-eval's results in lm-eval's own schema and file names, written by lm-eval's EvaluationTracker (what
+    `lm-eval run --output_path … [--log_samples]` writes): `<run_dir>/lm_eval/<job key>/results_<date>.json`, and
+    with logged samples `samples_<task>_<date>.jsonl` beside it. The job's folder is emptied first (a job that was
+    killed halfway left its partial files there). None without a run folder."""
+    import shutil
+
+    from lm_eval.loggers import EvaluationTracker
 
     run_dir = _run_dir(session)
     if run_dir is None:
         return None
-    results = jsonable(results)
+    folder = run_dir / "lm_eval" / job.key
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    results = dict(results)
     samples = results.pop("samples", None)
-    path = run_dir / "lm_eval" / f"{job.key}.json"
-    write_atomic(path, json.dumps(results, indent=1, sort_keys=True))
-    if samples:
-        lines = [json.dumps({"task": name, **sample}, sort_keys=True) for name, rows in samples.items() for sample in rows]
-        write_atomic(run_dir / "lm_eval" / f"{job.key}.samples.jsonl", "\n".join(lines) + "\n")
-    return path
+    tracker = EvaluationTracker(output_path=str(folder / "results.json"))  # a .json path: no model-name folder
+    model_args = {"model": session.model_spec.label, "weights": session.config.weights, "method": job.method,
+                  "sparsity": job.sparsity, "task": job.task, "seed": job.seed, "job": job.key}
+    tracker.general_config_tracker.log_experiment_args(model_source=ADAPTER_NAME, model_args=model_args,
+                                                       system_instruction=None, chat_template=None,
+                                                       fewshot_as_multiturn=False)
+    with _quiet():
+        tracker.save_results_aggregated(results=results, samples=samples)
+        for name in (samples or {}):
+            tracker.save_results_samples(task_name=name, samples=samples[name])
+    written = sorted(folder.glob("results_*.json"))
+    if not written:  # the tracker logs its errors as warnings and goes on: say it here
+        raise RuntimeError(f"lm-eval's EvaluationTracker wrote no results file into {folder}")
+    return written[-1]
 
 
 def _setting(config, name, default):
@@ -382,7 +437,7 @@ def evaluate_task(session, job, config, progress) -> list[dict]:
     task = ZERO_SHOT[job.task]
     num_fewshot = int(_setting(config, "num_fewshot", 0))
     batch_size = batch_size_for(_setting(config, "batch_size", None), session.device)
-    source = choose_source(task, _setting(config, "lmeval_source", "auto"))
+    source = choose_source(task, _setting(config, "lmeval_source", "auto"), session.data.root)
     lm = session.memo(f"lm_eval:adapter:{batch_size}",
                              lambda: make_adapter(session.model, session.tokenizer, batch_size=batch_size))
     lm_task = task.lm_eval_task if source == "hf" else task.local_task
@@ -398,7 +453,7 @@ def evaluate_task(session, job, config, progress) -> list[dict]:
     path = save_results(session, job, results)
     if path is not None:
         for record in records:
-            record["lm_eval_results"] = str(path.relative_to(path.parent.parent))
+            record["lm_eval_results"] = str(path.relative_to(path.parent.parent.parent))
     if progress is not None:
         progress.advance(1)
     if not records:
@@ -410,4 +465,5 @@ def register_tasks(tasks: dict, task_def_cls) -> None:
     """Add the zero-shot tasks to the harness TASKS registry."""
     for task in ZERO_SHOT.values():
         hub = (task.hf_dataset[0],) if task.local_task is None else ()
-        tasks[task.name] = task_def_cls(task.name, task.kind, task.description, task.files, evaluate_task, hub=hub)
+        tasks[task.name] = task_def_cls(task.name, task.kind, task.description, task.files, evaluate_task, hub=hub,
+                                        hub_instead=(task.hf_dataset[0],) if task.local_task else ())

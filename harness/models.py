@@ -224,23 +224,63 @@ def load_model(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype = tor
     return model
 
 
+TOKENIZER_PATTERNS = ["tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "*.model", "config.json"]
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((Path(folder) / name).exists() for name in ("tokenizer_config.json", "tokenizer.json", "vocab.json"))
+
+
+def hub_tokenizer(repo_id: str, why: str) -> Path:
+    """The local snapshot of a Hugging Face repository's tokenizer files: cached, else downloaded now."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=TOKENIZER_PATTERNS))
+    except Exception:  # noqa: BLE001 - not cached
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=TOKENIZER_PATTERNS))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, gated
+        raise HarnessError(
+            f"{why}: the tokenizer of {repo_id} is not in the local Hugging Face cache and cannot be downloaded "
+            f"({type(exc).__name__}); pass --tokenizer DIR (a folder holding tokenizer_config.json, vocab.json …), or "
+            "an offline bundle (--data-dir / HARNESS_DATA_DIR) whose tokenizer/opt is OPT's") from None
+
+
 def tokenizer_dir_for(spec: ModelSpec, tokenizer_dir: str | Path | None, data_dir=None) -> Path:
-    """Where the tokenizer comes from: `tokenizer_dir`, else the model directory's own, else OPT's in the data
-    directory (its files checked: existence and sha256). Raises when there is none."""
-    from harness.data import TOKENIZER_FILES
+    """Where the tokenizer comes from, in this order: `--tokenizer` (a folder, or a Hugging Face id); the model's
+    own (its directory; with pretrained weights, the checkpoint the weights load from); the bundle's OPT tokenizer
+    (`tokenizer/opt`, its files checked: existence and sha256); for an OPT model with random weights and no bundle,
+    OPT's tokenizer from the hub (facebook/opt-125m, the same for every size). Raises when there is none."""
+    from harness.data import OPT_TOKENIZER_ID, TOKENIZER_FILES
 
     if tokenizer_dir:
         path = Path(tokenizer_dir)
-        if not path.is_dir():
-            raise HarnessError(f"tokenizer directory {path} does not exist (set --tokenizer to a folder holding "
-                               "tokenizer_config.json, vocab.json …)")
-        return path
-    if spec.kind == "local" and any((Path(spec.name) / f).exists() for f in ("tokenizer_config.json", "vocab.json")):
+        if path.is_dir():
+            return path
+        text = str(tokenizer_dir)
+        if "/" in text and not text.startswith((".", "/", "~")) and not path.exists():  # a Hugging Face id
+            return hub_tokenizer(text, f"--tokenizer {text}")
+        raise HarnessError(f"tokenizer directory {path} does not exist (set --tokenizer to a folder holding "
+                           "tokenizer_config.json, vocab.json …, or to a Hugging Face id such as facebook/opt-125m)")
+    if spec.kind == "local" and _has_tokenizer(Path(spec.name)):
         return Path(spec.name)
-    if data_dir is None:
-        raise HarnessError("no tokenizer: pass --tokenizer DIR or a data directory that holds tokenizer/opt")
-    data_dir.check(TOKENIZER_FILES)
-    return data_dir.root / "tokenizer" / "opt"
+    if spec.weights == "pretrained" and spec.kind != "local":
+        snapshot = spec.checkpoint_dir()
+        if _has_tokenizer(snapshot):
+            return snapshot
+    if data_dir is not None and getattr(data_dir, "kind", "bundle") == "bundle":
+        data_dir.check(TOKENIZER_FILES)
+        return data_dir.root / "tokenizer" / "opt"
+    if spec.kind == "builtin" or (spec.kind == "local" and (Path(spec.name) / "config.json").exists()
+                                  and json.loads((Path(spec.name) / "config.json").read_text()).get("model_type") == "opt"):
+        return hub_tokenizer(OPT_TOKENIZER_ID, f"model {spec.label} with --weights {spec.weights} has no tokenizer of "
+                                               "its own, so OPT's is used")
+    if spec.kind == "hub":
+        return hub_tokenizer(spec.name, f"model {spec.name}")
+    raise HarnessError(f"no tokenizer for model {spec.label}: pass --tokenizer DIR (or a Hugging Face id), or an offline "
+                       "bundle (--data-dir) that holds tokenizer/opt")
 
 
 def load_tokenizer(spec: ModelSpec, tokenizer_dir: str | Path | None, data_dir=None):

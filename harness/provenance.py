@@ -6,11 +6,15 @@ import subprocess
 from functools import lru_cache
 from importlib import metadata
 
-from harness.data import REPO_ROOT
+from harness.resources import source_checkout
 
 
 @lru_cache(maxsize=1)
 def git_commit() -> str:
+    """The checkout's commit; an installed package is identified by its version (`packages`), not by git."""
+    REPO_ROOT = source_checkout()
+    if REPO_ROOT is None:
+        return "installed"
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()

@@ -181,7 +181,7 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
         "model_layers": model.config.num_hidden_layers, "model_heads": model.config.num_attention_heads,
         "model_ffn": model.config.ffn_dim,
         "weights": config.weights, "dtype": dtype_name(session.dtype), "device": session.device,
-        "data_verified": session.data.verify,
+        "data_verified": session.data.verify, "data_source": getattr(session.data, "kind", "bundle"),
         "method": spec.name, "variant": method.variant, "method_label": method.label,
         "scope": config.scope, "allocation": config.allocation, "dense_layers": list(config.dense_layers),
         "sparsity": job.sparsity, "sparsity_heads": job.heads, "sparsity_neurons": job.neurons,

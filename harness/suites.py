@@ -1,14 +1,14 @@
-"""Suites: declarative YAML files in suites/ naming tasks and the defaults of a run."""
+"""Suites: declarative YAML files in suites/ (package data, harness/resources.py) naming tasks and the defaults of a run."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
 
-from harness.data import REPO_ROOT
 from harness.errors import HarnessError
+from harness.resources import suites_dir
 
-SUITES_DIR = REPO_ROOT / "suites"
+SUITES_DIR = suites_dir()
 
 
 def yaml_files(folder: Path) -> dict[str, Path]:

@@ -72,9 +72,9 @@ def sweep_digest(sweep: dict) -> str:
 
 
 def default_sweep_dir(sweep: dict) -> Path:
-    from harness.data import REPO_ROOT
+    from harness.resources import results_dir
 
-    return REPO_ROOT / "results" / f"sweep-{sweep['name']}-{sweep_digest(sweep)}"
+    return results_dir() / f"sweep-{sweep['name']}-{sweep_digest(sweep)}"
 
 
 def build_units(sweep: dict, sweep_dir: Path, data_dir=None, tokenizer=None, cache_dir=None, log=print,

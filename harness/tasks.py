@@ -29,12 +29,19 @@ class TaskDef:
     masked: bool = True
     hub: tuple[str, ...] = ()
     streamed: bool = False  # the hub data set is streamed (never served from the local cache)
+    #: with no bundle (data from the hub), the hub data sets read instead of `files` (zero-shot: lm-eval's own);
+    #: empty: the hub splits that `files` are copies of (harness.data.HUB)
+    hub_instead: tuple[str, ...] = ()
     #: work done before the evaluation clock starts (tokenizing the test set), `prepare(session, job, config)`
     prepare: Callable | None = field(default=None, repr=False)
 
     def check(self, data) -> None:
         """Exit-2 error (HarnessError) naming what is missing: a data file, or a hub data set while offline."""
-        data.check(self.files)
+        if getattr(data, "kind", "bundle") == "hub" and self.hub_instead:
+            for path in self.hub_instead:
+                check_hub(path, f"task {self.name}", bundled=True)
+        else:
+            data.check(self.files)
         for path in self.hub:
             check_hub(path, self.name, self.streamed)
 

@@ -203,7 +203,7 @@ def prepare(config, data_dir=None, tokenizer=None, *, cache_dir=None, out=None, 
     the caller will claim (None: the caller checks its own folder). Raises HarnessError; writes nothing
     until every check has passed (then only the model digest cache)."""
     from harness.artefacts import ArtefactCache
-    from harness.data import DataDir
+    from harness.data import resolve_data
     from harness.footprint import check as check_footprint
     from harness.footprint import run_needs
     from harness.models import ModelSpec, dtype_name, resolve_device, resolve_dtype
@@ -223,7 +223,7 @@ def prepare(config, data_dir=None, tokenizer=None, *, cache_dir=None, out=None, 
     check_ranges(config, model_config, model_spec.label)
     labels = list(dict.fromkeys(get_method(MethodSpec.parse(text)).label for text in config.methods))
     check_methods(config, labels, tasks)
-    data = DataDir.resolve(data_dir, verify=verify)
+    data = resolve_data(data_dir, verify=verify)  # a bundle, else the Hugging Face hub (harness/data.py)
     fits = fitting_methods(labels)
     check_data(data, config, tasks, bool(fits), model_spec, tokenizer)
     cache = ArtefactCache(cache_dir)
