@@ -266,12 +266,13 @@ def fit(
     configure_output(verbose, ())
     plugin = get_method(MethodSpec.parse(method))
     target = parse_sparsity(sparsity, plugin.units)
-    alloc = plugin.adjust(Allocation(heads=target["heads"], neurons=target["neurons"], mode=allocation))
+    alloc = plugin.adjust(Allocation(heads=target["heads"], neurons=target["neurons"], inputs=target["inputs"],
+                                     mode=allocation))
     from harness.footprint import check, run_needs
     from harness.models import dtype_name, resolve_device, resolve_dtype
     from harness.spec import JobSpec
 
-    job = JobSpec(plugin.label, sparsity, alloc.heads, alloc.neurons, "fit", seed, ())
+    job = JobSpec(plugin.label, sparsity, alloc.heads, alloc.neurons, "fit", seed, (), inputs=alloc.inputs)
     device_ = resolve_device(config.device)
     check(run_needs([job], prepared.model_config, config), model_config=prepared.model_config, run_config=config,
           device=device_, dtype=dtype_name(resolve_dtype(config.dtype, device_)), cache_root=ArtefactCache(cache_dir).root)
@@ -390,12 +391,14 @@ def list_(what: str = typer.Argument(..., help="methods, suites, models or tasks
         for name in available():
             out.add_row(name, load_suite(name)["description"])
     elif what == "models":
-        from harness.models import OPT_SIZES
+        from harness.families import builtin_models
 
-        out.add_column("model"), out.add_column("layers"), out.add_column("hidden"), out.add_column("heads"), out.add_column("ffn")
-        for name, size in OPT_SIZES.items():
-            out.add_row(name, str(size["num_hidden_layers"]), str(size["hidden_size"]), str(size["num_attention_heads"]),
-                        str(size["ffn_dim"]))
+        for column in ("model", "family", "layers", "hidden", "heads", "kv heads", "ffn", "checkpoint"):
+            out.add_column(column)
+        for name, (family, hub_id, make) in builtin_models().items():
+            s = family.sizes(make())
+            out.add_row(name, family.name, str(s.layers), str(s.hidden), str(s.heads), str(s.kv_heads), str(s.ffn),
+                        hub_id or "- (test config)")
     else:
         from harness.tasks import TASKS
 

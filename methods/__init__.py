@@ -42,12 +42,14 @@ class Method(ABC):
     Class attributes a plugin sets:
       name: the registered name users type.
       variants: the accepted variants; default_variant is used when none is given.
-      units: what a plain sparsity value sparsifies ({"heads"}, {"neurons"} or both).
+      units: what a plain sparsity value sparsifies ({"heads"}, {"neurons"}, both, or {"inputs"}: the input entries
+        of every linear layer, TEAL-style).
       supports: what an explicit target (h0.5, n0.9) may sparsify; defaults to `units`.
       allocations: the allocation modes its scores allow: `local` always; `global` only when the scores of every
         layer are known before the first sparse layer runs (its policy implements `global_scores`).
       seeded: whether results depend on the seed (random masks, trained predictors); `--seed 0,1,2`
         repeats only seeded methods.
+      masked_only: the method has no mask source for the sparse decode engine (latency tasks refuse it).
       description: one line for `harness list methods`.
     """
 
@@ -58,6 +60,7 @@ class Method(ABC):
     supports: ClassVar[frozenset | None] = None
     allocations: ClassVar[frozenset] = frozenset({"local"})
     seeded: ClassVar[bool] = False
+    masked_only: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def __init__(self, variant: str | None, settings: dict | None = None):
