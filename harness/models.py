@@ -66,12 +66,14 @@ class ModelSpec:
         return hub_id
 
     def config(self):
+        """The model's transformers config, with its family's aliases (`Family.normalise_config`) when the
+        harness has an adapter for it."""
         if self.kind == "builtin":
-            return builtin_models()[self.name][2]()
+            return _normalised(builtin_models()[self.name][2]())
         from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(self.source)
+            return _normalised(AutoConfig.from_pretrained(self.source))
         except OSError as exc:
             raise HarnessError(f"cannot read the config of model {self.name!r}: {exc}") from exc
 
@@ -97,6 +99,14 @@ class ModelSpec:
     @property
     def label(self) -> str:
         return Path(self.name).name if self.kind == "local" else self.name
+
+
+def _normalised(config):
+    try:
+        family = family_of(config)
+    except HarnessError:  # not a supported family: validation says so (harness.validate.check_model)
+        return config
+    return family.normalise_config(config)
 
 
 @functools.cache
@@ -215,7 +225,7 @@ def load_model(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype = tor
             model = model.to(device)
     model.eval()
     model.requires_grad_(False)
-    family_of(model)  # raises for a family the harness has no adapter for
+    family_of(model).normalise_config(model.config)  # raises for a family the harness has no adapter for
     return model
 
 

@@ -115,6 +115,12 @@ class Family:
     def check_criteria(config) -> None:
         """Raise when the importance criteria's formulas do not hold for this config."""
 
+    @staticmethod
+    def normalise_config(config):
+        """Called on every config the harness loads (harness.models): a family may add aliases that code written
+        for OPT reads. Returns the config."""
+        return config
+
     # -- loading ---------------------------------------------------------------------------------------------
     @staticmethod
     def init_std(config) -> float:

@@ -145,6 +145,13 @@ class Llama(Family):
         return magnitude > magnitude.median(dim=-1, keepdim=True).values
 
     @staticmethod
+    def normalise_config(config):
+        """`ffn_dim` as an alias of `intermediate_size`: the predictor methods (dejavu, shadow, timewise) and the
+        decode engine still read OPT's name for the FFN width (`sizes(config).ffn` is the adapter's way)."""
+        config.ffn_dim = config.intermediate_size
+        return config
+
+    @staticmethod
     def init_std(config) -> float:
         return config.initializer_range
 

@@ -33,15 +33,25 @@ def opt_config(name: str):
     return OPTConfig(**{**OPT_COMMON, **OPT_SIZES[name]}, _name_or_path=f"facebook/{name}")
 
 
+#: a tiny OPT for tests and smoke runs (random weights only; the shape of tests/conftest.py's tiny model)
+OPT_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32)
+
+
 def _maker(name):
     return lambda: opt_config(name)
+
+
+def _tiny():
+    from transformers import OPTConfig
+
+    return OPTConfig(**{**OPT_COMMON, **OPT_TINY, "dropout": 0.0}, _name_or_path="opt-tiny")
 
 
 @register
 class OPT(Family):
     name = "opt"
     model_types = ("opt",)
-    builtin = {name: (f"facebook/{name}", _maker(name)) for name in OPT_SIZES}
+    builtin = {**{name: (f"facebook/{name}", _maker(name)) for name in OPT_SIZES}, "opt-tiny": (None, _tiny)}
     linear_sites = ("q", "k", "v", "o", "up", "down")
 
     @staticmethod
