@@ -108,19 +108,10 @@ class RunUI:
 
 
 def build_config(suite_name: str, overrides: dict):
-    from harness.data import REPO_ROOT
-    from harness.spec import RunConfig
-    from harness.suites import load_suite
+    """The run configuration of a suite with command-line overrides (harness.suites.build_config)."""
+    from harness.suites import build_config as build
 
-    suite = load_suite(suite_name)
-    values = {**suite["defaults"], **{k: v for k, v in overrides.items() if v is not None}}
-    values["suite"] = suite["name"]
-    model = values.get("model")
-    if model and not Path(model).exists() and (REPO_ROOT / model).is_dir():  # suite files name fixtures by repo path
-        values["model"] = str(REPO_ROOT / model)
-    config = RunConfig.from_mapping(values, f"suite {suite['name']}")
-    config.validate()
-    return config
+    return build(suite_name, overrides)
 
 
 def configure_output(verbose: bool, tasks) -> None:

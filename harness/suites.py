@@ -47,3 +47,19 @@ def load_suite(name: str) -> dict:
     suite.setdefault("description", "")
     suite.setdefault("defaults", {})
     return suite
+
+
+def build_config(suite_name: str, overrides: dict):
+    """The RunConfig of a suite: its defaults, then the overrides that are not None (command-line options, a sweep
+    entry); a model named by a repository path (a fixture) resolves against the repository root."""
+    from harness.spec import RunConfig
+
+    suite = load_suite(suite_name)
+    values = {**suite["defaults"], **{k: v for k, v in overrides.items() if v is not None}}
+    values["suite"] = suite["name"]
+    model = values.get("model")
+    if model and not Path(model).exists() and (REPO_ROOT / model).is_dir():  # suite files name fixtures by repo path
+        values["model"] = str(REPO_ROOT / model)
+    config = RunConfig.from_mapping(values, f"suite {suite['name']}")
+    config.validate()
+    return config
