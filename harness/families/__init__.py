@@ -160,7 +160,8 @@ def discover() -> dict[str, type[Family]]:
 
 
 def families() -> list[type[Family]]:
-    return sorted(set(discover().values()), key=lambda f: f.name)
+    """The families, OPT (the harness's first) first, then by name."""
+    return sorted(set(discover().values()), key=lambda f: (f.name != "opt", f.name))
 
 
 def supported_types() -> list[str]:
