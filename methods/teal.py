@@ -233,6 +233,22 @@ class Teal(Method):
     def hp(self) -> dict:
         return {**GREEDY_DEFAULTS, **{k: v for k, v in self.settings.items() if k in GREEDY_DEFAULTS}}
 
+    def footprint(self, model_config, run_config, allocation, seed):
+        """The histograms (int64 counts per layer and site) and, for greedy, every layer's dense inputs of
+        `greedy_samples` calibration examples kept on the device while the allocation is searched."""
+        from harness.footprint import Need
+        from harness.families import sizes_of
+
+        shape = sizes_of(model_config)
+        sites = len(family_of(model_config).linear_sites)
+        needs = {("teal-histograms",): Need("teal |x| histograms", disk=shape.layers * sites * (BINS + 2) * 8)}
+        if self.variant == "greedy" and allocation.inputs > 0:
+            tokens = int(self.hp()["greedy_samples"]) * run_config.calib_seqlen
+            needs[("teal-greedy", allocation.inputs)] = Need(
+                "teal greedy allocation (dense layer inputs)", gpu=tokens * shape.hidden * shape.layers * 4,
+                settings="greedy_samples,calib_seqlen")
+        return needs
+
     def fit(self, ctx, allocation):
         family = family_of(ctx.model)
         sites = list(family.linear_sites)
