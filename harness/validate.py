@@ -98,7 +98,7 @@ def check_device(device: str | None, executor: str = "local") -> None:
 
 def check_model(spec):
     """The model's config (no weights loaded); refuses an unknown name and a family without an adapter."""
-    from harness.families import family_of, supported_types
+    from harness.families import family_of, supported
 
     spec.kind  # noqa: B018 - raises for an unknown model
     config = spec.config()
@@ -106,7 +106,7 @@ def check_model(spec):
         family_of(config)
     except HarnessError:
         raise HarnessError(f"model {spec.name!r} is a {getattr(config, 'model_type', '?')!r} model; the harness "
-                           f"supports the model types {', '.join(supported_types())} (see `harness list models`)") from None
+                           f"supports {supported()}; see `harness list models`") from None
     return config
 
 

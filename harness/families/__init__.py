@@ -58,6 +58,8 @@ class Family:
     module accessors; the rest has defaults."""
 
     name: ClassVar[str]
+    #: how messages name the family's models
+    label: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]]
     #: built-in configs: name -> (Hugging Face id of the pretrained checkpoint, config factory)
     builtin: ClassVar[dict[str, tuple[str, Callable]]] = {}
@@ -168,14 +170,19 @@ def supported_types() -> list[str]:
     return sorted(discover())
 
 
+def supported() -> str:
+    """What the harness supports, for messages: the families' labels and the model types."""
+    labels = " and ".join(f.label or f.name for f in families())
+    return f"{labels} models (model types: {', '.join(supported_types())})"
+
+
 def family_of(model_or_config) -> type[Family]:
     """The family of a model or config, by its `model_type`."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     found = discover().get(model_type)
     if found is None:
-        raise HarnessError(f"a {model_type!r} model is not supported; supported model types: "
-                           f"{', '.join(supported_types())} (families: {', '.join(f.name for f in families())})")
+        raise HarnessError(f"a {model_type!r} model is not supported; the harness supports {supported()}")
     return found
 
 

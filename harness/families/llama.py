@@ -70,6 +70,7 @@ def _maker(name):
 @register
 class Llama(Family):
     name = "llama"
+    label = "Llama-family (Llama-2/3, Mistral, Qwen2)"
     model_types = ("llama", "mistral", "qwen2")
     builtin = {name: (values["hub"], _maker(name)) for name, values in LLAMA_SIZES.items()}
 

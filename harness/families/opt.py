@@ -50,6 +50,7 @@ def _tiny():
 @register
 class OPT(Family):
     name = "opt"
+    label = "OPT"
     model_types = ("opt",)
     builtin = {**{name: (f"facebook/{name}", _maker(name)) for name in OPT_SIZES}, "opt-tiny": (None, _tiny)}
     linear_sites = ("q", "k", "v", "o", "up", "down")
