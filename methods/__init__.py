@@ -50,6 +50,7 @@ class Method(ABC):
       seeded: whether results depend on the seed (random masks, trained predictors); `--seed 0,1,2`
         repeats only seeded methods.
       masked_only: the method has no mask source for the sparse decode engine (latency tasks refuse it).
+      training_free: a training-free activation-sparsity baseline (TEAL, CATS, WINA): listed apart in messages.
       description: one line for `harness list methods`.
     """
 
@@ -61,6 +62,7 @@ class Method(ABC):
     allocations: ClassVar[frozenset] = frozenset({"local"})
     seeded: ClassVar[bool] = False
     masked_only: ClassVar[bool] = False
+    training_free: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def __init__(self, variant: str | None, settings: dict | None = None):
@@ -119,7 +121,10 @@ def discover() -> dict[str, type[Method]]:
 def get_method(spec: MethodSpec, settings: dict | None = None) -> Method:
     methods = discover()
     if spec.name not in methods:
-        raise HarnessError(f"unknown method {spec.name!r}; valid methods: {', '.join(sorted(methods))}")
+        contextual = sorted(name for name, cls in methods.items() if not cls.training_free)
+        baselines = sorted(name for name, cls in methods.items() if cls.training_free)
+        raise HarnessError(f"unknown method {spec.name!r}; valid methods: {', '.join(contextual)}"
+                           + (f"; training-free baselines: {', '.join(baselines)}" if baselines else ""))
     cls = methods[spec.name]
     if spec.variant is not None and spec.variant not in cls.variants:
         valid = ", ".join(f"{cls.name}:{v}" for v in cls.variants) or f"{cls.name} (it takes no variant)"

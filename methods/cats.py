@@ -38,6 +38,7 @@ class Cats(Method):
     name = "cats"
     units = frozenset({"neurons"})
     masked_only = True
+    training_free = True
     description = "CATS: per-layer calibration threshold on |gate activation| (OPT: the ReLU output) skips FFN neurons"
 
     def fit(self, ctx, allocation):

@@ -227,6 +227,7 @@ class Teal(Method):
     default_variant = "uniform"
     units = frozenset({"inputs"})
     masked_only = True
+    training_free = True
     description = ("TEAL: magnitude thresholds (calibration histograms) on the inputs of every linear layer; "
                    "uniform, or TEAL's greedy per-layer allocation")
 

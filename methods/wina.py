@@ -45,6 +45,7 @@ class Wina(Method):
     name = "wina"
     units = frozenset({"inputs"})
     masked_only = True
+    training_free = True
     description = "WINA: per token, skip the linear-layer inputs with the smallest |x_i|·‖W[:, i]‖ (top-k per site)"
 
     def policy(self, ctx, allocation, artefact):
