@@ -110,24 +110,10 @@ class RunUI:
 
 
 def build_config(suite_name: str, overrides: dict):
-    from harness.resources import source_checkout
-    from harness.spec import RunConfig
-    from harness.suites import load_suite
+    """The run configuration of a suite with command-line overrides (harness.suites.build_config)."""
+    from harness.suites import build_config as build
 
-    suite = load_suite(suite_name)
-    values = {**suite["defaults"], **{k: v for k, v in overrides.items() if v is not None}}
-    values["suite"] = suite["name"]
-    model = values.get("model")
-    if model and str(model).startswith("tests/fixtures/") and not Path(model).exists():  # suites name fixtures by repo path
-        checkout = source_checkout()
-        if checkout is None or not (checkout / model).is_dir():
-            raise HarnessError(f"suite {suite['name']} runs the project's reference model {model}, which ships with the "
-                               "source checkout only (git clone the repository and run from it); or pass --model, e.g. "
-                               "--model facebook/opt-1.3b --weights pretrained")
-        values["model"] = str(checkout / model)
-    config = RunConfig.from_mapping(values, f"suite {suite['name']}")
-    config.validate()
-    return config
+    return build(suite_name, overrides)
 
 
 def configure_output(verbose: bool, tasks) -> None:
@@ -291,12 +277,13 @@ def fit(
     configure_output(verbose, ())
     plugin = get_method(MethodSpec.parse(method))
     target = parse_sparsity(sparsity, plugin.units)
-    alloc = plugin.adjust(Allocation(heads=target["heads"], neurons=target["neurons"], mode=allocation))
+    alloc = plugin.adjust(Allocation(heads=target["heads"], neurons=target["neurons"], inputs=target["inputs"],
+                                     mode=allocation))
     from harness.footprint import check, run_needs
     from harness.models import dtype_name, resolve_device, resolve_dtype
     from harness.spec import JobSpec
 
-    job = JobSpec(plugin.label, sparsity, alloc.heads, alloc.neurons, "fit", seed, ())
+    job = JobSpec(plugin.label, sparsity, alloc.heads, alloc.neurons, "fit", seed, (), inputs=alloc.inputs)
     device_ = resolve_device(config.device)
     check(run_needs([job], prepared.model_config, config), model_config=prepared.model_config, run_config=config,
           device=device_, dtype=dtype_name(resolve_dtype(config.dtype, device_)), cache_root=ArtefactCache(cache_dir).root)
@@ -483,12 +470,14 @@ def list_(what: str = typer.Argument(..., help="methods, suites, models or tasks
         for name in available():
             out.add_row(name, load_suite(name)["description"])
     elif what == "models":
-        from harness.models import OPT_SIZES
+        from harness.families import builtin_models
 
-        out.add_column("model"), out.add_column("layers"), out.add_column("hidden"), out.add_column("heads"), out.add_column("ffn")
-        for name, size in OPT_SIZES.items():
-            out.add_row(name, str(size["num_hidden_layers"]), str(size["hidden_size"]), str(size["num_attention_heads"]),
-                        str(size["ffn_dim"]))
+        for column in ("model", "family", "layers", "hidden", "heads", "kv heads", "ffn", "checkpoint"):
+            out.add_column(column)
+        for name, (family, hub_id, make) in builtin_models().items():
+            s = family.sizes(make())
+            out.add_row(name, family.name, str(s.layers), str(s.hidden), str(s.heads), str(s.kv_heads), str(s.ffn),
+                        hub_id or "- (test config)")
     else:
         from harness.tasks import TASKS
 

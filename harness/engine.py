@@ -1,8 +1,12 @@
-"""The masked engine: hooks on a Hugging Face OPT model that skip attention heads and FFN neurons per token.
+"""The masked engine: hooks on a Hugging Face model that skip attention heads and FFN neurons per token.
 
-Head masks act on the per-head attention outputs (the input of `out_proj`, viewed as batch × tokens ×
-heads × head dim); neuron masks on fc1's activations after ReLU (the input of fc2). Keys and values of
-every head are kept. A skipped head outputs zero, or a replacement vector when the policy gives one.
+Head masks act on the per-head attention outputs (the input of the output projection, viewed as batch × tokens ×
+heads × head dim: OPT's `out_proj`, Llama's `o_proj`, whose heads are the query heads); neuron masks on the
+activations at the input of the down projection (OPT: fc1 after ReLU; Llama: the SwiGLU act(gate) · up). Keys and
+values of every head are kept. A skipped head outputs zero, or a replacement vector when the policy gives one.
+Input masks (TEAL, WINA) zero entries of a linear layer's input (q, k, v, o, gate, up, down), i.e. skip columns
+of its weight. Where these tensors are is the model family's business (`harness.families`): the engine only names
+hookpoints.
 
 A method supplies a `MaskPolicy` that scores heads and neurons (higher = more important); the engine
 turns scores into masks under an `Allocation` (one place for top-k, local/global budgets, dense layers and
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.errors import HarnessError
+from harness.families import family_of, install
 
 ALLOCATIONS = ("local", "global")
 SCOPES = ("token", "request")
@@ -26,6 +31,7 @@ class Allocation:
     """How a sparsity target becomes masks.
 
     heads / neurons: the fraction skipped per token (of the heads/neurons of the layers that may be sparse).
+    inputs: the fraction of each linear layer's input entries skipped per token (input masks, TEAL/WINA).
     mode: `local` skips the same count in every layer; `global` ranks all layers' scores together.
     dense_layers: layers never sparsified (e.g. (0,) as in ShadowLLM).
     min_keep: with `global`, at least this fraction of each layer's units is kept.
@@ -40,9 +46,10 @@ class Allocation:
     dense_layers: tuple[int, ...] = ()
     min_keep: float = 0.0
     scope: str = "token"
+    inputs: float = 0.0
 
     def __post_init__(self):
-        for name in ("heads", "neurons"):
+        for name in ("heads", "neurons", "inputs"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise HarnessError(f"{name} sparsity {value} is outside [0, 1)")
@@ -54,7 +61,7 @@ class Allocation:
             raise HarnessError(f"min_keep {self.min_keep} is outside [0, 1]")
 
     def fraction(self, unit: str) -> float:
-        return self.heads if unit == "heads" else self.neurons
+        return getattr(self, unit)
 
 
 @dataclass
@@ -82,10 +89,16 @@ class MaskPolicy:
     `state.captures[(name, layer)]` as (B, T, ...) tensors:
       layer_input: the residual stream entering a decoder layer (the attention input, before its norm),
       mlp_input: the residual stream entering the MLP block (after attention),
-      attn_output: a layer's attention output (after out_proj, before the residual add).
+      attn_output: a layer's attention output (after the output projection, before the residual add),
+      neuron_gate: the gate activation of a layer's neurons (B, T, F): act(gate_proj x), or OPT's ReLU(fc1 x).
     Score functions see `state` (captures of this call up to the current layer) and, for heads, the
-    per-head outputs of the current layer (B, T, H, D), for neurons the post-ReLU activations (B, T, F).
-    Return None to keep every unit of that layer.
+    per-head outputs of the current layer (B, T, H, D), for neurons the activations at the down projection's
+    input (B, T, F). Return None to keep every unit of that layer.
+
+    Thresholding policies (`returns_masks`) return bool keep masks from the score functions instead of scores: the
+    engine applies them as they are (the count skipped varies per token) and measures what they skip.
+    Input-masking policies name `input_sites` (of q, k, v, o, gate, up, down) and return from `input_keep` a bool
+    keep mask over a linear layer's input entries (B, T, in), or None for that layer and site.
     """
 
     needs: frozenset = frozenset()
@@ -93,6 +106,10 @@ class MaskPolicy:
     head_replacement: torch.Tensor | None = None
     #: the scores are the same at every token (static masks): the engine selects once and reuses the mask
     token_independent: bool = False
+    #: head_scores / neuron_scores return bool keep masks (thresholds), not scores to rank
+    returns_masks: bool = False
+    #: linear sites whose inputs the policy masks (`input_keep`), under the `inputs` target
+    input_sites: tuple = ()
 
     def begin(self, state: ForwardState) -> None:
         """Called at the start of every forward call (decode steps included)."""
@@ -101,6 +118,10 @@ class MaskPolicy:
         return None
 
     def neuron_scores(self, layer: int, state: ForwardState, act: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def input_keep(self, layer: int, site: str, state: ForwardState, x: torch.Tensor) -> torch.Tensor | None:
+        """(B, T, in) bool keep mask of the input `x` (B, T, in) of linear `site` at `layer`, or None (dense)."""
         return None
 
     def global_scores(self, unit: str, state: ForwardState) -> torch.Tensor:
@@ -143,19 +164,98 @@ class SparsityMeter:
         return [s / (t * self.sizes[unit]) if t else 0.0 for s, t in zip(skipped, tokens)]
 
 
-def opt_layers(model):
-    """The decoder and its layers of an OPT model (OPTForCausalLM or OPTModel)."""
-    decoder = model.model.decoder if hasattr(model, "model") else model.decoder
-    return decoder, list(decoder.layers)
+class InputMeter:
+    """Counts skipped input entries of linear layers (input masks) over valid tokens, per layer and site.
+
+    Skipping one input entry of a linear layer skips one column of its weight (`out_features` parameters), so the
+    model-wide fraction weighs every site by its weight: skipped parameters / all decoder-layer linear parameters
+    (TEAL's "model-wide" sparsity). Sites the policy does not mask count as dense."""
+
+    def __init__(self, family, layers, sites):
+        self.sites = tuple(sites)
+        self.shape = {(l, site): tuple(family.linear(layer, site).weight.shape)
+                      for l, layer in enumerate(layers) for site in family.linear_sites}
+        self.num_layers = len(layers)
+        self.total_weight = sum(out * inp for out, inp in self.shape.values())  # parameters per token
+        self.skipped: dict = {}
+        self.tokens: dict = {}
+
+    def weight(self, layer: int, site: str) -> int:
+        return self.shape[(layer, site)][0]
+
+    def add(self, layer: int, site: str, keep: torch.Tensor | None, valid: torch.Tensor):
+        """Count one call; returns the (B, T) skipped entries per token (None when nothing was skipped)."""
+        key = (layer, site)
+        self.tokens[key] = self.tokens.get(key, 0) + valid.sum()
+        if keep is None:
+            return None
+        skipped = (~keep).sum(-1) * valid
+        self.skipped[key] = self.skipped.get(key, 0) + skipped.sum()
+        return skipped
+
+    def achieved(self) -> dict:
+        tokens = max((int(v) for v in self.tokens.values()), default=0)
+        skipped = {key: int(v) for key, v in self.skipped.items()}
+        if not tokens:
+            return {"achieved_inputs": None, "achieved_inputs_per_site": {}, "achieved_inputs_per_layer": []}
+        params = sum(n * self.weight(*key) for key, n in skipped.items())
+        per_site = {site: sum(skipped.get((l, site), 0) for l in range(self.num_layers))
+                    / (tokens * sum(self.shape[(l, site)][1] for l in range(self.num_layers))) for site in self.sites}
+        per_layer = []
+        for l in range(self.num_layers):
+            sites = [s for (layer, s) in self.shape if layer == l]
+            total = sum(self.shape[(l, s)][0] * self.shape[(l, s)][1] for s in sites)
+            per_layer.append(sum(skipped.get((l, s), 0) * self.weight(l, s) for s in sites) / (tokens * total))
+        return {"achieved_inputs": params / (tokens * self.total_weight), "achieved_inputs_per_site": per_site,
+                "achieved_inputs_per_layer": per_layer}
 
 
-def mlp_input_module(layer, pre_ln: bool):
-    """The module whose input is the residual stream entering the MLP block (after attention)."""
-    return layer.final_layer_norm if pre_ln else layer.fc1
+class TokenMeter:
+    """The fraction each token skipped (masks whose count varies per token: thresholds, input masks): per forward
+    call, the skipped units of every layer add up per token; at the call's end the valid tokens' fractions are
+    folded into mean, std, min and max."""
+
+    def __init__(self):
+        self.current: dict = {}  # unit -> ((B, T) skipped, total per token)
+        self.stats: dict = {}  # unit -> [count, sum, sum of squares, min, max]
+
+    def add(self, unit: str, skipped: torch.Tensor, total: int) -> None:
+        previous = self.current.get(unit)
+        value = skipped.double() if previous is None else previous[0] + skipped.to(previous[0].device).double()
+        self.current[unit] = (value, total)
+
+    def close(self, valid: torch.Tensor) -> None:
+        for unit, (skipped, total) in self.current.items():
+            fraction = (skipped / total)[valid.to(skipped.device)]
+            if fraction.numel() == 0:
+                continue
+            count, total_sum, squares, low, high = self.stats.get(unit, (0, 0.0, 0.0, float("inf"), float("-inf")))
+            self.stats[unit] = (count + fraction.numel(), total_sum + float(fraction.sum()),
+                                squares + float(fraction.square().sum()), min(low, float(fraction.min())),
+                                max(high, float(fraction.max())))
+        self.current = {}
+
+    def summary(self) -> dict:
+        """{unit: {tokens, mean, std, min, max}} of the per-token fractions skipped."""
+        out = {}
+        for unit, (count, total_sum, squares, low, high) in self.stats.items():
+            mean = total_sum / count
+            out[unit] = {"tokens": count, "mean": mean, "std": max(squares / count - mean * mean, 0.0) ** 0.5,
+                         "min": low, "max": high}
+        return out
+
+
+def model_layers(model):
+    """The decoder (the module that takes input_ids) and its layers, of any supported family."""
+    family = family_of(model)
+    return family.decoder(model), family.layers(model)
+
+
+opt_layers = model_layers  # the name callers used when only OPT was supported
 
 
 def heads_view(x: torch.Tensor, batch: int, seq: int, num_heads: int) -> torch.Tensor:
-    """out_proj's input (B, T, H*D) or (B*T, H*D) as per-head outputs (B, T, H, D)."""
+    """The output projection's input (B, T, H*D) or (B*T, H*D) as per-head outputs (B, T, H, D)."""
     return x.view(batch, seq, num_heads, -1)
 
 
@@ -173,7 +273,7 @@ def lowest_k_mask(scores: torch.Tensor, skip: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     from harness import selection
 
-    if selection.enabled() and selection.available(scores):  # opt-in: one Triton launch (harness/selection.py)
+    if selection.enabled() and selection.available(scores):  # fp16/bf16 rows on CUDA: one Triton launch
         return selection.lowest_k_keep(scores, skip)
     values = scores.float()
     threshold = values.kthvalue(skip, dim=-1, keepdim=True).values
@@ -185,21 +285,24 @@ def lowest_k_mask(scores: torch.Tensor, skip: int) -> torch.Tensor:
 
 
 class MaskedEngine:
-    """Installs a policy on an OPT model for the duration of a `with engine.applied():` block."""
+    """Installs a policy on a model (any family of harness.families) for the duration of a `with engine.applied():`
+    block."""
 
     def __init__(self, model, policy: MaskPolicy | None, allocation: Allocation):
         self.model = model
         self.policy = policy
         self.allocation = allocation
-        self.decoder, self.layers = opt_layers(model)
-        config = model.config
+        self.family = family_of(model)
+        self.decoder, self.layers = self.family.decoder(model), self.family.layers(model)
+        shape = self.family.sizes(model.config)
         self.num_layers = len(self.layers)
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.ffn_dim = config.ffn_dim
-        self.pre_ln = config.do_layer_norm_before
+        self.num_heads = shape.heads
+        self.head_dim = shape.head_dim
+        self.ffn_dim = shape.ffn
         self.sizes = {"heads": self.num_heads, "neurons": self.ffn_dim}
         self.meter = SparsityMeter(self.num_layers, self.sizes)
+        self.input_meter = InputMeter(self.family, self.layers, self._input_sites())
+        self.token_meter = TokenMeter()
         self.state: ForwardState | None = None
         self._request_keep: dict = {}  # (unit, layer) -> (B, n): the masks of the requests being decoded
         self._replacement_cache: dict = {}
@@ -207,33 +310,55 @@ class MaskedEngine:
         for layer in allocation.dense_layers:
             if not 0 <= layer < self.num_layers:
                 raise HarnessError(f"dense layer {layer} does not exist (the model has {self.num_layers} layers)")
+        if self.active("inputs") and allocation.scope != "token":
+            raise HarnessError(f"input masks (TEAL, WINA) are chosen per token from the token's own inputs; scope "
+                               f"{allocation.scope!r} is not available for them (valid: token)")
 
     # -- which layers/units are sparsified ---------------------------------------------------------
     def skip_count(self, unit: str) -> int:
         return int(round(self.allocation.fraction(unit) * self.sizes[unit]))
 
     def active(self, unit: str) -> bool:
+        if unit == "inputs":
+            return self.policy is not None and self.allocation.inputs > 0 and bool(self._input_sites())
         return self.policy is not None and self.skip_count(unit) > 0
+
+    def _input_sites(self) -> tuple:
+        """The linear sites of this family that the policy masks the inputs of."""
+        wanted = getattr(self.policy, "input_sites", ()) if self.policy is not None else ()
+        return tuple(site for site in self.family.linear_sites if site in wanted)
+
+    def _per_token(self) -> bool:
+        """Whether per-token achieved sparsity is tracked (masks whose count varies per token)."""
+        return self.active("inputs") or (self.policy is not None and self.policy.returns_masks)
 
     @contextmanager
     def applied(self):
         handles = []
         try:
-            if self.policy is not None and (self.active("heads") or self.active("neurons") or self.policy.needs):
+            if self.policy is not None and (self.active("heads") or self.active("neurons") or self.active("inputs")
+                                            or self.policy.needs):
                 handles.append(self.decoder.register_forward_pre_hook(self._begin, with_kwargs=True))
+                if self._per_token():
+                    handles.append(self.decoder.register_forward_hook(self._end))
                 needs = self.policy.needs
+                family = self.family
                 for index, layer in enumerate(self.layers):
                     if "layer_input" in needs:
-                        handles.append(layer.register_forward_pre_hook(self._capture_layer_input(index), with_kwargs=True))
+                        handles.append(install(family, layer, "layer_input", self._capture_layer_input(index)))
                     if "mlp_input" in needs:
-                        target = mlp_input_module(layer, self.pre_ln)
-                        handles.append(target.register_forward_pre_hook(self._capture("mlp_input", index)))
+                        handles.append(install(family, layer, "mlp_input", self._capture("mlp_input", index)))
                     if "attn_output" in needs:
-                        handles.append(layer.self_attn.register_forward_hook(self._capture_attn_output(index)))
+                        handles.append(install(family, layer, "attn_output", self._capture_attn_output(index)))
+                    if "neuron_gate" in needs:
+                        handles.append(install(family, layer, "neuron_gate", self._capture("neuron_gate", index)))
+                    if self.active("inputs"):  # before the head/neuron masks: a site's input is masked first
+                        for site in self._input_sites():
+                            handles.append(install(family, layer, site, self._mask_input(index, site)))
                     if self.active("heads") or self.policy.needs:
-                        handles.append(layer.self_attn.out_proj.register_forward_pre_hook(self._mask_heads(index)))
+                        handles.append(install(family, layer, "head_output", self._mask_heads(index)))
                     if self.active("neurons"):
-                        handles.append(layer.fc2.register_forward_pre_hook(self._mask_neurons(index)))
+                        handles.append(install(family, layer, "neuron_act", self._mask_neurons(index)))
                 self._warm_up()
             yield self
         finally:
@@ -273,26 +398,49 @@ class MaskedEngine:
             self._request_keep = {}
         self.policy.begin(self.state)
 
+    def _end(self, module, args, output):
+        """End of a forward call: fold its per-token sparsity into the token meter."""
+        self.token_meter.close(self.state.valid)
+
     def _capture_layer_input(self, index):
-        def hook(module, args, kwargs):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
+        def hook(hidden):
             self.state.captures[("layer_input", index)] = hidden
         return hook
 
     def _capture(self, name, index):
-        def hook(module, args):
+        def hook(x):
             batch, seq = self.state.shape
-            self.state.captures[(name, index)] = args[0].view(batch, seq, -1)
+            self.state.captures[(name, index)] = x.view(batch, seq, -1)
         return hook
 
     def _capture_attn_output(self, index):
-        def hook(module, args, output):
-            self.state.captures[("attn_output", index)] = output[0] if isinstance(output, tuple) else output
+        def hook(output):
+            self.state.captures[("attn_output", index)] = output
+        return hook
+
+    def _mask_input(self, index, site):
+        def hook(x):
+            batch, seq = self.state.shape
+            rows = x.view(batch, seq, -1)
+            valid = self.state.valid
+            if index in self.allocation.dense_layers:
+                self.input_meter.add(index, site, None, valid)
+                return None
+            keep = self.policy.input_keep(index, site, self.state, rows)
+            if keep is not None:
+                keep = keep.to(rows.device)
+                self.state.keep[(site, index)] = keep
+            skipped = self.input_meter.add(index, site, keep, valid.to(rows.device))
+            if skipped is not None:
+                self.token_meter.add("inputs", skipped * self.input_meter.weight(index, site),
+                                     self.input_meter.total_weight)
+            if keep is None:
+                return None
+            return (rows * keep.to(rows.dtype)).view(x.shape)
         return hook
 
     def _mask_heads(self, index):
-        def hook(module, args):
-            x = args[0]
+        def hook(x):
             batch, seq = self.state.shape
             heads = heads_view(x, batch, seq, self.num_heads)
             keep = self._keep("heads", index, lambda: self.policy.head_scores(index, self.state, heads))
@@ -304,12 +452,11 @@ class MaskedEngine:
             replacement = self._replacement(index, heads)
             if replacement is not None:
                 out = out + (~keep).unsqueeze(-1) * replacement
-            return (out.reshape(x.shape),)
+            return out.reshape(x.shape)
         return hook
 
     def _mask_neurons(self, index):
-        def hook(module, args):
-            x = args[0]
+        def hook(x):
             batch, seq = self.state.shape
             act = x.view(batch, seq, self.ffn_dim)
             keep = self._keep("neurons", index, lambda: self.policy.neuron_scores(index, self.state, act))
@@ -317,7 +464,7 @@ class MaskedEngine:
                 return None
             keep = keep.to(act.device)  # sharded models: scores may come from another layer's device
             self.state.keep[("neurons", index)] = keep
-            return ((act * keep).view(x.shape),)  # one pass, no float copy of the mask
+            return (act * keep).view(x.shape)  # one pass, no float copy of the mask
         return hook
 
     # -- scores to masks -----------------------------------------------------------------------------
@@ -344,20 +491,25 @@ class MaskedEngine:
                 self._request_keep[(unit, layer)] = None
                 self.meter.add(unit, layer, None, valid)
                 return None
-            if self.policy.token_independent:  # one selection for every token, made once
-                key = (unit, layer, scores.device)
-                if key not in self._fixed:
-                    self._fixed[key] = lowest_k_mask(scores[:1, :1], self.skip_count(unit))
-                keep = self._fixed[key].expand(scores.shape)
+            if self.policy.returns_masks:  # a thresholding policy: its scores are the keep mask (counted)
+                keep = scores
             else:
-                keep = lowest_k_mask(scores, self.skip_count(unit))
-            exact = self.skip_count(unit)  # lowest_k_mask skips exactly this many a row (tested): not counted again
+                if self.policy.token_independent:  # one selection for every token, made once
+                    key = (unit, layer, scores.device)
+                    if key not in self._fixed:
+                        self._fixed[key] = lowest_k_mask(scores[:1, :1], self.skip_count(unit))
+                    keep = self._fixed[key].expand(scores.shape)
+                else:
+                    keep = lowest_k_mask(scores, self.skip_count(unit))
+                exact = self.skip_count(unit)  # lowest_k_mask skips exactly this many a row (tested)
         valid = valid.to(keep.device)  # sharded models: the forward's state lives on the first device
         if self.allocation.scope == "request":
             chosen = request_mask(keep, self.state.context_end.to(keep.device))
             self._request_keep[(unit, layer)] = chosen
             keep = chosen.unsqueeze(1).expand_as(keep)
         self.meter.add(unit, layer, keep, valid, exact)
+        if self.policy.returns_masks:
+            self.token_meter.add(unit, (~keep).sum(-1), self.sizes[unit] * self.num_layers)
         return keep
 
     def _continued(self, unit: str, layer: int) -> torch.Tensor | None:
@@ -414,12 +566,17 @@ class MaskedEngine:
         def of(unit):
             return self.meter.achieved(unit) if self.active(unit) else 0.0
 
-        return {
+        out = {
             "achieved_heads": of("heads"),
             "achieved_neurons": of("neurons"),
             "achieved_heads_per_layer": self.meter.per_layer("heads"),
             "achieved_neurons_per_layer": self.meter.per_layer("neurons"),
         }
+        if self.active("inputs"):
+            out.update(self.input_meter.achieved())
+        if self._per_token():
+            out["achieved_per_token"] = self.token_meter.summary()
+        return out
 
 
 # -- request scope: where a request's context ends -------------------------------------------------------

@@ -47,7 +47,7 @@ class UI:
 def run_config(root: Path, name: str, overrides: dict, data_dir, cache_dir, executor):
     """One run (a Unit) through the Ray executor; returns (records, failures, seconds)."""
     from harness.artefacts import ArtefactCache
-    from harness.cli import build_config
+    from harness.suites import build_config
     from harness.executors import Unit
     from harness.runner import Session
     from harness.spec import config_dict

@@ -474,7 +474,7 @@ def write_latency_table(run_dir, records: list[dict]) -> None:
 
 
 def register() -> None:
-    from harness.tasks import TASKS, TaskDef
+    from harness.taskdefs import TASKS, TaskDef
 
     TASKS["decode"] = TaskDef("decode", "latency", "decode latency of one request (prefill + generated tokens): our "
                               "sparse engine with the method's predictor in the step, or dense baselines",

@@ -1,4 +1,5 @@
-"""Model specs: built-in exact OPT configs, Hugging Face ids and local directories; loading and tokenizers."""
+"""Model specs: built-in exact configs of every family (OPT, Llama-2/3, Mistral, Qwen2), Hugging Face ids and local
+directories; loading and tokenizers. The families and their built-in configs live in `harness.families`."""
 from __future__ import annotations
 
 import functools
@@ -11,26 +12,11 @@ from pathlib import Path
 import torch
 
 from harness.errors import HarnessError
+from harness.families import builtin_models, family_of
 from harness.identity import DigestCache, config_digest, directory_identity
+from harness.families.opt import OPT_COMMON as _OPT_COMMON  # noqa: F401 - used by harness.reference_model
+from harness.families.opt import OPT_SIZES, opt_config  # noqa: F401 - the OPT sizes, as before
 
-# Exact architectures of the published OPT checkpoints (facebook/opt-*/config.json); the rest of each
-# config is shared and listed in _OPT_COMMON.
-OPT_SIZES: dict[str, dict] = {
-    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072, word_embed_proj_dim=768),
-    "opt-350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
-                     word_embed_proj_dim=512, do_layer_norm_before=False),
-    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192, word_embed_proj_dim=2048),
-    "opt-2.7b": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240, word_embed_proj_dim=2560),
-    "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384, word_embed_proj_dim=4096),
-    "opt-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, ffn_dim=20480, word_embed_proj_dim=5120),
-    "opt-30b": dict(hidden_size=7168, num_hidden_layers=48, num_attention_heads=56, ffn_dim=28672, word_embed_proj_dim=7168),
-    "opt-66b": dict(hidden_size=9216, num_hidden_layers=64, num_attention_heads=72, ffn_dim=36864, word_embed_proj_dim=9216),
-}
-_OPT_COMMON = dict(
-    vocab_size=50272, max_position_embeddings=2048, activation_function="relu", do_layer_norm_before=True,
-    dropout=0.1, attention_dropout=0.0, layerdrop=0.0, init_std=0.02, enable_bias=True,
-    layer_norm_elementwise_affine=True, bos_token_id=2, eos_token_id=2, pad_token_id=1, use_cache=True,
-)
 WEIGHTS = ("pretrained", "random")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,15 +25,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]  # weights, config, tokenizer
 
 
-def opt_config(name: str):
-    from transformers import OPTConfig
-
-    return OPTConfig(**{**_OPT_COMMON, **OPT_SIZES[name]}, _name_or_path=f"facebook/{name}")
+def builtin_names() -> list[str]:
+    """Every built-in model name, family by family."""
+    return list(builtin_models())
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What model a job uses: `name` is a built-in OPT size, a local directory or a Hugging Face id."""
+    """What model a job uses: `name` is a built-in config (`harness list models`), a local directory or a Hugging
+    Face id."""
 
     name: str
     weights: str = "random"
@@ -58,29 +44,36 @@ class ModelSpec:
 
     @property
     def kind(self) -> str:
-        if self.name in OPT_SIZES:
+        if self.name in builtin_models():
             return "builtin"
         if Path(self.name).is_dir():
             return "local"
         if "/" in self.name and not self.name.startswith((".", "/")):
             return "hub"
         raise HarnessError(
-            f"unknown model {self.name!r}; valid: {', '.join(OPT_SIZES)}, a local model directory, "
+            f"unknown model {self.name!r}; valid: {', '.join(builtin_names())}, a local model directory, "
             "or a Hugging Face id (org/name)"
         )
 
     @property
     def source(self) -> str:
         """Where pretrained weights come from: the directory, or the Hugging Face id."""
-        return f"facebook/{self.name}" if self.kind == "builtin" else self.name
+        if self.kind != "builtin":
+            return self.name
+        hub_id = builtin_models()[self.name][1]
+        if hub_id is None:
+            raise HarnessError(f"{self.name} is a test config without a published checkpoint; use --weights random")
+        return hub_id
 
     def config(self):
+        """The model's transformers config, with its family's aliases (`Family.normalise_config`) when the
+        harness has an adapter for it."""
         if self.kind == "builtin":
-            return opt_config(self.name)
+            return _normalised(builtin_models()[self.name][2]())
         from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(self.source)
+            return _normalised(AutoConfig.from_pretrained(self.source))
         except OSError as exc:
             raise HarnessError(f"cannot read the config of model {self.name!r}: {exc}") from exc
 
@@ -106,6 +99,14 @@ class ModelSpec:
     @property
     def label(self) -> str:
         return Path(self.name).name if self.kind == "local" else self.name
+
+
+def _normalised(config):
+    try:
+        family = family_of(config)
+    except HarnessError:  # not a supported family: validation says so (harness.validate.check_model)
+        return config
+    return family.normalise_config(config)
 
 
 @functools.cache
@@ -147,9 +148,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 def init_random_weights(model, seed: int) -> None:
     """Seeded random weights that do not depend on where each parameter lives (CPU, one GPU, or sharded over
     several): every parameter has its own generator, seeded by (seed, parameter name), on its device.
-    The distribution is Hugging Face's OPT init: N(0, init_std) matrices and embeddings, zero biases, unit
-    LayerNorm weights, a zero padding embedding."""
-    std = model.config.init_std
+    The distribution is Hugging Face's init: N(0, std) matrices and embeddings (std: OPT's `init_std`, Llama's
+    `initializer_range`, from the family), zero biases, unit LayerNorm/RMSNorm weights, a zero padding
+    embedding."""
+    std = family_of(model).init_std(model.config)
     with torch.no_grad():
         for name, param in model.named_parameters():  # tied parameters appear once
             generator = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -182,6 +184,7 @@ def load_model(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype = tor
     """
     from transformers import AutoModelForCausalLM
 
+    family = family_of(spec.config())  # an unsupported family is refused before any weight is read
     if spec.weights == "random":
         config = spec.config()
         config._attn_implementation = attn_implementation
@@ -197,11 +200,14 @@ def load_model(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype = tor
                 target = _module_device(name, device_map)
                 set_module_tensor_to_device(model, name, target, value=torch.empty(param.shape, dtype=param.dtype,
                                                                                    device=target))
+            for name, value in family.buffers(model, lambda name: _module_device(name, device_map)).items():
+                set_module_tensor_to_device(model, name, value.device, value=value)
             model.tie_weights()
             init_random_weights(model, seed)
             model = dispatch_model(model, device_map=device_map)
         else:
             model = model.to_empty(device=device)
+            _set_buffers(model, family.buffers(model, lambda name: device))
             model.tie_weights()
             init_random_weights(model, seed)
     else:
@@ -219,9 +225,21 @@ def load_model(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype = tor
             model = model.to(device)
     model.eval()
     model.requires_grad_(False)
-    if getattr(model.config, "model_type", None) != "opt":
-        raise HarnessError(f"model {spec.name!r} is a {model.config.model_type!r} model; the harness supports OPT")
+    family_of(model).normalise_config(model.config)  # raises for a family the harness has no adapter for
     return model
+
+
+def _set_buffers(model, values: dict) -> None:
+    """Write computed buffers (e.g. rotary frequencies, which `to_empty` leaves uninitialised)."""
+    with torch.no_grad():
+        for name, value in values.items():
+            module_name, _, buffer = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            getattr(module, buffer).copy_(value)
+
+
+#: tokens of OPT's tokenizer (the data directory's `tokenizer/opt`): ids 0 … 50264
+OPT_TOKENIZER_SIZE = 50265
 
 
 TOKENIZER_PATTERNS = ["tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "*.model", "config.json"]
@@ -281,6 +299,19 @@ def tokenizer_dir_for(spec: ModelSpec, tokenizer_dir: str | Path | None, data_di
         return hub_tokenizer(spec.name, f"model {spec.name}")
     raise HarnessError(f"no tokenizer for model {spec.label}: pass --tokenizer DIR (or a Hugging Face id), or an offline "
                        "bundle (--data-dir) that holds tokenizer/opt")
+
+
+def uses_opt_tokenizer(spec: ModelSpec, tokenizer_dir, data_dir) -> bool:
+    return data_dir is not None and tokenizer_dir_for(spec, tokenizer_dir, data_dir) == data_dir.root / "tokenizer" / "opt"
+
+
+def check_vocabulary(spec: ModelSpec, config, tokenizer_dir, data_dir) -> None:
+    """Refuse OPT's tokenizer for a model whose embedding has fewer rows than OPT's token ids (Llama-2 and
+    Mistral embed 32000 tokens): pass the model's own tokenizer with --tokenizer."""
+    if config.vocab_size < OPT_TOKENIZER_SIZE and uses_opt_tokenizer(spec, tokenizer_dir, data_dir):
+        raise HarnessError(f"{spec.label} embeds {config.vocab_size} tokens, but text is read with OPT's tokenizer (the "
+                           f"default for a model without its own), whose ids go up to {OPT_TOKENIZER_SIZE - 1}; pass "
+                           "the model's tokenizer with --tokenizer DIR")
 
 
 def load_tokenizer(spec: ModelSpec, tokenizer_dir: str | Path | None, data_dir=None):

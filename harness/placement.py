@@ -5,14 +5,16 @@ the evaluation's logits and the method's predictors, against the memory of one G
 default 80 GiB, the smallest data-centre card the harness targets). A setting (`--gpus-per-job`)
 overrides it for quality jobs; latency jobs stay on one GPU unless the model does not fit.
 
-A sharded job places the decoder layers evenly over its devices (`layer_device_map`); the token and
-position embeddings and the tied LM head stay on the first device, the final layer norm (and OPT-350M's
-projection) on the last. Accelerate's hooks move activations between devices; the masked engine's
+A sharded job places the decoder layers evenly over its devices (`layer_device_map`); the embeddings stay on the
+first device, the final norm on the last (which modules these are is the model family's: `harness.families`; OPT's
+tied LM head on the first device, an untied Llama head on the last, beside the final norm). Accelerate's hooks move activations between devices; the masked engine's
 hooks compute masks on the device of each tensor, so head and neuron masks are the same as on one GPU.
 """
 from __future__ import annotations
 
 import math
+
+from harness.families import family_of
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
 DEFAULT_GPU_MEMORY_GB = 80.0
@@ -22,13 +24,8 @@ FIXED_GB = 4.0
 
 
 def parameter_count(config) -> int:
-    """Parameters of an OPT config (tied LM head counted once)."""
-    d, f, layers = config.hidden_size, config.ffn_dim, config.num_hidden_layers
-    proj = getattr(config, "word_embed_proj_dim", d) or d
-    per_layer = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d
-    embed = config.vocab_size * proj + (config.max_position_embeddings + 2) * d
-    extra = 2 * d * proj if proj != d else 0
-    return layers * per_layer + embed + extra + 2 * d
+    """Parameters of a config, from its family's formula (a tied LM head counted once)."""
+    return family_of(config).parameter_count(config)
 
 
 def model_bytes(config, dtype: str) -> int:
@@ -50,24 +47,14 @@ def gpus_for(config, dtype: str, *, latency: bool = False, override: int | None 
 
 
 def layer_device_map(config, devices: list) -> tuple[dict, list[int]]:
-    """device_map for OPTForCausalLM over `devices`: decoder layers split evenly (earlier devices get the
-    remainder last), embeddings and the tied head on the first device, the final norm on the last."""
+    """device_map for the causal LM over `devices`: decoder layers split evenly (earlier devices get the
+    remainder last); the modules around them where the model's family puts them (embeddings first, final norm
+    last)."""
     layers, count = config.num_hidden_layers, len(devices)
     base, extra = divmod(layers, count)
     per_device = [base + (1 if index >= count - extra else 0) for index in range(count)]
-    device_map, layer = {}, 0
-    for device, n in zip(devices, per_device):
-        for _ in range(n):
-            device_map[f"model.decoder.layers.{layer}"] = device
-            layer += 1
-    first, last = devices[0], devices[-1]
-    device_map.update({"model.decoder.embed_tokens": first, "model.decoder.embed_positions": first,
-                       "lm_head": first, "model.decoder.final_layer_norm": last})
-    proj = getattr(config, "word_embed_proj_dim", config.hidden_size)
-    if proj != config.hidden_size:
-        device_map.update({"model.decoder.project_in": first, "model.decoder.project_out": last})
-    if not getattr(config, "do_layer_norm_before", True):  # OPT-350M has no final layer norm
-        device_map.pop("model.decoder.final_layer_norm")
+    layer_devices = [device for device, n in zip(devices, per_device) for _ in range(n)]
+    device_map = family_of(config).device_map(config, layer_devices, devices[0], devices[-1])
     return device_map, per_device
 
 

@@ -13,6 +13,7 @@ import torch
 from harness.artefacts import ArtefactCache
 from harness.data import DataDir
 from harness.engine import MaskedEngine
+from harness.families import family_of
 from harness.models import ModelSpec, dtype_name, load_model, load_tokenizer, resolve_device, resolve_dtype
 from harness.tokens import token_ids
 from harness.provenance import provenance
@@ -176,10 +177,12 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
         torch.cuda.synchronize()
     timings["eval_s"] = time.perf_counter() - clock
     achieved = engine.achieved() if task.masked else metrics_achieved(metrics)
+    family = family_of(model)
+    shape = family.sizes(model.config)
     base = {
         "job": job.key, "suite": config.suite, "model": session.model_spec.label, "model_id": session.model_identity,
-        "model_layers": model.config.num_hidden_layers, "model_heads": model.config.num_attention_heads,
-        "model_ffn": model.config.ffn_dim,
+        "model_family": family.name, "model_layers": shape.layers, "model_heads": shape.heads,
+        "model_kv_heads": shape.kv_heads, "model_ffn": shape.ffn,
         "weights": config.weights, "dtype": dtype_name(session.dtype), "device": session.device,
         "data_verified": session.data.verify, "data_source": getattr(session.data, "kind", "bundle"),
         "method": spec.name, "variant": method.variant, "method_label": method.label,
@@ -191,6 +194,11 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
         "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if on_gpu else None,
         **session.placement,
     }
+    if job.inputs or "achieved_inputs" in achieved:  # input masks (TEAL, WINA): fractions of matrix inputs
+        base.update({"sparsity_inputs": job.inputs, "achieved_inputs": achieved.get("achieved_inputs"),
+                     "achieved_inputs_per_site": achieved.get("achieved_inputs_per_site")})
+    if achieved.get("achieved_per_token"):  # thresholds: the fraction each token skipped varies
+        base["achieved_per_token"] = achieved["achieved_per_token"]
     if artefact is not None and artefact.path is not None:
         base["artefact"] = str(artefact.path)
     if artefact is not None:  # what calibration data the fit saw, and how much of it

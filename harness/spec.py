@@ -13,20 +13,25 @@ from methods import MethodSpec, get_method
 EXECUTORS = ("local", "ray")
 
 
+LETTERS = {"h": "heads", "n": "neurons", "i": "inputs"}
+
+
 def parse_sparsity(text: str, units) -> dict:
-    """`0.5` -> every unit the method sparsifies at 0.5; `h0.5`, `n0.9`, `h0.5/n0.9` -> explicit units."""
+    """`0.5` -> every unit the method sparsifies at 0.5; `h0.5`, `n0.9`, `i0.4`, `h0.5/n0.9` -> explicit units
+    (h: attention heads, n: FFN neurons, i: the input entries of every linear layer, TEAL/WINA)."""
     text = str(text).strip()
-    targets = {"heads": 0.0, "neurons": 0.0}
+    targets = {"heads": 0.0, "neurons": 0.0, "inputs": 0.0}
     try:
-        if re.fullmatch(r"[hn][0-9.eE+-]+(/[hn][0-9.eE+-]+)?", text):
+        if re.fullmatch(r"[hni][0-9.eE+-]+(/[hni][0-9.eE+-]+){0,2}", text):
             for part in text.split("/"):
-                targets["heads" if part[0] == "h" else "neurons"] = float(part[1:])
+                targets[LETTERS[part[0]]] = float(part[1:])
         else:
             value = float(text)
             for unit in units:
                 targets[unit] = value
     except ValueError:
-        raise HarnessError(f"cannot read sparsity {text!r}; write a fraction like 0.5, or h0.5/n0.9 for heads/neurons") from None
+        raise HarnessError(f"cannot read sparsity {text!r}; write a fraction like 0.5, or h0.5/n0.9 for heads/neurons "
+                           "(i0.5: linear-layer inputs)") from None
     for unit, value in targets.items():
         if not 0.0 <= value < 1.0:
             raise HarnessError(f"sparsity {text!r}: {unit} fraction {value} is outside [0, 1)")
@@ -127,6 +132,7 @@ class JobSpec:
     task: str
     seed: int
     run: tuple  # sorted items of the run identity
+    inputs: float = 0.0  # linear-layer inputs (TEAL, WINA)
 
     @property
     def key(self) -> str:
@@ -134,23 +140,26 @@ class JobSpec:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def describe(self) -> dict:
-        return {"method": self.method, "sparsity": self.sparsity, "heads": self.heads, "neurons": self.neurons,
-                "task": self.task, "seed": self.seed, "run": dict(self.run)}
+        out = {"method": self.method, "sparsity": self.sparsity, "heads": self.heads, "neurons": self.neurons,
+               "task": self.task, "seed": self.seed, "run": dict(self.run)}
+        if self.inputs:  # only then: the keys of jobs without input masks stay what they were
+            out["inputs"] = self.inputs
+        return out
 
     def allocation(self, config: RunConfig) -> Allocation:
-        return Allocation(heads=self.heads, neurons=self.neurons, mode=config.allocation,
+        return Allocation(heads=self.heads, neurons=self.neurons, inputs=self.inputs, mode=config.allocation,
                           dense_layers=tuple(config.dense_layers), min_keep=config.min_keep, scope=config.scope)
 
 
 def job_targets(config: RunConfig) -> list[tuple]:
-    """(method label, sparsity label, heads, neurons, task, seed) for every job of the run, deduplicated; a method
+    """(method label, sparsity label, heads, neurons, task, seed, inputs) for every job of the run, deduplicated; a method
     without units (dense) gets one sparsity, a method whose result does not depend on the seed (not `seeded`)
     gets the first seed only. Unknown methods, unreadable sparsities and units a method cannot skip raise here."""
     targets_out, seen = [], set()
     for method_text in config.methods:
         spec = MethodSpec.parse(method_text)
         method = get_method(spec)
-        targets = [("0", {"heads": 0.0, "neurons": 0.0})] if not method.units else [
+        targets = [("0", {"heads": 0.0, "neurons": 0.0, "inputs": 0.0})] if not method.units else [
             (str(s).strip(), parse_sparsity(s, method.units)) for s in config.sparsity]
         for label, target in targets:
             for unit, value in target.items():
@@ -161,7 +170,7 @@ def job_targets(config: RunConfig) -> list[tuple]:
                     target = {**target, unit: 0.0}  # recorded as requested 0; the achieved column shows it
             for task in config.tasks:
                 for seed in config.seeds if method.seeded else config.seeds[:1]:
-                    item = (method.label, label, target["heads"], target["neurons"], task, seed)
+                    item = (method.label, label, target["heads"], target["neurons"], task, seed, target["inputs"])
                     if item not in seen:
                         seen.add(item)
                         targets_out.append(item)
@@ -171,7 +180,7 @@ def job_targets(config: RunConfig) -> list[tuple]:
 def expand_jobs(config: RunConfig, identity: dict) -> list[JobSpec]:
     """method × sparsity × task × seed (see `job_targets`), each a JobSpec keyed by the run identity."""
     run = tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in identity.items()))
-    return [JobSpec(*target, run) for target in job_targets(config)]
+    return [JobSpec(*target[:6], run, inputs=target[6]) for target in job_targets(config)]
 
 
 def config_dict(config: RunConfig) -> dict:

@@ -47,3 +47,26 @@ def load_suite(name: str) -> dict:
     suite.setdefault("description", "")
     suite.setdefault("defaults", {})
     return suite
+
+
+def build_config(suite_name: str, overrides: dict):
+    """The RunConfig of a suite: its defaults, then the overrides that are not None (command-line options, a sweep
+    entry); a model named by a repository path (a fixture) resolves against the source checkout, and outside one
+    is refused (exit 2) with what to pass instead."""
+    from harness.resources import source_checkout
+    from harness.spec import RunConfig
+
+    suite = load_suite(suite_name)
+    values = {**suite["defaults"], **{k: v for k, v in overrides.items() if v is not None}}
+    values["suite"] = suite["name"]
+    model = values.get("model")
+    if model and str(model).startswith("tests/fixtures/") and not Path(model).exists():  # suites name fixtures by repo path
+        checkout = source_checkout()
+        if checkout is None or not (checkout / model).is_dir():
+            raise HarnessError(f"suite {suite['name']} runs the project's reference model {model}, which ships with the "
+                               "source checkout only (git clone the repository and run from it); or pass --model, e.g. "
+                               "--model facebook/opt-1.3b --weights pretrained")
+        values["model"] = str(checkout / model)
+    config = RunConfig.from_mapping(values, f"suite {suite['name']}")
+    config.validate()
+    return config

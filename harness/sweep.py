@@ -82,7 +82,7 @@ def build_units(sweep: dict, sweep_dir: Path, data_dir=None, tokenizer=None, cac
     """One Unit (session, store, jobs) per (model, suite), each validated before anything is written;
     `claim` binds their run folders."""
     from harness.artefacts import ArtefactCache
-    from harness.cli import build_config
+    from harness.suites import build_config
     from harness.executors import Unit
     from harness.runner import Session
     from harness.spec import config_dict

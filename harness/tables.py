@@ -97,7 +97,9 @@ def over_seeds(records: list[dict]) -> list[dict]:
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
         merged.append({**rows[0], "value": mean, "stderr": std, "seeds": sorted(r["seed"] for r in rows),
                        "achieved_heads": _mean([r.get("achieved_heads") for r in rows]),
-                       "achieved_neurons": _mean([r.get("achieved_neurons") for r in rows])})
+                       "achieved_neurons": _mean([r.get("achieved_neurons") for r in rows]),
+                       **({"achieved_inputs": _mean([r.get("achieved_inputs") for r in rows])}
+                          if any("achieved_inputs" in r for r in rows) else {})})
     return merged
 
 
@@ -187,7 +189,7 @@ def table_notes(records: list[dict]) -> list[str]:
 
 def achieved_cell(record: dict, pm=None) -> str:
     parts = []
-    for unit, short in (("heads", "h"), ("neurons", "n")):
+    for unit, short in (("heads", "h"), ("neurons", "n"), ("inputs", "i")):  # i: linear-layer inputs (TEAL, WINA)
         requested, achieved = record.get(f"sparsity_{unit}") or 0.0, record.get(f"achieved_{unit}")
         if requested or achieved:
             parts.append(f"{short} {requested:.3f}→{number(achieved, 3)}")
@@ -212,7 +214,10 @@ def markdown(records: list[dict], failures: list[dict] = ()) -> str:
             blocks.append("\n".join(notes) + "\n")
         first_per_cell = list({(row_label(r), r["task"], str(r["sparsity"])): r for r in rows}.values())
         achieved = frame(first_per_cell, value_of=achieved_cell, column_of=lambda r: r["task"])
-        blocks.append("Requested → achieved sparsity (fraction of heads h / neurons n skipped per token):\n")
+        inputs = any(r.get("sparsity_inputs") or r.get("achieved_inputs") for r in rows)
+        blocks.append("Requested → achieved sparsity (fraction of heads h / neurons n"
+                      + (" / linear-layer weight columns i (input entries, weighted by parameters)" if inputs else "")
+                      + " skipped per token):\n")
         blocks.append(flat_columns(achieved, spreads=False).to_markdown(disable_numparse=True) + "\n")
     if failures:
         blocks.append("## Failed jobs\n")

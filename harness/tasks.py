@@ -1,49 +1,19 @@
-"""The task registry: what each task measures, which data files it reads, and how it is evaluated."""
+"""The task registry: what each task measures, which data files it reads, and how it is evaluated.
+
+`TaskDef` and the registry `TASKS` live in harness.taskdefs (a leaf module); this module adds the perplexity tasks
+and imports the modules that register the others (harness.zero_shot: lm-eval; harness.latency: decode), which
+import harness.taskdefs, not this module (no import circle)."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from harness.data import BOOKCORPUS, C4, bookcorpus_text, c4_validation_texts, check_hub
+from harness.data import BOOKCORPUS, C4, bookcorpus_text, c4_validation_texts
 from harness.errors import HarnessError
 from harness.perplexity import perplexity, windows
+from harness.taskdefs import TASKS, TaskDef
 from harness.tokens import token_ids
-
-
-@dataclass(frozen=True)
-class TaskDef:
-    """A task. `evaluate(session, job, config, progress)` returns metric dicts. Quality tasks run inside the
-    masked engine (`masked=True`); others (latency) get the job's method, allocation and fitted artefact
-    from `session.job` and build their own engine. `files` are read from the data directory, `hub` names the
-    Hugging Face data sets read through `datasets` (the data directory has no copy); `check` tells before a run
-    starts whether they can be had."""
-
-    name: str
-    kind: str
-    description: str
-    files: tuple[str, ...]
-    evaluate: Callable = field(repr=False)
-    masked: bool = True
-    hub: tuple[str, ...] = ()
-    streamed: bool = False  # the hub data set is streamed (never served from the local cache)
-    #: with no bundle (data from the hub), the hub data sets read instead of `files` (zero-shot: lm-eval's own);
-    #: empty: the hub splits that `files` are copies of (harness.data.HUB)
-    hub_instead: tuple[str, ...] = ()
-    #: work done before the evaluation clock starts (tokenizing the test set), `prepare(session, job, config)`
-    prepare: Callable | None = field(default=None, repr=False)
-
-    def check(self, data) -> None:
-        """Exit-2 error (HarnessError) naming what is missing: a data file, or a hub data set while offline."""
-        if getattr(data, "kind", "bundle") == "hub" and self.hub_instead:
-            for path in self.hub_instead:
-                check_hub(path, f"task {self.name}", bundled=True)
-        else:
-            data.check(self.files)
-        for path in self.hub:
-            check_hub(path, self.name, self.streamed)
 
 
 def _tokenized(text_of):
@@ -95,7 +65,7 @@ def c4_windows(tokenizer, texts: list[str], seqlen: int, samples: int = 256, see
     return torch.cat(parts)
 
 
-TASKS: dict[str, TaskDef] = {
+TASKS.update({
     "wikitext2": TaskDef("wikitext2", "perplexity", "WikiText-2 raw test, rows joined with \\n\\n (SparseGPT protocol)",
                          ("wikitext-2/wiki.test.raw",),
                          _perplexity_task("wikitext2: WikiText-2 raw test rows joined with \\n\\n",
@@ -124,7 +94,7 @@ TASKS: dict[str, TaskDef] = {
                           _perplexity_task(f"bookcorpus: the first {BOOKCORPUS['sentences']} sentences of "
                                            f"{BOOKCORPUS['path']} train joined with ' '", lambda data: bookcorpus_text()),
                           hub=(BOOKCORPUS["path"],), streamed=True),
-}
+})
 #: Names that mean more than one protocol: the error says which names to use instead.
 AMBIGUOUS = {"ptb": "PTB has two protocols: ptb_new (test split joined with ' ', the suites' PTB) and ptb_sparsegpt "
                     "(GPTQ/SparseGPT `ptb`: validation split joined with \\n\\n)"}

@@ -2,7 +2,9 @@
 
 Per sampled calibration token: every layer's attention input (`layer_input`, the residual stream entering
 the layer) and MLP input (`mlp_input`), layer 0's attention output (`attn_output0`), per-head output L2 norms
-(`head_norm`), fc1 activity after ReLU (`neuron_active`, bit-packed), and the token's example and position.
+(`head_norm`), neuron activity (`neuron_active`, bit-packed: OPT's fc1 after ReLU > 0; for SwiGLU, which has no
+exact zeros, the top half of the token's neurons by |activation|: the family's `neuron_active`), and the token's
+example and position.
 Per-token criterion scores (plainact, …) are a second artefact (`trace_scores`) of the same tokens, made
 only for methods that need them.
 
@@ -21,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from harness.engine import mlp_input_module, opt_layers
 from harness.errors import HarnessError
+from harness.families import family_of, install, sizes_of
 from harness.progress import stage
 
 VERSION = 2
@@ -32,18 +34,19 @@ BATCH_TOKENS = 8192  # tokens per collection forward (examples are batched up to
 
 
 def trace_bytes_per_token(config) -> int:
-    layers, d = config.num_hidden_layers, config.hidden_size
+    size = sizes_of(config)
+    layers, d = size.layers, size.hidden
     return (2 * layers * d * 2  # layer_input, mlp_input (fp16)
             + d * 2  # attn_output0 (fp16)
-            + layers * config.num_attention_heads * 4  # head_norm (fp32)
-            + layers * ((config.ffn_dim + 7) // 8)  # neuron_active (bits)
+            + layers * size.heads * 4  # head_norm (fp32)
+            + layers * ((size.ffn + 7) // 8)  # neuron_active (bits)
             + 2 * 4)  # example, position (int32)
 
 
 def score_bytes_per_token(config) -> int:
     """Per-token criterion scores: heads in fp32, neurons in bf16 (fp32's range: no score underflows to 0)."""
-    layers = config.num_hidden_layers
-    return layers * config.num_attention_heads * 4 + layers * config.ffn_dim * 2
+    size = sizes_of(config)
+    return size.layers * size.heads * 4 + size.layers * size.ffn * 2
 
 
 def budget_tokens(config, total: int, budget_gb: float) -> int:
@@ -79,7 +82,7 @@ def trace_need(model_config, run_config):
 
     tokens = kept_tokens(model_config, run_config)
     size = tokens * trace_bytes_per_token(model_config)
-    d, f = model_config.hidden_size, model_config.ffn_dim
+    d, f = model_config.hidden_size, sizes_of(model_config).ffn
     return Need(f"traces ({tokens} tokens)", host=size, disk=size, gpu=BATCH_TOKENS * (16 * d + 4 * f))
 
 
@@ -95,7 +98,8 @@ def score_need(model_config, run_config, criterion: str):
 
 def backward_bytes(model_config, seqlen: int) -> int:
     """GPU memory of one calibration example's forward-backward (activations kept for the backward, logits)."""
-    d, f, layers = model_config.hidden_size, model_config.ffn_dim, model_config.num_hidden_layers
+    shape = sizes_of(model_config)
+    d, f, layers = shape.hidden, shape.ffn, shape.layers
     return seqlen * layers * (20 * d + 4 * f) * 2 + seqlen * model_config.vocab_size * 8
 
 
@@ -139,7 +143,7 @@ class Traces:
     def __init__(self, artefact, config):
         self.artefact = artefact
         self.t = artefact.tensors
-        self.ffn_dim = config.ffn_dim
+        self.ffn_dim = sizes_of(config).ffn
         self.num_layers = config.num_hidden_layers
 
     @property
@@ -204,9 +208,9 @@ def _batches(rows: int, seqlen: int):
 def _collect(model, ids: torch.Tensor, keep: torch.Tensor, progress=None) -> dict:
     """Traces of the kept tokens of `ids` (examples, seqlen), in batches of examples. The hooks keep only the
     kept tokens' rows, and the decoder runs without the LM head (no logits)."""
-    decoder, layers = opt_layers(model)
-    config = model.config
-    pre_ln = config.do_layer_norm_before
+    family = family_of(model)
+    decoder, layers = family.decoder(model), family.layers(model)
+    num_heads = family.sizes(model.config).heads
     out: dict[str, list] = {k: [] for k in ("layer_input", "mlp_input", "attn_output0", "head_norm", "neuron_active")}
     current: dict = {}
     chosen: list = [None]
@@ -216,30 +220,28 @@ def _collect(model, ids: torch.Tensor, keep: torch.Tensor, progress=None) -> dic
         return x.reshape(-1, x.shape[-1]).index_select(0, chosen[0])
 
     def keep_input(name, index):
-        def hook(module, args, kwargs=None):
-            current[(name, index)] = rows((kwargs or {}).get("hidden_states", args[0] if args else None))
+        def hook(x):
+            current[(name, index)] = rows(x)
         return hook
 
     def keep_heads(index):
-        def hook(module, args):
-            x = rows(args[0])
-            current[("head_norm", index)] = torch.linalg.vector_norm(
-                x.view(x.shape[0], config.num_attention_heads, -1).float(), dim=-1)
+        def hook(x):
+            x = rows(x)
+            current[("head_norm", index)] = torch.linalg.vector_norm(x.view(x.shape[0], num_heads, -1).float(), dim=-1)
         return hook
 
     def keep_active(index):
-        def hook(module, args):
-            current[("neuron_active", index)] = pack_bits(rows(args[0]) > 0)
+        def hook(x):
+            current[("neuron_active", index)] = pack_bits(family.neuron_active(rows(x)))
         return hook
 
     try:
         for index, layer in enumerate(layers):
-            handles.append(layer.register_forward_pre_hook(keep_input("layer_input", index), with_kwargs=True))
-            handles.append(mlp_input_module(layer, pre_ln).register_forward_pre_hook(keep_input("mlp_input", index)))
-            handles.append(layer.self_attn.out_proj.register_forward_pre_hook(keep_heads(index)))
-            handles.append(layer.fc2.register_forward_pre_hook(keep_active(index)))
-        handles.append(layers[0].self_attn.register_forward_hook(
-            lambda m, args, output: current.__setitem__("attn_output0", rows(output[0]))))
+            handles.append(install(family, layer, "layer_input", keep_input("layer_input", index)))
+            handles.append(install(family, layer, "mlp_input", keep_input("mlp_input", index)))
+            handles.append(install(family, layer, "head_output", keep_heads(index)))
+            handles.append(install(family, layer, "neuron_act", keep_active(index)))
+        handles.append(install(family, layers[0], "attn_output", lambda y: current.__setitem__("attn_output0", rows(y))))
         device = next(model.parameters()).device
         for start, end in _batches(ids.shape[0], ids.shape[1]):
             current.clear()

@@ -97,12 +97,16 @@ def check_device(device: str | None, executor: str = "local") -> None:
 
 
 def check_model(spec):
-    """The model's config (no weights loaded); refuses an unknown name and a family other than OPT."""
+    """The model's config (no weights loaded); refuses an unknown name and a family without an adapter."""
+    from harness.families import family_of, supported
+
     spec.kind  # noqa: B018 - raises for an unknown model
     config = spec.config()
-    if getattr(config, "model_type", None) != "opt":
+    try:
+        family_of(config)
+    except HarnessError:
         raise HarnessError(f"model {spec.name!r} is a {getattr(config, 'model_type', '?')!r} model; the harness "
-                           "supports OPT (opt-125m … opt-66b, or an OPT checkpoint)")
+                           f"supports {supported()}; see `harness list models`") from None
     return config
 
 
@@ -127,9 +131,10 @@ def check_ranges(config, model_config, label: str) -> None:
                            f"valid: 1 … {positions}")
 
 
-def check_methods(config, labels: list[str], tasks: list) -> None:
-    """Method × allocation × scope: global allocation needs scores of every layer up front; the sparse decode
-    engine (latency tasks) runs causal masks only."""
+def check_methods(config, labels: list[str], tasks: list, model_config=None) -> None:
+    """Method × allocation × scope × family: global allocation needs scores of every layer up front; the sparse
+    decode engine (latency tasks) runs causal masks only, of OPT models, for methods that have a decode mask
+    source (not the masked-engine-only methods: `Method.masked_only`)."""
     from methods import MethodSpec, discover, get_method
 
     if config.allocation == "global":
@@ -141,8 +146,21 @@ def check_methods(config, labels: list[str], tasks: list) -> None:
                 f"--allocation global ranks the units of all layers at once, before the first sparse layer runs; "
                 f"{', '.join(refused)} scores units layer by layer, from that layer's own activations. Valid with "
                 f"global: {', '.join(able)}; or use --allocation local")
+    engine_tasks = [task.name for task in tasks if not task.masked]
+    if engine_tasks and model_config is not None:
+        from harness.families import family_of
+
+        family = family_of(model_config).name
+        if family != "opt":
+            raise HarnessError(f"{', '.join(engine_tasks)} runs on the sparse decode engine, which supports OPT models "
+                               f"only so far; this is a {family}-family model. Valid here: the masked-engine tasks "
+                               "(perplexity, zero-shot)")
+    if engine_tasks:
+        masked_only = [label for label in labels if getattr(get_method(MethodSpec.parse(label)), "masked_only", False)]
+        if masked_only:
+            raise HarnessError(f"{', '.join(masked_only)} has no mask source for the sparse decode engine "
+                               f"({', '.join(engine_tasks)}): it runs on the masked engine only (perplexity, zero-shot)")
     if config.scope != "token":
-        engine_tasks = [task.name for task in tasks if not task.masked]
         if engine_tasks:
             raise HarnessError(f"--scope {config.scope}: {', '.join(engine_tasks)} runs on the sparse decode engine, "
                                "which applies causal masks only; valid there: --scope token")
@@ -222,10 +240,14 @@ def prepare(config, data_dir=None, tokenizer=None, *, cache_dir=None, out=None, 
     model_config = check_model(model_spec)
     check_ranges(config, model_config, model_spec.label)
     labels = list(dict.fromkeys(get_method(MethodSpec.parse(text)).label for text in config.methods))
-    check_methods(config, labels, tasks)
+    check_methods(config, labels, tasks, model_config)
     data = resolve_data(data_dir, verify=verify)  # a bundle, else the Hugging Face hub (harness/data.py)
     fits = fitting_methods(labels)
     check_data(data, config, tasks, bool(fits), model_spec, tokenizer)
+    if fits or any(task.masked for task in tasks):  # text is tokenized: the token ids must fit the embedding
+        from harness.models import check_vocabulary
+
+        check_vocabulary(model_spec, model_config, tokenizer, data)
     cache = ArtefactCache(cache_dir)
     if cache.root.exists() and not cache.root.is_dir():
         raise HarnessError(f"--cache-dir {cache.root} is a file, not a folder; choose a folder")

@@ -190,7 +190,7 @@ def kernel_ms(fn, reps=20) -> float:
         return bench_ms(fn)
     from torch.profiler import ProfilerActivity, profile
 
-    from kernels.profile_step import kernel_events
+    from kernels.profiling import kernel_events
 
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     fn()

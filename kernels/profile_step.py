@@ -18,6 +18,8 @@ import argparse
 
 import torch
 
+from kernels.profiling import kernel_events  # noqa: F401 - also this module's name for it
+
 
 def snapshot(engine):
     """What a step changes besides the cache: the position (device and host), the greedy token and Deja Vu's
@@ -49,15 +51,6 @@ def replay_ms(engine, state, n=20, repeats=5) -> float:
         times.append(start.elapsed_time(end) / n)
     restore(engine, state)
     return sorted(times)[len(times) // 2]
-
-
-def kernel_events(prof):
-    """(name, start µs, duration µs) of every CUDA kernel the profiler saw, in start order."""
-    out = []
-    for e in prof.profiler.kineto_results.events():
-        if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0:
-            out.append((e.name(), e.start_ns() / 1e3, e.duration_ns() / 1e3))
-    return sorted(out, key=lambda e: e[1])
 
 
 def layer_timeline(events, marker="_layer_norm_kernel"):

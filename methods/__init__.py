@@ -42,12 +42,15 @@ class Method(ABC):
     Class attributes a plugin sets:
       name: the registered name users type.
       variants: the accepted variants; default_variant is used when none is given.
-      units: what a plain sparsity value sparsifies ({"heads"}, {"neurons"} or both).
+      units: what a plain sparsity value sparsifies ({"heads"}, {"neurons"}, both, or {"inputs"}: the input entries
+        of every linear layer, TEAL-style).
       supports: what an explicit target (h0.5, n0.9) may sparsify; defaults to `units`.
       allocations: the allocation modes its scores allow: `local` always; `global` only when the scores of every
         layer are known before the first sparse layer runs (its policy implements `global_scores`).
       seeded: whether results depend on the seed (random masks, trained predictors); `--seed 0,1,2`
         repeats only seeded methods.
+      masked_only: the method has no mask source for the sparse decode engine (latency tasks refuse it).
+      training_free: a training-free activation-sparsity baseline (TEAL, CATS, WINA): listed apart in messages.
       description: one line for `harness list methods`.
     """
 
@@ -58,6 +61,8 @@ class Method(ABC):
     supports: ClassVar[frozenset | None] = None
     allocations: ClassVar[frozenset] = frozenset({"local"})
     seeded: ClassVar[bool] = False
+    masked_only: ClassVar[bool] = False
+    training_free: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def __init__(self, variant: str | None, settings: dict | None = None):
@@ -116,7 +121,10 @@ def discover() -> dict[str, type[Method]]:
 def get_method(spec: MethodSpec, settings: dict | None = None) -> Method:
     methods = discover()
     if spec.name not in methods:
-        raise HarnessError(f"unknown method {spec.name!r}; valid methods: {', '.join(sorted(methods))}")
+        contextual = sorted(name for name, cls in methods.items() if not cls.training_free)
+        baselines = sorted(name for name, cls in methods.items() if cls.training_free)
+        raise HarnessError(f"unknown method {spec.name!r}; valid methods: {', '.join(contextual)}"
+                           + (f"; training-free baselines: {', '.join(baselines)}" if baselines else ""))
     cls = methods[spec.name]
     if spec.variant is not None and spec.variant not in cls.variants:
         valid = ", ".join(f"{cls.name}:{v}" for v in cls.variants) or f"{cls.name} (it takes no variant)"

@@ -10,14 +10,21 @@ scored with the sum of its examples' losses, so every example's gradients are th
     target output only, its context predicting nothing; the importance is read at the last context token.
 
 Notation, for layer l and token t of an example:
-  A[t, h, :]   the output of head h: the slice h of the input of `self_attn.out_proj` (D = head_dim values),
+  A[t, h, :]   the output of head h: the slice h of the input of the attention output projection (OPT's
+               `out_proj`, Llama's `o_proj`; D = head_dim values; h runs over the query heads),
   G = ∂L/∂A    its gradient,   Hg = H·G   the Hessian of L times the gradient (below),
-  W, gY        out_proj's weight (E × E, columns (h, d)) and the gradient at out_proj's output,
+  W, gY        the output projection's weight (E × H·D, columns (h, d)) and the gradient at its output,
   x[t, :]      fc1's input (the normalised MLP input),  W1, b1  fc1's weight (F × E) and bias,
   θ_j          the up-projection parameters of neuron j: row j of W1 (E values; the bias is not part of θ),
   act[t, j]    fc1's activation after ReLU (the input of fc2),  g[t, j] = ∂L/∂act[t, j],
   gp[t, j]     the gradient at fc1's pre-activation output: g[t, j] · 1[act[t, j] > 0] (ReLU),
   ∂L/∂θ_j|t    the token's share of the weight gradient: gp[t, j] · x[t, :] (∂L/∂W1 = Σ_t of these).
+Llama-family (SwiGLU) MLPs: act = f(gate_proj x) · up_proj x at down_proj's input, and θ_j is row j of both
+gate_proj and up_proj (2E values), so every neuron formula below sums over the two parts p ∈ {gate, up}, each with
+its weight W_p, bias b_p and output gradient gp_p (∂L/∂u = g · f(gate), ∂L/∂gate = g · u · f'(gate)):
+gradnorm's |gp| becomes (Σ_p gp_p²)^½, plainact's and snip's terms are summed over p, fisher's mean runs over all
+2E elements and jacov's Jacobian concatenates both parts. The model family says what the parts are
+(`harness.families`: `up_parts`, `pre_activation_grads`); OPT has the one part fc1.
 
 Per-token scores (higher = more important), heads | neurons. ShadowLLM's definitions (CRITERIA, first six):
   l2norm    ‖A[t,h]‖₂                         | |act[t,j]|
@@ -57,8 +64,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from harness.engine import mlp_input_module, opt_layers
 from harness.errors import HarnessError
+from harness.families import family_of, install
 
 #: Every per-token criterion (ShadowLLM's, then the activation forms): the variants of `static` and `shadow`.
 CRITERIA = ("l2norm", "gradnorm", "plainact", "fisher", "snip", "grasp", "gradnorm_act", "plainact_act", "fisher_act")
@@ -104,32 +111,37 @@ def example_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 class _Capture:
-    """Temporary hooks that capture, per layer, out_proj's input A and output Y, fc1's input x and fc2's
-    input act (all as (B, T, ·)), and optionally the residual streams entering the layer and its MLP block.
-    A of a layer that would not be tracked by autograd (layer 0 with frozen parameters) is made a leaf that
-    requires grad, so that every captured tensor is part of the graph."""
+    """Temporary hooks that capture, per layer, the output projection's input A and output Y, the MLP's input x
+    as its up projection(s) see it, the neuron activation act at the down projection's input, the outputs of the
+    up-projection parts beyond OPT's one (SwiGLU's gate and up, for their gradients), all as (B, T, ·), and
+    optionally the residual streams entering the layer and its MLP block. A of a layer that would not be tracked
+    by autograd (layer 0 with frozen parameters) is made a leaf that requires grad, so that every captured tensor
+    is part of the graph."""
 
     def __init__(self, model, features=()):
-        self.decoder, self.layers = opt_layers(model)
-        self.pre_ln = model.config.do_layer_norm_before
+        self.family = family_of(model)
+        self.decoder, self.layers = self.family.decoder(model), self.family.layers(model)
         self.features = tuple(features)
         self.store: dict = {}
         self.handles: list = []
         self.shape = None
 
     def __enter__(self):
+        family = self.family
         try:
             for index, layer in enumerate(self.layers):
-                attn = layer.self_attn
-                self.handles.append(attn.out_proj.register_forward_pre_hook(self._pre_a(index)))
-                self.handles.append(attn.out_proj.register_forward_hook(self._post("Y", index)))
-                self.handles.append(layer.fc1.register_forward_pre_hook(self._pre_plain("x", index)))
-                self.handles.append(layer.fc2.register_forward_pre_hook(self._pre_plain("act", index)))
+                self.handles.append(install(family, layer, "head_output", self._pre_a(index)))
+                self.handles.append(install(family, layer, "attn_proj_output", self._pre_plain("Y", index)))
+                self.handles.append(install(family, layer, "neuron_input", self._pre_plain("x", index)))
+                self.handles.append(install(family, layer, "neuron_act", self._pre_plain("act", index)))
+                parts = family.up_parts(layer)
+                if len(parts) > 1:
+                    for name, _ in parts:
+                        self.handles.append(install(family, layer, f"{name}_output", self._pre_plain(f"part.{name}", index)))
                 if "layer_input" in self.features:
-                    self.handles.append(layer.register_forward_pre_hook(self._layer_input(index), with_kwargs=True))
+                    self.handles.append(install(family, layer, "layer_input", self._pre_plain("layer_input", index)))
                 if "mlp_input" in self.features:
-                    module = mlp_input_module(layer, self.pre_ln)
-                    self.handles.append(module.register_forward_pre_hook(self._pre_plain("mlp_input", index)))
+                    self.handles.append(install(family, layer, "mlp_input", self._pre_plain("mlp_input", index)))
         except BaseException:
             self.__exit__()
             raise
@@ -141,29 +153,18 @@ class _Capture:
         self.handles.clear()
 
     def _pre_a(self, index):
-        def hook(module, args):
-            x = args[0]
+        def hook(x):
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
                 self.store[("A", index)] = x
-                return (x,) + tuple(args[1:])
+                return x
             self.store[("A", index)] = x
             return None
         return hook
 
     def _pre_plain(self, name, index):
-        def hook(module, args):
-            self.store[(name, index)] = args[0]
-        return hook
-
-    def _layer_input(self, index):
-        def hook(module, args, kwargs):
-            self.store[("layer_input", index)] = kwargs.get("hidden_states", args[0] if args else None)
-        return hook
-
-    def _post(self, name, index):
-        def hook(module, args, output):
-            self.store[(name, index)] = output
+        def hook(x):
+            self.store[(name, index)] = x
         return hook
 
 
@@ -195,10 +196,10 @@ def _layer_scores(model, input_ids: torch.Tensor, criteria: tuple[str, ...], cou
     feats: {name: (B, T, E)} detached activations named in `features` (attn_output0 only at layer 0).
     """
     config = model.config
-    if getattr(config, "activation_function", "relu") != "relu":
-        raise HarnessError(f"importance criteria assume OPT's ReLU FFN (got {config.activation_function!r})")
-    num_heads = config.num_attention_heads
-    head_dim = config.hidden_size // num_heads
+    family = family_of(model)
+    family.check_criteria(config)
+    shape = family.sizes(config)
+    num_heads, head_dim = shape.heads, shape.head_dim
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     if input_ids.shape[1] < 2:
@@ -259,13 +260,15 @@ def _layer_scores(model, input_ids: torch.Tensor, criteria: tuple[str, ...], cou
             a, ga = view(capture.store[("A", l)]), view(grad[("A", l)], count)
             act, gact = view(capture.store[("act", l)]), view(grad[("act", l)], count)
             a4, ga4 = a.view(batch, seq, num_heads, head_dim), ga.view(batch, seq, num_heads, head_dim)
-            gpre = gact * (act > 0)  # ∂L/∂pre-activation (ReLU)
-            fc1 = layer.fc1
             x = view(capture.store[("x", l)])
-            w1 = fc1.weight.detach().to(work)
-            row = None
+            # the up-projection parts of the neurons (OPT: fc1; SwiGLU: gate and up) and ∂L/∂ their outputs
+            parts = family.up_parts(layer)
+            outputs = {name: view(capture.store[(f"part.{name}", l)]) for name, _ in parts} if len(parts) > 1 else {}
+            gpres = family.pre_activation_grads(layer, outputs, act, gact)  # OPT: gact · 1[act > 0] (ReLU)
+            weights = [module.weight.detach().to(work) for _, module in parts]
+            rows = None
             if names & {"plainact", "snip"}:
-                row = x.abs() @ w1.abs().t()  # Σ_k |W1[j,k] x[t,k]|
+                rows = [x.abs() @ w.abs().t() for w in weights]  # Σ_k |W[j,k] x[t,k]| per part
             elems = a4 * ga4
             dot = elems.sum(-1)  # (B, T, H)
             out = {}
@@ -273,19 +276,22 @@ def _layer_scores(model, input_ids: torch.Tensor, criteria: tuple[str, ...], cou
                 if c == "l2norm":
                     out[c] = {"heads": a4.norm(dim=-1), "neurons": act.abs()}
                 elif c == "gradnorm":
-                    out[c] = {"heads": ga4.norm(dim=-1), "neurons": gpre.abs() * x.norm(dim=-1, keepdim=True)}
+                    gnorm = gpres[0].abs() if len(gpres) == 1 else sum(g.square() for g in gpres).sqrt()
+                    out[c] = {"heads": ga4.norm(dim=-1), "neurons": gnorm * x.norm(dim=-1, keepdim=True)}
                 elif c == "plainact":
-                    out[c] = {"heads": elems.abs().sum(-1), "neurons": gpre.abs() * row}
+                    out[c] = {"heads": elems.abs().sum(-1), "neurons": _parts_sum(g.abs() * r for g, r in zip(gpres, rows))}
                 elif c == "fisher":
+                    size = weights[0].shape[1] * len(weights)  # the elements of θ_j
                     out[c] = {"heads": elems.square().mean(-1),
-                              "neurons": gpre.square() * (x.square() @ w1.square().t()) / w1.shape[1]}
+                              "neurons": _parts_sum(g.square() * (x.square() @ w.square().t())
+                                                    for g, w in zip(gpres, weights)) / size}
                 elif c == "snip":
-                    bias = fc1.bias.detach().to(work).abs() if fc1.bias is not None else 0.0
+                    biases = [m.bias.detach().to(work).abs() if m.bias is not None else 0.0 for _, m in parts]
                     gy = view(grad[("Y", l)], count)
-                    w = layer.self_attn.out_proj.weight.detach().to(work)
+                    w = family.linear(layer, "o").weight.detach().to(work)
                     col = gy.abs() @ w.abs()  # Σ_i |gY[t,i]| |W[i,c]|
                     heads = (col * a.abs()).view(batch, seq, num_heads, head_dim).sum(-1)
-                    out[c] = {"heads": heads, "neurons": gpre.abs() * (row + bias)}
+                    out[c] = {"heads": heads, "neurons": _parts_sum(g.abs() * (r + b) for g, r, b in zip(gpres, rows, biases))}
                 elif c == "grasp":
                     square = count.to(device, work).square()
                     ha = view(hess[("A", l)], square).view(batch, seq, num_heads, head_dim)
@@ -298,7 +304,7 @@ def _layer_scores(model, input_ids: torch.Tensor, criteria: tuple[str, ...], cou
                 elif c == "fisher_act":
                     out[c] = {"heads": dot.square(), "neurons": (act * gact).square()}
                 elif c == "jacov":
-                    out[c] = _jacov_layer(ga4, gpre, x, read)
+                    out[c] = _jacov_layer(ga4, gpres, x, read)
             feats = {}
             for name in features:
                 if name == "attn_output0":
@@ -310,8 +316,18 @@ def _layer_scores(model, input_ids: torch.Tensor, criteria: tuple[str, ...], cou
     capture.store.clear()
 
 
-def _jacov_layer(ga4: torch.Tensor, gpre: torch.Tensor, x: torch.Tensor, read: torch.Tensor) -> dict:
-    """jacov of one layer's heads (H,) and neurons (F,) over the batch, from the gradients at `read` tokens."""
+def _parts_sum(terms):
+    """Σ over the up-projection parts (one part: the term itself, bit for bit)."""
+    terms = iter(terms)
+    total = next(terms)
+    for term in terms:
+        total = total + term
+    return total
+
+
+def _jacov_layer(ga4: torch.Tensor, gpres: list, x: torch.Tensor, read: torch.Tensor) -> dict:
+    """jacov of one layer's heads (H,) and neurons (F,) over the batch, from the gradients at `read` tokens;
+    `gpres`: the gradients at the outputs of the neurons' up-projection parts (one for OPT's fc1)."""
     per_example = read.sum(dim=1)
     if bool((per_example != per_example[0]).any()):
         raise HarnessError("jacov compares Jacobians of the same size: read the same number of tokens per example")
@@ -320,10 +336,11 @@ def _jacov_layer(ga4: torch.Tensor, gpre: torch.Tensor, x: torch.Tensor, read: t
     head_size = g_heads.shape[1] * g_heads.shape[3]
     gram = torch.einsum("bthd,cthd->hbc", g_heads, g_heads)
     heads = _jacov(gram, g_heads.sum(dim=(1, 3)).t() / head_size, torch.diagonal(gram, dim1=-2, dim2=-1), head_size)
-    # neurons: J_b = ∂L_b/∂θ_j = Σ over the tokens read of gp[t, j] · x[t, :]
-    jac = torch.einsum("btf,bte->fbe", gpre * read.to(gpre.dtype)[:, :, None], x)  # (F, B, E)
+    # neurons: J_b = ∂L_b/∂θ_j = Σ over the tokens read of gp[t, j] · x[t, :] (the parts' rows side by side)
+    jacs = [torch.einsum("btf,bte->fbe", gpre * read.to(gpre.dtype)[:, :, None], x) for gpre in gpres]  # (F, B, E)
+    jac = jacs[0] if len(jacs) == 1 else torch.cat(jacs, dim=-1)
     gram_n = torch.einsum("fbe,fce->fbc", jac, jac)
-    neurons = _jacov(gram_n, jac.mean(-1), torch.diagonal(gram_n, dim1=-2, dim2=-1), x.shape[-1])
+    neurons = _jacov(gram_n, jac.mean(-1), torch.diagonal(gram_n, dim1=-2, dim2=-1), jac.shape[-1])
     return {"heads": heads, "neurons": neurons}
 
 
@@ -388,7 +405,7 @@ def aggregate(model, batches, criteria: Iterable[str] = CRITERIA, log=None, batc
         batch_size = JACOV_BATCH if jacov else 1
     config = model.config
     num_layers = config.num_hidden_layers
-    sizes = {"heads": config.num_attention_heads, "neurons": config.ffn_dim}
+    sizes = family_of(config).sizes(config).units()
     sums = {c: {u: torch.zeros(num_layers, sizes[u], dtype=torch.float64) for u in UNITS} for c in criteria}
     tokens = groups = seen = 0
     for index, batch in enumerate(_batches(batches, batch_size)):
@@ -520,7 +537,7 @@ def aggregate_targets(model, examples: Sequence, criteria: Iterable[str] = ALL_C
     criteria = _check(criteria)
     jacov = [c for c in criteria if ALIASES.get(c, c) in STATIC_ONLY]
     config = model.config
-    sizes = {"heads": config.num_attention_heads, "neurons": config.ffn_dim}
+    sizes = family_of(config).sizes(config).units()
     sums = {c: {u: torch.zeros(config.num_hidden_layers, sizes[u], dtype=torch.float64) for u in UNITS}
             for c in criteria}
     count = groups = 0

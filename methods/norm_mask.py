@@ -2,7 +2,8 @@
 
 It reads the current token's own head outputs, so it is an upper bound a predictor tries to reach, not
 something a decoder could run ahead of computing the heads. With an explicit neuron target (n0.5) it
-skips the neurons with the smallest post-ReLU activation (Deja Vu's oracle).
+skips the neurons with the smallest activation magnitude at the down projection's input (Deja Vu's oracle; OPT's
+post-ReLU activation, Llama's SwiGLU act(gate) · up).
 """
 import torch
 

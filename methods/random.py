@@ -7,6 +7,7 @@ on the token and its position alone).
 import torch
 
 from harness.engine import MaskPolicy
+from harness.families import sizes_of
 from methods import Method, register
 
 _M32 = 0xFFFFFFFF
@@ -58,6 +59,5 @@ class Random(Method):
     description = "seeded random heads/neurons skipped per token"
 
     def policy(self, ctx, allocation, artefact):
-        config = ctx.model.config
-        sizes = {"heads": config.num_attention_heads, "neurons": config.ffn_dim}
-        return RandomPolicy(ctx.seed, sizes, config.num_hidden_layers)
+        shape = sizes_of(ctx.model)
+        return RandomPolicy(ctx.seed, shape.units(), shape.layers)

@@ -9,7 +9,8 @@ default), never on evaluation text.
 """
 import torch
 
-from harness.engine import lowest_k_mask, opt_layers
+from harness.engine import lowest_k_mask
+from harness.families import family_of, install
 from methods import Method, register
 from methods.norm_mask import NormPolicy
 
@@ -17,9 +18,10 @@ from methods.norm_mask import NormPolicy
 @torch.no_grad()
 def head_output_means(model, batches: torch.Tensor, skip: int, dense_layers=()) -> dict:
     """Sum of head outputs over all tokens and over tokens where the lowest-norm ranking skipped the head."""
-    _, layers = opt_layers(model)
-    config = model.config
-    heads, dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    family = family_of(model)
+    layers = family.layers(model)
+    shape = family.sizes(model.config)
+    heads, dim = shape.heads, shape.head_dim
     total = torch.zeros(len(layers), heads, dim, dtype=torch.float64)
     skipped_sum = torch.zeros_like(total)
     skipped_count = torch.zeros(len(layers), heads, dtype=torch.float64)
@@ -27,8 +29,8 @@ def head_output_means(model, batches: torch.Tensor, skip: int, dense_layers=()) 
     handles = []
 
     def hook_for(index):
-        def hook(module, args):
-            out = args[0].reshape(-1, heads, dim).double()
+        def hook(x):
+            out = x.reshape(-1, heads, dim).double()
             total[index] += out.sum(0).cpu()
             if skip and index not in dense_layers:
                 keep = lowest_k_mask(torch.linalg.vector_norm(out, dim=-1), skip)
@@ -39,7 +41,7 @@ def head_output_means(model, batches: torch.Tensor, skip: int, dense_layers=()) 
 
     try:
         for index, layer in enumerate(layers):
-            handles.append(layer.self_attn.out_proj.register_forward_pre_hook(hook_for(index)))
+            handles.append(install(family, layer, "head_output", hook_for(index)))
         device = next(model.parameters()).device
         for row in batches:
             model(input_ids=row[None].to(device), use_cache=False)
@@ -59,8 +61,8 @@ class Replace(Method):
     description = "norm-mask, but skipped heads output their calibration mean (head) or skipped-token mean (ranked)"
 
     def fit(self, ctx, allocation):
-        config = ctx.model.config
-        skip = int(round(allocation.heads * config.num_attention_heads)) if self.variant == "ranked" else 0
+        heads = family_of(ctx.model).sizes(ctx.model.config).heads
+        skip = int(round(allocation.heads * heads)) if self.variant == "ranked" else 0
         inputs = {**ctx.base_key(), "variant": self.variant, "skip_per_layer": skip,
                   "dense_layers": list(allocation.dense_layers), "version": 1}
 

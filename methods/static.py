@@ -14,6 +14,7 @@ import torch
 
 from harness.engine import MaskPolicy
 from harness.errors import HarnessError
+from harness.families import sizes_of
 from methods import Method, register
 from methods.criteria import ALL_CRITERIA, fit_importance
 
@@ -77,10 +78,9 @@ class Static(Method):
     def policy(self, ctx, allocation, artefact):
         if artefact is None:
             raise HarnessError("static needs its fitted importance scores (run fit first)")
-        config = ctx.model.config
+        shape = sizes_of(ctx.model)
         heads, neurons = artefact.tensors[f"{self.variant}.heads"], artefact.tensors[f"{self.variant}.neurons"]
-        expected = {"heads": (config.num_hidden_layers, config.num_attention_heads),
-                    "neurons": (config.num_hidden_layers, config.ffn_dim)}
+        expected = {"heads": (shape.layers, shape.heads), "neurons": (shape.layers, shape.ffn)}
         for unit, tensor in (("heads", heads), ("neurons", neurons)):
             if tuple(tensor.shape) != expected[unit]:
                 raise HarnessError(f"static artefact {artefact.path}: {unit} scores have shape {tuple(tensor.shape)}, "
