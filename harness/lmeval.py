@@ -119,6 +119,11 @@ def _hflm_class():
     return HFLM
 
 
+#: builds (model, tokenizer, engine) from model_args for a model named by a string; set by harness.lmeval_plugin
+#: (the application layer, which this module does not import)
+NAMED_MODEL_BUILDER = None
+
+
 def _build_adapter_class():
     require_lm_eval()
     import lm_eval.models.huggingface as hf_module
@@ -134,9 +139,10 @@ def _build_adapter_class():
             self.harness_cache_scope = None  # set for a model built from a name: lm-eval's caches are keyed by it
             self._harness = None
             if isinstance(pretrained, (str, Path)):  # lm-eval's CLI / simple_evaluate(model="harness-masked", …)
-                from harness.lmeval_plugin import build_masked
-
-                built = build_masked(str(pretrained), tokenizer=tokenizer, **kwargs)
+                if NAMED_MODEL_BUILDER is None:
+                    raise HarnessError("a masked model named by a string is built by the lm-eval plugin: import "
+                                       "harness.lmeval_plugin (or run harness-lm-eval), or pass a loaded model")
+                built = NAMED_MODEL_BUILDER(str(pretrained), tokenizer=tokenizer, **kwargs)
                 pretrained, tokenizer, kwargs = built.model, built.tokenizer, built.hflm_kwargs
                 self._harness, self.harness_cache_scope = built, built.scope
             super().__init__(pretrained=pretrained, tokenizer=tokenizer, backend="causal", batch_size=batch_size,

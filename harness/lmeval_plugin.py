@@ -211,10 +211,11 @@ def main(argv: list[str] | None = None) -> None:
 def __getattr__(name: str):
     """`HarnessMaskedLM`, the class the entry point names (the adapter of harness.lmeval), built on first use."""
     if name == "HarnessMaskedLM":
-        from harness.lmeval import adapter_class
+        import harness.lmeval as adapter
 
         cache_scoping()
-        return adapter_class()
+        adapter.NAMED_MODEL_BUILDER = build_masked
+        return adapter.adapter_class()
     raise AttributeError(name)
 
 
