@@ -285,6 +285,12 @@ def layer_report(predicted: list, oracle: list, k: int | None, layers: list[int]
 class PredictorPolicyMixin:
     """Moves predictors to the activations' device and dtype once, and reuses them."""
 
+    def prepare(self, like: torch.Tensor) -> None:
+        """Move every predictor set (a dict attribute of predictor modules) now, before anything is timed."""
+        for value in list(vars(self).values()):
+            if isinstance(value, dict) and value and all(isinstance(p, nn.Module) for p in value.values()):
+                self._on(value, like)
+
     def _on(self, predictors: dict, like: torch.Tensor) -> dict:
         key = (id(predictors), like.device, like.dtype)
         cache = self.__dict__.setdefault("_moved", {})

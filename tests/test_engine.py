@@ -241,3 +241,23 @@ def test_allocation_rejects_out_of_range_targets():
     for bad in (1.0, -0.1, 1.5):
         with pytest.raises(HarnessError, match="outside"):
             Allocation(heads=bad)
+
+
+def test_prepare_moves_predictors_once_before_the_first_forward():
+    """The one-time copy of a policy's predictors to the model's device and dtype happens in `prepare` (outside
+    evaluation clocks), not in the first window; the forward then reuses it."""
+    from methods.dejavu import DejaVuPolicy
+    from methods.predictors import low_rank
+
+    model = tiny_model().to(torch.float64)
+    config = model.config
+    mlp = {l: low_rank(config.hidden_size, 8, config.ffn_dim) for l in range(config.num_hidden_layers)}
+    policy = DejaVuPolicy({}, mlp)
+    engine = MaskedEngine(model, policy, Allocation(neurons=0.5))
+    assert not getattr(policy, "_moved", None)
+    engine.prepare()
+    moved = dict(policy._moved)
+    assert len(moved) == 1 and all(next(p.parameters()).dtype == torch.float64 for p in next(iter(moved.values())).values())
+    with engine.applied(), torch.no_grad():
+        model(input_ids=ids())
+    assert policy._moved == moved and engine.achieved()["achieved_neurons"] == 0.5
