@@ -124,6 +124,14 @@ class DejaVu(Method):
             return {**base, "fewshot": settings_of(self.settings)}
         return {**DEFAULTS, **{k: v for k, v in self.settings.items() if k in DEFAULTS}}
 
+    def calibration_tasks(self) -> tuple[str, ...]:
+        """The zero-shot tasks whose documents the fit reads (dejavu:shadowllm's few-shot examples)."""
+        if self.variant != "shadowllm":
+            return ()
+        from harness.fewshot import settings_of
+
+        return tuple(settings_of(self.settings)["tasks"])
+
     @property
     def head_input(self) -> str:
         return HEAD_INPUTS[self.variant]

@@ -105,6 +105,14 @@ class Shadow(Method):
             raise HarnessError(f"shadow: unknown calibration {protocol!r}; valid: {', '.join(PROTOCOLS)}")
         return protocol
 
+    def calibration_tasks(self) -> tuple[str, ...]:
+        """The zero-shot tasks whose documents the fit reads (validated before a run starts)."""
+        if self.protocol != "fewshot":
+            return ()
+        from harness.fewshot import settings_of
+
+        return tuple(settings_of(self.settings)["tasks"])
+
     def hp(self) -> dict:
         fewshot = self.protocol == "fewshot"
         base = {**DEFAULTS, **(FEWSHOT_TRAINING if fewshot else {})}
