@@ -146,6 +146,25 @@ def test_method_source_gives_the_masked_engines_logits(setup, label, backend):
     assert reference.heads_kept == kept_h and reference.neurons_kept == kept_f
 
 
+def test_dejavu_source_reading_the_attention_input_is_not_the_masked_engines(setup):
+    """The equivalence above depends on the source reading the tensor the policy reads: Deja Vu's source fed layer
+    l−1's attention input for the heads of l (the `dejavu:attn-input` reading) no longer gives the default
+    policy's logits (which read layer l−1's MLP input)."""
+    from kernels.sources import DejaVuSource, keep_counts
+    from methods.dejavu import head_source
+
+    model, prompt, tokens = setup
+    policy, allocation = make_policy("dejavu", model)
+    expected = masked_logits(model, PromptDense(policy), allocation, prompt, tokens)
+    policy, allocation = make_policy("dejavu", model)
+    for reads, close in (("mlp_input", True), ("layer_input", False)):
+        source = DejaVuSource(policy.attn, policy.mlp, keep_counts(allocation, L, H, F_DIM),
+                              lambda layer, reads=reads: head_source(layer, reads))
+        engine = SparseDecoder(model, source, max_len=16, kv="recompute", backend="torch")
+        errors, _ = relative_errors(sparse_engine_logits(engine, prompt, tokens), expected)
+        assert (max(errors) < 1e-5) == close, (reads, errors)
+
+
 def test_sources_refuse_what_cannot_be_decoded(setup):
     from harness.errors import HarnessError
 
