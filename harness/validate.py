@@ -208,7 +208,12 @@ def check_data(data, config, tasks: list, fits: bool, model_spec, tokenizer, cal
     for name in calibration:
         get_task(name).check(data)
     if fits:
-        data.check([calibration_file(config.calib_data)])
+        if config.calib_data == "reference-holdout":
+            from harness.reference_model import HOLDOUT_READS
+
+            data.check(list(HOLDOUT_READS))
+        else:
+            data.check([calibration_file(config.calib_data)])
     tokenizer_dir_for(model_spec, tokenizer, data)
 
 
