@@ -38,7 +38,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-CALIBRATION_FILES = {"wikitext2-valid": "wikitext-2/wiki.valid.tokens", "ptb-valid": "ptb/ptb.valid.txt"}
+CALIBRATION_FILES = {"wikitext2-valid": "wikitext-2/wiki.valid.tokens", "ptb-valid": "ptb/ptb.valid.txt",
+                     # the reference model's held-out tail of WikiText-2 valid and PTB valid (harness/reference_model.py)
+                     "reference-holdout": "wikitext-2/wiki.valid.tokens"}
 TOKENIZER_FILES = ("tokenizer/opt/vocab.json", "tokenizer/opt/merges.txt", "tokenizer/opt/tokenizer_config.json")
 MANIFEST = "MANIFEST.tsv"
 
@@ -163,6 +165,10 @@ class DataDir:
     def calibration_text(self, name: str = "wikitext2-valid") -> str:
         """Text for calibration and predictor training; never the evaluation splits."""
         path = self.path(calibration_file(name))
+        if name == "reference-holdout":
+            from harness.reference_model import holdout_text
+
+            return holdout_text(self)
         return _hf_wikitext_join(path) if name == "wikitext2-valid" else _ptb_join(path)
 
 

@@ -241,3 +241,40 @@ def build_examples(tokenizer, data_dir, *, tasks=TASKS, examples: int = DEFAULT_
     settings = {"tasks": list(tasks), "examples": examples, "shots": shots, "seed": seed, "source": source,
                 "max_length": max_length, "lm_eval_tasks": {n: ZERO_SHOT[n].lm_eval_task for n in found}}
     return FewShotSet(out, info, left_out, settings)
+
+
+# -- for the methods that fit on these examples (shadow, dejavu:shadowllm) -----------------------------------
+#: The method settings of the few-shot calibration and their defaults (ShadowLLM §5.2, §6: about 3000 5-shot
+#: examples across the 7 tasks). `calib_seed` chooses the examples; it is part of the calibration data, not of a
+#: method's seed (every seed, criterion and method reads the same examples).
+SETTINGS = {"examples": DEFAULT_EXAMPLES, "shots": DEFAULT_SHOTS, "tasks": TASKS, "calib_seed": 0, "max_length": 2048}
+
+
+def settings_of(settings: dict) -> dict:
+    """The few-shot settings among a method's settings (defaults filled in), JSON-ready."""
+    out = {k: settings.get(k, v) for k, v in SETTINGS.items()}
+    out["tasks"] = list(out["tasks"])
+    return out
+
+
+def calibration_set(ctx, settings: dict) -> FewShotSet:
+    """ShadowLLM's calibration examples for a fit (harness.runner.FitContext), built once per session. The tasks'
+    documents follow the run's zero-shot source (`lmeval_source`), so they never meet the evaluated ones; examples
+    are left-truncated to the model's positions."""
+    chosen = settings_of(settings)
+    max_length = min(int(chosen["max_length"]), int(ctx.model.config.max_position_embeddings))
+    source = getattr(ctx.config, "lmeval_source", "auto")
+    key = ("fewshot", int(chosen["examples"]), int(chosen["shots"]), tuple(chosen["tasks"]), int(chosen["calib_seed"]),
+           source, max_length)
+    return ctx.session.memo(key, lambda: build_examples(
+        ctx.tokenizer, ctx.data.root, tasks=tuple(chosen["tasks"]), examples=int(chosen["examples"]),
+        shots=int(chosen["shots"]), seed=int(chosen["calib_seed"]), source=source, max_length=max_length,
+        log=ctx.log))
+
+
+def record_fields(fewshot: FewShotSet) -> dict:
+    """What the records of a job fitted on these examples say about its calibration (harness.runner)."""
+    return {"calib_protocol": "fewshot", "calib_data": "fewshot:" + ",".join(fewshot.tasks),
+            "calib_examples": len(fewshot.examples), "calib_samples": len(fewshot.examples), "calib_seqlen": None,
+            "calib_shots": fewshot.settings.get("shots"), "calib_tasks": {t: i["examples"] for t, i in fewshot.tasks.items()},
+            "calib_left_out": sorted(fewshot.left_out), "calib_fingerprint": fewshot.fingerprint}

@@ -67,8 +67,9 @@ def rare_words(passages: list[str], max_count: int = 2) -> list[str]:
     return sorted(w for w, c in counts.items() if c <= max_count)
 
 
-def training_tokens(tokenizer, data, *, unk_fill: str = "none", seed: int = 0) -> dict:
-    """Token ids of each training source (each document starts with OPT's BOS `</s>`, id 2)."""
+def training_tokens(tokenizer, data, *, unk_fill: str = "none", seed: int = 0, only=None) -> dict:
+    """Token ids of each training source (each document starts with OPT's BOS `</s>`, id 2); `only`: the names of
+    the sources wanted (default all)."""
     import torch
 
     from harness.perplexity import tokenize_text
@@ -91,9 +92,10 @@ def training_tokens(tokenizer, data, *, unk_fill: str = "none", seed: int = 0) -
         "wikitext2-valid": tokenize_text(tokenizer, wiki),
         "ptb-valid": tokenize_text(tokenizer, ptb),
     }
-    ids = tokenizer(passages).input_ids
-    sources["lambada-passages"] = torch.tensor([t for row in ids for t in row], dtype=torch.long)
-    return sources
+    if only is None or "lambada-passages" in only:
+        ids = tokenizer(passages).input_ids
+        sources["lambada-passages"] = torch.tensor([t for row in ids for t in row], dtype=torch.long)
+    return {name: ids for name, ids in sources.items() if only is None or name in only}
 
 
 def split_holdout(sources: dict, fraction: float):
@@ -106,6 +108,39 @@ def split_holdout(sources: dict, fraction: float):
         train.append(ids[:cut])
         holdout.append(ids[cut:])
     return torch.cat(train), torch.cat(holdout)
+
+
+#: What `holdout_text` reads: the training files (LAMBADA for the rare words that fill WikiText-2's `<unk>`) and the
+#: tokenizer, all checked against the data directory's manifest before a run that calibrates on it.
+HOLDOUT_READS = TRAIN_FILES + TOKENIZER_FILES
+#: The held-out sources that are calibration text (LAMBADA's passages are its test set: never calibration text)
+HOLDOUT_CALIBRATION_SOURCES = ("wikitext2-valid", "ptb-valid")
+
+
+def holdout_ids(data, record: dict | None = None) -> dict:
+    """The token ids the reference model never trained on, per calibration source: the last `holdout_fraction` of
+    WikiText-2 valid and of PTB valid, cut exactly as its training run cut them (same `<unk>` fill, seed and
+    fraction, read from the fixture's training.json). The training run used them only to pick its checkpoint by
+    holdout NLL (it kept its last step)."""
+    from harness.models import ModelSpec, load_tokenizer
+
+    if record is None:
+        record = json.loads((FIXTURE_DIR / "training.json").read_text())
+    hp = record["hyperparameters"]
+    tokenizer = load_tokenizer(ModelSpec("opt-125m"), None, data)
+    sources = training_tokens(tokenizer, data, unk_fill=hp["unk_fill"], seed=hp["seed"], only=HOLDOUT_CALIBRATION_SOURCES)
+    fraction = hp["holdout_fraction"]
+    return {name: ids[int(len(ids) * (1 - fraction)):] for name, ids in sources.items()}
+
+
+def holdout_text(data) -> str:
+    """The calibration text `reference-holdout` (harness.data): the reference model's held-out WikiText-2 valid and
+    PTB valid tokens (`holdout_ids`, about 12k + 4k tokens), decoded and joined with a blank line; a split the model
+    never trained on, unlike `wikitext2-valid` and `ptb-valid`, which are its training text."""
+    from harness.models import ModelSpec, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSpec("opt-125m"), None, data)
+    return "\n\n".join(tokenizer.decode(ids.tolist(), skip_special_tokens=True) for ids in holdout_ids(data).values())
 
 
 def lr_at(step: int, *, steps: int, warmup: int, lr: float, min_ratio: float = 0.1) -> float:

@@ -225,14 +225,22 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
             "achieved": achieved, "predictor_quality": quality, "started_at": started, "finished_at": now()}
 
 
+#: What a fit's metadata may say about its calibration, copied into its records: the protocol (`lmtext`: language-model
+#: text, `fewshot`: ShadowLLM's few-shot task examples, harness/fewshot.py), how much of it was used and, for few-shot
+#: examples, which (calib_data, calib_samples and calib_seqlen then describe the examples, not the text settings).
+CALIBRATION_FIELDS = ("calib_protocol", "calib_tokens", "calib_tokens_total", "calib_sampling", "calib_data",
+                      "calib_samples", "calib_seqlen", "calib_examples", "calib_shots", "calib_tasks", "calib_left_out",
+                      "calib_fingerprint")
+
+
 def calibration_sampling(meta: dict) -> dict:
-    """The calib_tokens / calib_tokens_total / calib_sampling a fit's metadata (or a part of it) reports."""
-    if "calib_tokens" in meta:
-        return {k: meta[k] for k in ("calib_tokens", "calib_tokens_total", "calib_sampling") if k in meta}
+    """The calibration fields (CALIBRATION_FIELDS) a fit's metadata reports, its parts' (nested dicts) included."""
+    found = {k: meta[k] for k in CALIBRATION_FIELDS if k in meta}
     for value in meta.values():
-        if isinstance(value, dict) and (found := calibration_sampling(value)):
-            return found
-    return {}
+        if isinstance(value, dict):
+            for key, item in calibration_sampling(value).items():
+                found.setdefault(key, item)
+    return found
 
 
 def metrics_achieved(metrics: list[dict]) -> dict:

@@ -141,7 +141,15 @@ def check_methods(config, labels: list[str], tasks: list, model_config=None) -> 
         refused = [label for label in labels
                    if (method := get_method(MethodSpec.parse(label))).units and "global" not in method.allocations]
         if refused:
-            able = sorted(name for name, cls in discover().items() if cls.units and "global" in cls.allocations)
+            whole, variants = [], []  # methods whose every variant can, then single variants that can
+            for name, cls in sorted(discover().items()):
+                if not cls.units:
+                    continue
+                methods = [cls(v) for v in dict.fromkeys((cls.default_variant, *cls.variants))]
+                chosen = [m.label for m in methods if "global" in m.allocations]
+                whole += [name] if len(chosen) == len(methods) else []
+                variants += chosen if len(chosen) < len(methods) else []
+            able = whole + variants
             raise HarnessError(
                 f"--allocation global ranks the units of all layers at once, before the first sparse layer runs; "
                 f"{', '.join(refused)} scores units layer by layer, from that layer's own activations. Valid with "
@@ -174,6 +182,30 @@ def check_extras(tasks: list) -> None:
         require_lm_eval(needs)
 
 
+def calibration_tasks(config, labels: list[str]) -> list[str]:
+    """The zero-shot tasks whose documents the methods' fits read (ShadowLLM's few-shot calibration examples,
+    harness/fewshot.py): shadow's default and dejavu:shadowllm."""
+    from methods import MethodSpec, get_method
+
+    found: dict = {}
+    for label in labels:
+        spec = MethodSpec.parse(label)
+        method = get_method(spec, config.method_settings.get(spec.name, {}))
+        for task in getattr(method, "calibration_tasks", lambda: ())():
+            found[task] = True
+    return list(found)
+
+
+def check_calibration_extras(tasks: list[str]) -> None:
+    import importlib.util
+
+    if tasks and importlib.util.find_spec("lm_eval") is None:
+        raise HarnessError(f"few-shot calibration (shadow's default, dejavu:shadowllm; tasks {', '.join(tasks)}) builds "
+                           "its examples with lm-eval's prompts, and lm-eval is not installed: pip install "
+                           "'sparsity-harness[zero-shot]'; or calibrate on language-model text (shadow:lmtext, or "
+                           "method_settings {shadow: {calibration: lmtext}})")
+
+
 def fitting_methods(labels: list[str]) -> list[str]:
     """The methods among `labels` that fit something (calibration statistics, predictors)."""
     from methods import Method, MethodSpec, get_method
@@ -181,16 +213,25 @@ def fitting_methods(labels: list[str]) -> list[str]:
     return [label for label in labels if type(get_method(MethodSpec.parse(label))).fit is not Method.fit]
 
 
-def check_data(data, config, tasks: list, fits: bool, model_spec, tokenizer) -> None:
+def check_data(data, config, tasks: list, fits: bool, model_spec, tokenizer, calibration: list[str] = ()) -> None:
     """Every file the jobs read exists and matches the manifest: the tasks', the calibration set (when a
-    method fits) and the tokenizer's (unless --tokenizer or the model directory has one)."""
+    method fits; `calibration`: the zero-shot tasks whose documents few-shot calibration reads) and the tokenizer's
+    (unless --tokenizer or the model directory has one)."""
     from harness.data import calibration_file
     from harness.models import tokenizer_dir_for
+    from harness.tasks import get_task
 
     for task in tasks:
         task.check(data)
+    for name in calibration:
+        get_task(name).check(data)
     if fits:
-        data.check([calibration_file(config.calib_data)])
+        if config.calib_data == "reference-holdout":
+            from harness.reference_model import HOLDOUT_READS
+
+            data.check(list(HOLDOUT_READS))
+        else:
+            data.check([calibration_file(config.calib_data)])
     tokenizer_dir_for(model_spec, tokenizer, data)
 
 
@@ -243,7 +284,9 @@ def prepare(config, data_dir=None, tokenizer=None, *, cache_dir=None, out=None, 
     check_methods(config, labels, tasks, model_config)
     data = resolve_data(data_dir, verify=verify)  # a bundle, else the Hugging Face hub (harness/data.py)
     fits = fitting_methods(labels)
-    check_data(data, config, tasks, bool(fits), model_spec, tokenizer)
+    few_shot = calibration_tasks(config, labels)
+    check_calibration_extras(few_shot)
+    check_data(data, config, tasks, bool(fits), model_spec, tokenizer, few_shot)
     if fits or any(task.masked for task in tasks):  # text is tokenized: the token ids must fit the embedding
         from harness.models import check_vocabulary
 

@@ -234,9 +234,9 @@ def predictors(method: str, model):
 
 def _predictors(method, c, d, L, H, F):
     from methods.dejavu import DEFAULTS as DV, DejaVuPolicy
-    from methods.predictors import low_rank, mlp
+    from methods.predictors import low_rank
     from methods.shadow import DEFAULTS as SH, ShadowPolicy, shadow_predictor
-    from methods.timewise import DEFAULTS as TW, TimewisePolicy
+    from methods.timewise import DEFAULTS as TW, TimewisePolicy, timewise_predictor
 
     with torch.device(device()):
         if method == "dejavu":
@@ -245,7 +245,7 @@ def _predictors(method, c, d, L, H, F):
         if method == "shadow":
             return ShadowPolicy(shadow_predictor(c, SH["hidden"]), c)
         if method == "timewise":
-            return TimewisePolicy("current", {l: mlp(d, TW["hidden"], H) for l in range(L)}, TW["M"])
+            return TimewisePolicy("current", {l: timewise_predictor(d, H, TW) for l in range(L)}, TW["M"])
     raise ValueError(method)
 
 
@@ -479,7 +479,7 @@ def write_report():
              "request then 2 measured requests for our engine (254 step times), 1 for the Hugging Face baselines "
              "(127). Medians of CUDA-event times around each step (its greedy argmax computed inside it); request ms is a host timer. "
              "Predictors: the methods' own architectures and default sizes (dejavu low-rank 1000 per layer for heads "
-             "and neurons, shadow one 2048-hidden MLP for every later head and neuron, timewise 256-hidden MLPs), "
+             "and neurons, shadow one 2048-hidden MLP for every later head and neuron, timewise MLPs with two 256-unit hidden layers), "
              "seeded and untrained (their cost does not depend on their values), run inside the CUDA graph. "
              "Predictor share = (t − t_static) / t, t_static = the same engine with a static source of the same "
              "per-layer counts. Floor = bytes one step reads (kept weights, K/V rows of kept heads for kv=recompute, "

@@ -7,10 +7,13 @@ method by method) and the predictor's cost is part of every step (and of its CUD
 
   static    the kept sets are fixed: the policy's score tables ranked once under the allocation (local or
             global, dense layers, min_keep) exactly as the masked engine ranks them; no per-token work.
-  dejavu    at layer l the source reads the residual stream entering l (the masked engine's `layer_input`):
-            it runs layer l's MLP predictor (neurons of l) and layer l+1's attention predictor (heads of l+1,
-            the lookahead); layer 0's heads come from layer 0's own input. Predictors that read the same
-            input share one first matmul.
+  dejavu    the lookahead (Deja Vu's Figure 2): at layer l the source reads the residual stream entering l (the
+            masked engine's `layer_input`) and runs layer l's MLP predictor (neurons of l); after l's attention
+            it reads the stream entering l's MLP (`mlp_input`, the engine's `neuron_masks` call) and runs layer
+            l+1's attention predictor (heads of l+1). Layer 0's heads come from layer 0's own input.
+            `dejavu:attn-input` runs layer l+1's attention predictor on layer l's input instead. Predictors that
+            read the same tensor share one first matmul.
+  dejavu:shadowllm  per-layer predictors that all read layer 0's attention output (as shadow, below).
   shadow    layer 0 stays dense; after layer 0's attention the engine calls `neuron_masks(0, h)` with the
             residual stream after attention, the source subtracts the layer input it kept (= layer 0's
             attention output, the masked engine's `attn_output`), runs the one predictor and ranks the heads
@@ -57,41 +60,65 @@ def keep_counts(allocation: Allocation, num_layers: int, num_heads: int, ffn_dim
 # predictors, folded for decoding
 # ------------------------------------------------------------------------------------------------------------
 class Folded:
-    """A two-layer predictor `second(act(first((x − mean) / std)))` with the standardisation folded into `first`."""
+    """A predictor `tail(first((x − mean) / std))` with the standardisation folded into its first linear layer.
 
-    def __init__(self, w1, b1, relu, w2, b2):
-        self.w1, self.b1, self.relu, self.w2, self.b2 = w1, b1, relu, w2, b2
+    `tail` is the rest of the network as a list of (relu, weight, bias) steps: each applies ReLU to its input when
+    `relu`, then its linear layer. Any stack of Linear and ReLU layers that begins with a Linear folds: Deja Vu's
+    low_rank (Linear, Linear), an MLP with one hidden layer (Linear, ReLU, Linear) or two (timewise: Linear, ReLU,
+    Linear, ReLU, Linear), and ShadowLLM's ShadowNet (trunk Linear, ReLU, then its head and neuron outputs as one
+    linear layer)."""
+
+    def __init__(self, w1, b1, tail):
+        self.w1, self.b1, self.tail = w1, b1, list(tail)
 
     @classmethod
     def of(cls, predictor) -> "Folded":
         net = predictor.net
         mean, std = predictor.mean.double(), predictor.std.double()
         if hasattr(net, "trunk"):  # methods.shadow.ShadowNet: trunk (Linear, ReLU), heads, neurons
-            first, relu = net.trunk[0], True
-            w2 = torch.cat([net.heads.weight, net.neurons.weight]).detach()
-            b2 = torch.cat([net.heads.bias, net.neurons.bias]).detach()
-        else:  # methods.predictors.low_rank (Linear, Linear) or mlp (Linear, ReLU, Linear)
+            first = net.trunk[0]
+            tail = [(True, torch.cat([net.heads.weight, net.neurons.weight]).detach(),
+                     torch.cat([net.heads.bias, net.neurons.bias]).detach())]
+        else:  # a Sequential of Linear and ReLU layers (methods.predictors.low_rank, mlp)
             layers = list(net)
-            first, last = layers[0], layers[-1]
-            relu = any(isinstance(m, nn.ReLU) for m in layers)
-            w2 = last.weight.detach()
-            b2 = last.bias.detach() if last.bias is not None else None
+            if not layers or not isinstance(layers[0], nn.Linear):
+                raise TypeError("a predictor folds when its network starts with a Linear layer")
+            first, tail, relu = layers[0], [], False
+            for module in layers[1:]:
+                if isinstance(module, nn.ReLU):
+                    if relu:
+                        raise TypeError("two ReLUs in a row")
+                    relu = True
+                elif isinstance(module, nn.Linear):
+                    tail.append((relu, module.weight.detach(), None if module.bias is None else module.bias.detach()))
+                    relu = False
+                else:
+                    raise TypeError(f"cannot fold a {type(module).__name__} into the decode step")
+            if relu or not tail:
+                raise TypeError("a predictor must end with a Linear layer")
         w = first.weight.detach().double() / std
         b = -(w @ mean)
         if first.bias is not None:
             b = b + first.bias.detach().double()
-        return cls(w, b, relu, w2, b2)
+        return cls(w, b, tail)
 
     def to(self, device, dtype) -> "Folded":
         cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous()  # noqa: E731
-        return Folded(cast(self.w1), cast(self.b1), self.relu, cast(self.w2), cast(self.b2))
+        return Folded(cast(self.w1), cast(self.b1), [(relu, cast(w), cast(b)) for relu, w, b in self.tail])
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.w1, self.b1, self.w2, self.b2) if t is not None)
+        tensors = [self.w1, self.b1] + [t for _, w, b in self.tail for t in (w, b)]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _apply_tail(z, tail):
+    for relu, w, b in tail:
+        z = F.linear(torch.relu(z) if relu else z, w, b)
+    return z
 
 
 class Group:
-    """Predictors that read the same input: one matmul for all their first layers, then each one's second."""
+    """Predictors that read the same input: one matmul for all their first layers, then each one's tail."""
 
     def __init__(self, members: list[tuple[object, Folded]]):
         self.keys = [key for key, _ in members]
@@ -99,21 +126,20 @@ class Group:
         self.b1 = torch.cat([f.b1 for _, f in members]).contiguous()
         self.parts, start = [], 0
         for _, f in members:
-            self.parts.append((start, start + f.w1.shape[0], f.relu, f.w2, f.b2))
+            self.parts.append((start, start + f.w1.shape[0], f.tail))
             start += f.w1.shape[0]
 
     def __call__(self, x) -> dict:
         z = F.linear(x, self.w1, self.b1)
         out = {}
-        for key, (a, b, relu, w2, b2) in zip(self.keys, self.parts):
-            zi = z[:, a:b] if len(self.parts) > 1 else z
-            out[key] = F.linear(torch.relu(zi) if relu else zi, w2, b2)
+        for key, (a, b, tail) in zip(self.keys, self.parts):
+            out[key] = _apply_tail(z[:, a:b] if len(self.parts) > 1 else z, tail)
         return out
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.w1, self.b1) if t is not None) + sum(
-            w2.numel() * w2.element_size() + (b2.numel() * b2.element_size() if b2 is not None else 0)
-            for _, _, _, w2, b2 in self.parts)
+        first = sum(t.numel() * t.element_size() for t in (self.w1, self.b1) if t is not None)
+        return first + sum(t.numel() * t.element_size() for _, _, tail in self.parts for _, w, b in tail
+                           for t in (w, b) if t is not None)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -145,47 +171,74 @@ class PredictorSource(ABC):
 
 
 class DejaVuSource(PredictorSource):
+    """Per-layer predictors run where their input exists in the step.
+
+    attn / mlp: {layer: predictor} of heads / neurons. `head_reads(layer)` says where the head predictor of `layer`
+    reads: ("layer_input", j) is the residual stream entering layer j (the engine's call at layer j), ("mlp_input",
+    j) the stream entering layer j's MLP, after its attention (the engine's `neuron_masks(j)` call). Deja Vu's
+    default reads ("mlp_input", l − 1) (layer 0: ("layer_input", 0)); `dejavu:attn-input` ("layer_input", l − 1).
+    Neuron predictors of layer l read ("layer_input", l). Predictors that read the same tensor share one first
+    matmul; the indices a predictor chooses wait in `pending` until their layer runs."""
+
     kind = "dejavu"
 
-    def __init__(self, attn: dict, mlp: dict, counts, lookback=lambda layer: max(layer - 1, 0)):
+    def __init__(self, attn: dict, mlp: dict, counts, head_reads=None):
+        from methods.dejavu import head_source
+
         super().__init__(counts)
-        self.attn, self.mlp, self.lookback = attn, mlp, lookback
+        self.attn, self.mlp = attn, mlp
+        self.head_reads = head_reads if head_reads is not None else head_source
 
     def _bind(self, engine):
-        groups: dict[int, list] = {}
+        groups: dict[tuple, list] = {}
         for layer, predictor in sorted(self.attn.items()):
-            groups.setdefault(self.lookback(layer), []).append((("heads", layer), Folded.of(predictor)))
+            point = tuple(self.head_reads(layer))
+            if point[0] not in ("layer_input", "mlp_input") or (point[0] == "mlp_input" and point[1] >= layer) \
+                    or point[1] > layer:
+                raise HarnessError(f"the head predictor of layer {layer} reads {point}, which the decode step has "
+                                   "not computed when that layer's heads are chosen")
+            groups.setdefault(point, []).append((("heads", layer), Folded.of(predictor)))
         for layer, predictor in sorted(self.mlp.items()):
-            groups.setdefault(layer, []).append((("neurons", layer), Folded.of(predictor)))
-        self.groups = {j: Group([(k, f.to(self.device, self.dtype)) for k, f in members])
-                       for j, members in groups.items()}
+            groups.setdefault(("layer_input", layer), []).append((("neurons", layer), Folded.of(predictor)))
+        self.groups = {point: Group([(k, f.to(self.device, self.dtype)) for k, f in members])
+                       for point, members in groups.items()}
         self.pending: dict = {}
+        self.neurons_now = None
 
-    def __call__(self, layer, hidden):
-        group = self.groups.get(layer)
+    def _run(self, point, hidden) -> None:
+        group = self.groups.get(point)
         if group is not None:
             for (unit, target), scores in group(hidden).items():
                 k = self.counts[target][0 if unit == "heads" else 1]
                 self.pending[(unit, target)] = select(scores, k)
+
+    def __call__(self, layer, hidden):
+        self._run(("layer_input", layer), hidden)
         heads = self.pending.pop(("heads", layer), None) if layer in self.attn else None
-        neurons = self.pending.pop(("neurons", layer), None) if layer in self.mlp else None
+        self.neurons_now = self.pending.pop(("neurons", layer), None) if layer in self.mlp else None
         return (heads if heads is not None else self.all_heads,
-                neurons if neurons is not None else self.all_neurons)
+                self.neurons_now if self.neurons_now is not None else self.all_neurons)
+
+    def neuron_masks(self, layer, hidden):
+        """After layer `layer`'s attention: the predictors reading its MLP input run (heads of layer + 1)."""
+        self._run(("mlp_input", layer), hidden)
+        return self.neurons_now if self.neurons_now is not None else self.all_neurons
 
     def predictor_bytes(self):
         return sum(g.nbytes() for g in self.groups.values())
 
 
 class TimewiseSource(DejaVuSource):
-    """Head predictors only (neurons dense). current/last: as dejavu's lookahead with source layer l or l−M;
-    time: each layer's predictor reads that layer's input at the previous token (persistent buffers)."""
+    """Head predictors only (neurons dense). current/last: as dejavu's with source layer l or l−M (the residual
+    stream entering it); time: each layer's predictor reads that layer's input at the previous token (persistent
+    buffers)."""
 
     kind = "timewise"
 
     def __init__(self, variant: str, predictors: dict, lookback: int, counts):
         from methods.timewise import source_layer
 
-        super().__init__(predictors, {}, counts, lambda layer: source_layer(variant, layer, lookback))
+        super().__init__(predictors, {}, counts, lambda layer: ("layer_input", source_layer(variant, layer, lookback)))
         self.variant = variant
 
     def _bind(self, engine):
@@ -196,6 +249,7 @@ class TimewiseSource(DejaVuSource):
         self.previous = {l: torch.zeros(engine.batch, engine.hidden, device=self.device, dtype=self.dtype)
                          for l in self.attn}
         self.pending = {}
+        self.neurons_now = None
 
     def prefill_layer(self, layer, hidden):
         if self.variant == "time" and layer in self.attn:
@@ -210,6 +264,47 @@ class TimewiseSource(DejaVuSource):
         heads = select(scores, self.counts[layer][0])
         self.previous[layer].copy_(hidden)  # after its use: the next token reads this one
         return heads, self.all_neurons
+
+    def neuron_masks(self, layer, hidden):
+        return self.all_neurons  # timewise predicts heads only
+
+
+class LayerwiseShadowSource(PredictorSource):
+    """ShadowLLM's Deja Vu-style baseline (`dejavu:shadowllm`): per-layer head and neuron predictors that all read
+    layer 0's attention output (layer 0 dense). After layer 0's attention the engine calls `neuron_masks(0, h)`;
+    the source subtracts the layer input it kept (= layer 0's attention output), runs every predictor (their first
+    layers as one matmul) and chooses the kept heads and neurons of every later layer."""
+
+    kind = "dejavu:shadowllm"
+
+    def __init__(self, attn: dict, mlp: dict, counts, dense_layers):
+        super().__init__(counts)
+        self.attn, self.mlp, self.dense = attn, mlp, set(dense_layers)
+        if 0 not in self.dense:
+            raise HarnessError("dejavu:shadowllm reads layer 0's attention output: layer 0 must stay dense")
+
+    def _bind(self, engine):
+        members = [(("heads", l), Folded.of(p)) for l, p in sorted(self.attn.items()) if l not in self.dense]
+        members += [(("neurons", l), Folded.of(p)) for l, p in sorted(self.mlp.items()) if l not in self.dense]
+        self.group = Group([(k, f.to(self.device, self.dtype)) for k, f in members]) if members else None
+        self.h0 = torch.zeros(engine.batch, engine.hidden, device=self.device, dtype=self.dtype)
+        self.chosen: dict = {}
+
+    def __call__(self, layer, hidden):
+        if layer == 0:
+            self.h0.copy_(hidden)  # the engine updates the residual stream in place
+        heads = self.chosen.get(("heads", layer))
+        return (heads if heads is not None else self.all_heads), None
+
+    def neuron_masks(self, layer, hidden):
+        if layer == 0 and self.group is not None:  # after layer 0's attention: its output is the stream's change
+            for (unit, target), scores in self.group(hidden - self.h0).items():
+                self.chosen[(unit, target)] = select(scores, self.counts[target][0 if unit == "heads" else 1])
+        neurons = self.chosen.get(("neurons", layer))
+        return neurons if neurons is not None else self.all_neurons
+
+    def predictor_bytes(self):
+        return self.group.nbytes() if self.group is not None else 0
 
 
 class ShadowSource(PredictorSource):
@@ -284,7 +379,7 @@ def static_source(policy, allocation: Allocation, model) -> StaticMasks:
 
 def source_for(policy, allocation: Allocation, model):
     """The sparse engine's mask source for a method's masked-engine policy (None: dense)."""
-    from methods.dejavu import DejaVuPolicy
+    from methods.dejavu import DejaVuPolicy, LayerwiseShadowPolicy
     from methods.shadow import ShadowPolicy
     from methods.static import StaticPolicy
     from methods.timewise import TimewisePolicy
@@ -301,10 +396,14 @@ def source_for(policy, allocation: Allocation, model):
     if allocation.mode != "local":
         raise HarnessError(f"{type(policy).__name__}: the sparse decode engine needs a fixed number of kept units "
                            f"per layer, i.e. local allocation (a per-token global ranking changes the counts)")
+    if isinstance(policy, LayerwiseShadowPolicy):
+        counts = keep_counts(allocation, L, H, Fd)
+        return LayerwiseShadowSource(policy.attn if allocation.heads > 0 else {},
+                                     policy.mlp if allocation.neurons > 0 else {}, counts, allocation.dense_layers)
     if isinstance(policy, DejaVuPolicy):
         counts = keep_counts(allocation, L, H, Fd)
         return DejaVuSource(policy.attn if allocation.heads > 0 else {}, policy.mlp if allocation.neurons > 0 else {},
-                            counts)
+                            counts, policy.head_reads)
     if isinstance(policy, TimewisePolicy):
         counts = keep_counts(allocation, L, H, Fd, neurons=False)
         return TimewiseSource(policy.variant, policy.predictors, policy.lookback, counts)

@@ -104,6 +104,22 @@ def _token_losses(logits: torch.Tensor, input_ids: torch.Tensor, counted: torch.
     return (nll.view(targets.shape) * counted[:, :-1]).sum(dim=1)
 
 
+def _counted_loss(model, input_ids: torch.Tensor, attention_mask, counted: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of the next-token cross-entropies at the positions `counted` marks, float32 or wider.
+    The LM head runs on those positions only (a causal LM's `lm_head` over its base model's last hidden states, as
+    OPTForCausalLM computes its logits): with a few-shot example's few target tokens this skips the (T × vocab)
+    logits of the context, most of the pass's cost on a small model."""
+    base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if base is None or head is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return _token_losses(logits, input_ids, counted).sum()
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    rows = counted[:, :-1]
+    logits = head(hidden[:, :-1][rows])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, input_ids[:, 1:][rows], reduction="sum")
+
+
 def example_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Sum over the batch of each example's mean next-token cross-entropy (float32 or wider)."""
     counted = torch.ones_like(input_ids, dtype=torch.bool)
@@ -230,10 +246,10 @@ def _layer_scores(model, input_ids: torch.Tensor, criteria: tuple[str, ...], cou
         for p in params:
             p.requires_grad_(False)
         with torch.enable_grad(), capture, _math_attention(grasp):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             # backward on each example's token sum (its mean loss times its count): the same gradients up to
             # a per-example factor undone below in float32, without fp16 underflow of gradients scaled by 1/count
-            loss = _token_losses(logits, input_ids, counted).sum()
+            loss = _counted_loss(model, input_ids, attention_mask, counted)
+            logits = None
             wanted = [capture.store[key] for key in order]
             grads = list(torch.autograd.grad(loss, wanted, allow_unused=True, create_graph=grasp))
             grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted)]
@@ -612,3 +628,59 @@ def fit_importance(ctx, criterion: str = "plainact"):
                          "batch": batch_size}
 
     return ctx.cache.get_or_build("importance", inputs, build)
+
+
+TARGET_SCORES_VERSION = 1
+#: Tokens (padded) per forward-backward pass of `fit_target_scores` (a method setting, `score_tokens`).
+SCORE_TOKENS = 2048
+
+
+def target_passes(examples: Sequence, max_tokens: int) -> list[list]:
+    """Consecutive examples grouped into passes of at most `max_tokens` padded tokens (at least one example each)."""
+    passes, current, width = [], [], 0
+    for example in examples:
+        length = int(example.target[1])
+        if current and max(width, length) * (len(current) + 1) > max_tokens:
+            passes.append(current)
+            current, width = [], 0
+        current.append(example)
+        width = max(width, length)
+    if current:
+        passes.append(current)
+    return passes
+
+
+def fit_target_scores(ctx, fewshot, criterion: str, max_tokens: int = SCORE_TOKENS) -> dict:
+    """`score_targets` of every few-shot example for one criterion, cached (kind `target_scores`): {"heads": (N, L, H)
+    float32, "neurons": (N, L, F) bfloat16 (float32's range: no score becomes 0), "attn_output0": (N, E) float32},
+    one row per example of `fewshot` (a harness.fewshot.FewShotSet), read at its last context token.
+
+    The key holds the model, its dtype, the examples' content hash (FewShotSet.fingerprint), the criterion and
+    CRITERIA_VERSION: changed examples or a changed definition are never served from an older artefact."""
+    criterion = ALIASES.get(criterion, criterion)
+    _check((criterion,), CRITERIA)
+    from harness.models import dtype_name
+
+    inputs = {"model": ctx.session.model_identity, "dtype": dtype_name(ctx.session.dtype), "fewshot": fewshot.fingerprint,
+              "criterion": criterion, "criteria_version": CRITERIA_VERSION, "features": ["attn_output0"],
+              "version": TARGET_SCORES_VERSION}
+
+    def build():
+        from harness.progress import stage
+
+        heads, neurons, feats = [], [], []
+        passes = target_passes(fewshot.examples, max_tokens)
+        with stage(f"few-shot scores ({criterion}, loss on the target, read at the last context token)",
+                   len(fewshot.examples), ctx.log, unit="examples") as bar:
+            for chunk in passes:
+                got = score_targets(ctx.model, chunk, (criterion,), batch_size=len(chunk), features=("attn_output0",))
+                heads.append(got.scores[criterion]["heads"].float())
+                neurons.append(got.scores[criterion]["neurons"].float().to(torch.bfloat16))
+                feats.append(got.features["attn_output0"].float())
+                bar.advance(len(chunk))
+        tensors = {"heads": torch.cat(heads), "neurons": torch.cat(neurons), "attn_output0": torch.cat(feats)}
+        return tensors, {"criterion": criterion, "examples": len(fewshot.examples), "passes": len(passes),
+                         "fewshot": fewshot.describe()}
+
+    return ctx.session.memo(("target_scores", fewshot.fingerprint, criterion),
+                            lambda: ctx.cache.get_or_build("target_scores", inputs, build).tensors)

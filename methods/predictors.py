@@ -28,9 +28,18 @@ def low_rank(dim: int, hidden: int, out: int) -> Predictor:
     return Predictor(nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.Linear(hidden, out, bias=False)), dim)
 
 
-def mlp(dim: int, hidden: int, out: int) -> Predictor:
-    """Two-layer MLP with ReLU (timewise: 256 hidden; the sigmoid is in the loss / at selection)."""
-    return Predictor(nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, out)), dim)
+def mlp(dim: int, hidden: int, out: int, hidden_layers: int = 1) -> Predictor:
+    """MLP with `hidden_layers` hidden layers of `hidden` units, each Linear then ReLU, and a Linear output
+    (biases everywhere): Linear, ReLU, Linear for one hidden layer (ShadowLLM's Deja Vu-style predictors);
+    Linear, ReLU, Linear, ReLU, Linear for two (timewise). The sigmoid of a classifier is in its loss / at
+    selection."""
+    if hidden_layers < 1:
+        raise ValueError(f"an MLP predictor needs at least one hidden layer (got {hidden_layers})")
+    layers, width = [], dim
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    return Predictor(nn.Sequential(*layers, nn.Linear(width, out)), dim)
 
 
 def parameter_count(module: nn.Module) -> int:
@@ -211,6 +220,60 @@ def train_regressor(predictor: Predictor, x, y, *, epochs: int = 20, lr: float =
             progress(1)
     predictor.eval().cpu()
     return float(total) / max(len(x), 1)
+
+
+def train_regressors(predictors: list[Predictor], x, y, *, epochs: int = 20, lr: float = 1e-3, batch_size: int = 256,
+                     seed: int = 0, device: str = "cpu", progress=None) -> list[float]:
+    """Train L per-layer regressors at once (batched matmuls, as `train_classifiers`) with MSE, AdamW and a cosine
+    schedule (ShadowLLM's recipe for its predictors). x: (N, d) one input for every layer, or (L, N, d). y: a
+    function (token indices) -> (L, B, n) float targets of a batch. The layers' losses are summed, so each layer's
+    gradients are those of its own loss. Returns each layer's mean training loss of the last epoch; the predictors
+    are left on the CPU."""
+    layers = len(predictors)
+    x = x.to(device)
+    x = x.unsqueeze(0).expand(layers, *x.shape) if x.dim() == 2 else x
+    count = x.shape[1]
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    stacked = Stacked(predictors).to(device)
+    stacked.standardise(x)
+    optimizer = torch.optim.AdamW(stacked.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * math.ceil(count / batch_size)))
+    total = torch.zeros(layers, device=device)
+    stacked.train()
+    for epoch in range(epochs):
+        total.zero_()
+        for index in _batches(count, batch_size, generator):
+            optimizer.zero_grad()
+            pred = stacked(x[:, index.to(device)])
+            loss = (pred - y(index).to(device).float()).square().mean(dim=(1, 2))  # (L,)
+            loss.sum().backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.detach() * len(index)
+        if progress is not None:
+            progress(1)
+    stacked.eval()
+    stacked.cpu().write_back(predictors)
+    for predictor in predictors:
+        predictor.eval()
+    return (total.cpu() / max(count, 1)).tolist()
+
+
+def example_split(count: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train/validation indices of `count` examples (one row each), seeded; one example alone trains and validates."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    val_count = max(1, int(round(val_fraction * count))) if count > 1 else 0
+    if val_count == 0:
+        return order, order
+    return order[val_count:].sort().values, order[:val_count].sort().values
+
+
+def minmax(scores: torch.Tensor) -> torch.Tensor:
+    """Per row and layer: (s - min) / (max - min) over the last dim (0 where the scores are flat); ShadowLLM's
+    per-layer normalisation of its predictors' targets."""
+    low, high = scores.amin(-1, keepdim=True), scores.amax(-1, keepdim=True)
+    return (scores - low) / (high - low).clamp(min=1e-12)
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:

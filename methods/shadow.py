@@ -3,9 +3,20 @@
 It reads layer 0's attention output at the current token and predicts the importance of every head and
 neuron of every later layer (one hidden layer, 2048 units by default, then separate output heads for heads
 and neurons), trained with MSE on per-layer min-max normalised criterion scores (default `plainact`:
-|A·∂L/∂A| per head and the weight-based |θ·∂L/∂θ| of fc1 rows per neuron, as in ShadowLLM), AdamW and a
+‖A·∂L/∂A‖₁ per head and the weight-based ‖θ·∂L/∂θ‖₁ of fc1 rows per neuron, as in ShadowLLM), AdamW and a
 cosine schedule. Layer 0 stays dense. Allocation local or global (the scores of all layers are known once
 layer 0's attention has run). The predictor does not depend on the target and is shared across sparsities.
+
+Calibration (the `calibration` setting):
+  fewshot (default): ShadowLLM's own protocol (§5.2, §6, Figure 14): the criteria are collected on few-shot
+    examples of the 7 downstream tasks (harness/fewshot.py: about 3000 5-shot examples in lm-eval's prompt format,
+    drawn from the tasks' training/validation documents, never the evaluated ones), with the loss on the target
+    output only, and read at the last sequence index before the target, per example (methods.criteria
+    .score_targets); the predictor's input is layer 0's attention output at that token, its target the example's
+    scores. ShadowLLM's training recipe (Table 3): 100 epochs, batch 32.
+  lmtext (`shadow:lmtext`, or `calibration: lmtext` with another criterion): the earlier protocol: per-token scores
+    of language-model calibration text (`calib_data`, loss = next-token cross-entropy), every traced token a
+    training row (20 epochs, batch 256).
 """
 from __future__ import annotations
 
@@ -13,14 +24,19 @@ import torch
 from torch import nn
 
 from harness.engine import MaskPolicy
+from harness.errors import HarnessError
 from harness.progress import stage
 from harness.traces import collect_scores, collect_traces, trace_key
 from methods import Method, register
-from methods.criteria import CRITERIA
-from methods.predictors import (Predictor, PredictorPolicyMixin, keep_count, layer_report, linear_flops, load,
-                                parameter_count, save, seeded, storage_dtype, train_regressor)
+from methods.criteria import ALIASES, CRITERIA
+from methods.predictors import (Predictor, PredictorPolicyMixin, example_split, keep_count, layer_report,
+                                linear_flops, load, minmax, parameter_count, save, seeded, storage_dtype,
+                                train_regressor)
 
-DEFAULTS = {"hidden": 2048, "epochs": 20, "lr": 1e-3, "batch_size": 256, "val_fraction": 0.1}
+DEFAULTS = {"hidden": 2048, "epochs": 20, "lr": 1e-3, "batch_size": 256, "val_fraction": 0.1, "score_tokens": 2048}
+#: ShadowLLM's Table 3 for its few-shot examples (3000 rows, not tens of thousands of tokens)
+FEWSHOT_TRAINING = {"epochs": 100, "batch_size": 32}
+PROTOCOLS = ("fewshot", "lmtext")
 
 
 class ShadowNet(nn.Module):
@@ -39,12 +55,6 @@ class ShadowNet(nn.Module):
 def shadow_predictor(config, hidden: int) -> Predictor:
     net = ShadowNet(config.hidden_size, hidden, config.num_hidden_layers, config.num_attention_heads, config.ffn_dim)
     return Predictor(net, config.hidden_size)
-
-
-def minmax(scores: torch.Tensor) -> torch.Tensor:
-    """Per token and layer: (s - min) / (max - min) over the layer's units (0 where the layer's scores are flat)."""
-    low, high = scores.amin(-1, keepdim=True), scores.amax(-1, keepdim=True)
-    return (scores - low) / (high - low).clamp(min=1e-12)
 
 
 def split(out: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,17 +89,44 @@ class ShadowPolicy(PredictorPolicyMixin, MaskPolicy):
 @register
 class Shadow(Method):
     name = "shadow"
-    variants = CRITERIA
+    variants = CRITERIA + ("lmtext",)
     default_variant = "plainact"
     allocations = frozenset({"local", "global"})
     seeded = True
-    description = "ShadowLLM: one predictor on layer 0's attention output for every later head and neuron (MSE on criterion)"
+    description = ("ShadowLLM: one predictor on layer 0's attention output for every later head and neuron (MSE on "
+                   "criterion), calibrated on few-shot task examples; shadow:lmtext on language-model text")
+
+    @property
+    def protocol(self) -> str:
+        if self.variant == "lmtext":
+            return "lmtext"
+        protocol = self.settings.get("calibration", "fewshot")
+        if protocol not in PROTOCOLS:
+            raise HarnessError(f"shadow: unknown calibration {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+        return protocol
+
+    def calibration_tasks(self) -> tuple[str, ...]:
+        """The zero-shot tasks whose documents the fit reads (validated before a run starts)."""
+        if self.protocol != "fewshot":
+            return ()
+        from harness.fewshot import settings_of
+
+        return tuple(settings_of(self.settings)["tasks"])
 
     def hp(self) -> dict:
-        return {**DEFAULTS, **{k: v for k, v in self.settings.items() if k in DEFAULTS}}
+        fewshot = self.protocol == "fewshot"
+        base = {**DEFAULTS, **(FEWSHOT_TRAINING if fewshot else {})}
+        hp = {**base, **{k: v for k, v in self.settings.items() if k in DEFAULTS}}
+        if fewshot:
+            from harness.fewshot import settings_of
+
+            hp["fewshot"] = settings_of(self.settings)
+        return hp
 
     @property
     def criterion(self) -> str:
+        if self.variant == "lmtext":
+            return "plainact_weight"
         return "plainact_weight" if self.variant == "plainact" else self.variant  # ShadowLLM's neuron plainact
 
     def adjust(self, allocation):
@@ -97,9 +134,41 @@ class Shadow(Method):
 
         return replace(allocation, dense_layers=tuple(sorted(set(allocation.dense_layers) | {0})))
 
-    def _targets(self, ctx, index, device="cpu"):
-        """Per-layer min-max normalised scores (float32) of the traced tokens `index`: heads (n, L, H), neurons (n, L, F)."""
-        scores = collect_scores(ctx, self.criterion)
+    # -- the calibration data: (inputs, scores) of the training rows ------------------------------------------------
+    def _rows(self, ctx):
+        """(x (N, E) layer 0's attention output, {"heads": (N, L, H), "neurons": (N, L, F)} criterion scores in their
+        stored precision, train index, validation index, what the records say about the calibration)."""
+        hp = self.hp()
+        if self.protocol == "fewshot":
+            from harness.fewshot import calibration_set, record_fields
+            from methods.criteria import fit_target_scores
+
+            fewshot = calibration_set(ctx, self.settings)
+            scores = fit_target_scores(ctx, fewshot, self.criterion, hp["score_tokens"])
+            train, val = example_split(scores["heads"].shape[0], hp["val_fraction"], ctx.seed)
+            return (scores["attn_output0"], {u: scores[u] for u in ("heads", "neurons")}, train, val,
+                    record_fields(fewshot))
+        traces = ctx.session.memo("traces", lambda: collect_traces(ctx))
+        train, val = traces.split(hp["val_fraction"], ctx.seed)
+        return traces.attn_output0(), collect_scores(ctx, self.criterion), train, val, {
+            "calib_protocol": "lmtext", **traces.sampling}
+
+    def _key(self, ctx) -> dict:
+        hp = self.hp()
+        if self.protocol == "fewshot":
+            from harness.fewshot import calibration_set
+            from harness.models import dtype_name
+            from methods.criteria import CRITERIA_VERSION
+
+            fewshot = calibration_set(ctx, self.settings)
+            return {"model": ctx.session.model_identity, "dtype": dtype_name(ctx.session.dtype),
+                    "calibration": "fewshot", "fewshot": fewshot.fingerprint,
+                    "criterion": ALIASES.get(self.criterion, self.criterion), "criteria_version": CRITERIA_VERSION,
+                    "seed": ctx.seed, "hp": hp, "fit_version": 3}
+        return {**trace_key(ctx), "criterion": self.criterion, "seed": ctx.seed, "hp": hp, "fit_version": 2}
+
+    def _targets(self, scores, index, device="cpu"):
+        """Per-layer min-max normalised scores (float32) of the rows `index`: heads (n, L, H), neurons (n, L, F)."""
         index = index.to(scores["heads"].device)
         heads = minmax(scores["heads"][index].to(device).float())
         neurons = minmax(scores["neurons"][index].to(device).float())
@@ -107,17 +176,14 @@ class Shadow(Method):
 
     def fit(self, ctx, allocation):
         config, hp = ctx.model.config, self.hp()
-        inputs = {**trace_key(ctx), "criterion": self.criterion, "seed": ctx.seed, "hp": hp, "fit_version": 2}
 
         def build():
-            traces = ctx.session.memo("traces", lambda: collect_traces(ctx))
-            train, _ = traces.split(hp["val_fraction"], ctx.seed)
+            x, scores, train, _, calibration = self._rows(ctx)
             device = ctx.session.device
             width = config.num_hidden_layers * config.num_attention_heads
+            scores = {unit: t[train].to(device) for unit, t in scores.items()}
 
-            scores = {unit: t[train].to(device) for unit, t in collect_scores(ctx, self.criterion).items()}
-
-            def target(batch):  # normalised on the device batch by batch (float32 of all tokens: 3.3 MB a token at 13B)
+            def target(batch):  # normalised on the device batch by batch (float32 of all rows: 3.3 MB a row at 13B)
                 batch = batch.to(device)
                 heads, neurons = (minmax(scores[unit][batch].float()) for unit in ("heads", "neurons"))
                 return torch.cat([heads.flatten(1), neurons.flatten(1)], dim=-1)
@@ -128,32 +194,42 @@ class Shadow(Method):
 
             predictor = seeded(lambda: shadow_predictor(config, hp["hidden"]), ctx.seed)
             with stage("shadow predictor", hp["epochs"], ctx.log, unit="epochs") as bar:
-                final = train_regressor(predictor, traces.attn_output0()[train], target, epochs=hp["epochs"], lr=hp["lr"],
+                final = train_regressor(predictor, x[train], target, epochs=hp["epochs"], lr=hp["lr"],
                                         batch_size=hp["batch_size"], seed=ctx.seed, device=device, loss_fn=loss,
                                         progress=bar.advance)
             return save("shadow", predictor, storage_dtype(ctx.session.dtype)), {
                 "train_loss": final, "params": parameter_count(predictor), "flops_per_token": linear_flops(predictor),
-                **traces.sampling}
+                **calibration}
 
-        return ctx.cache.get_or_build("shadow", inputs, build)
+        return ctx.cache.get_or_build("shadow", self._key(ctx), build)
 
     def footprint(self, model_config, run_config, allocation, seed):
         from harness.footprint import Need, predictor_training_gpu
-        from harness.traces import (kept_tokens, run_dtype, score_bytes_per_token, score_need, store_bytes,
-                                    trace_need)
+        from harness.traces import (backward_bytes, kept_tokens, run_dtype, score_bytes_per_token, score_need,
+                                    store_bytes, trace_need)
 
         hp = self.hp()
         dtype = run_dtype(run_config)
         d, h = model_config.hidden_size, hp["hidden"]
         outputs = model_config.num_hidden_layers * (model_config.num_attention_heads + model_config.ffn_dim)
-        tokens = kept_tokens(model_config, run_config)
         params = d * h + h + h * outputs + outputs
+        criterion = ALIASES.get(self.criterion, self.criterion)
+        if self.protocol == "fewshot":
+            rows = int(hp["fewshot"]["examples"])
+            size = rows * (score_bytes_per_token(model_config) + 4 * d)
+            needs = {("target_scores", criterion): Need(
+                f"{criterion} scores of {rows} few-shot examples", host=size, disk=size,
+                gpu=backward_bytes(model_config, hp["score_tokens"]), settings="examples,score_tokens")}
+        else:
+            rows = kept_tokens(model_config, run_config)
+            needs = {("traces",): trace_need(model_config, run_config),
+                     ("trace_scores", self.criterion): score_need(model_config, run_config, self.criterion)}
         gpu = predictor_training_gpu(params, hp["batch_size"] * (h + 3 * outputs) * 4,
-                                     tokens * (score_bytes_per_token(model_config) + 2 * d))
-        return {("traces",): trace_need(model_config, run_config),
-                ("trace_scores", self.criterion): score_need(model_config, run_config, self.criterion),
-                ("shadow", self.criterion, seed): Need("shadow predictor", disk=params * store_bytes(dtype), gpu=gpu,
-                                                       settings="calib_budget_gb,hidden,batch_size")}
+                                     rows * (score_bytes_per_token(model_config) + 2 * d))
+        needs[("shadow", self.protocol, criterion, seed)] = Need(
+            "shadow predictor", disk=params * store_bytes(dtype), gpu=gpu,
+            settings="examples,hidden,batch_size" if self.protocol == "fewshot" else "calib_budget_gb,hidden,batch_size")
+        return needs
 
     def policy(self, ctx, allocation, artefact):
         config = ctx.model.config
@@ -161,14 +237,13 @@ class Shadow(Method):
 
     def quality(self, ctx, allocation, artefact) -> dict:
         config = ctx.model.config
-        traces = ctx.session.memo("traces", lambda: collect_traces(ctx))
-        _, val = traces.split(self.hp()["val_fraction"], ctx.seed)
+        x, scores, _, val, _ = self._rows(ctx)
         predictor = load(artefact.tensors, "shadow", shadow_predictor(config, self.hp()["hidden"]))
         device = ctx.session.device
         with torch.no_grad():
-            heads, neurons = split(predictor.to(device)(traces.attn_output0()[val].to(device)).cpu(), config)
+            heads, neurons = split(predictor.to(device)(x[val].float().to(device)).cpu(), config)
         predictor.cpu()
-        true_heads, true_neurons = self._targets(ctx, val)
+        true_heads, true_neurons = self._targets(scores, val)
         layers = [l for l in range(config.num_hidden_layers) if l not in self.adjust(allocation).dense_layers]
         report = {}
         for name, pred, true, fraction, size in (("heads", heads, true_heads, allocation.heads, config.num_attention_heads),

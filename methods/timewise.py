@@ -1,6 +1,7 @@
 """timewise (Sedghi et al., "Early Prediction of Dynamic Sparsity in LLMs"): per-layer head predictors.
 
-A two-layer MLP (256 hidden, ReLU, sigmoid output) per layer predicts which heads to keep, trained with BCE
+An MLP with two hidden layers of 256 units ("a two-layer MLP with 256 hidden units per layer": Linear, ReLU,
+Linear, ReLU, Linear, sigmoid output) per layer predicts which heads to keep, trained with BCE
 on labels = the lowest-norm heads at the target sparsity are skipped (the top-k by norm kept). Its input:
   timewise:current  this layer's embedding (the residual stream entering layer l) at the current token;
   timewise:last     the embedding M layers earlier (M a setting, default 1; layers < M read layer 0's);
@@ -18,7 +19,13 @@ from methods import Method, register
 from methods.predictors import (PredictorPolicyMixin, keep_count, layer_report, linear_flops, load, mlp,
                                 parameter_count, save, seeded, storage_dtype, top_k, train_classifiers)
 
-DEFAULTS = {"hidden": 256, "epochs": 20, "lr": 1e-3, "batch_size": 256, "patience": 3, "val_fraction": 0.1, "M": 1}
+DEFAULTS = {"hidden": 256, "hidden_layers": 2, "epochs": 20, "lr": 1e-3, "batch_size": 256, "patience": 3,
+            "val_fraction": 0.1, "M": 1}
+
+
+def timewise_predictor(dim: int, heads: int, hp: dict):
+    """Sedghi et al.'s head predictor: `hidden_layers` (2) hidden layers of `hidden` (256) units with ReLU."""
+    return mlp(dim, hp["hidden"], heads, hidden_layers=hp["hidden_layers"])
 
 
 def source_layer(variant: str, layer: int, lookback: int) -> int:
@@ -86,12 +93,12 @@ class Timewise(Method):
         k = keep_count(allocation.heads, config.num_attention_heads)
         layers = self._layers(ctx, allocation)
         inputs = {**trace_key(ctx), "variant": self.variant, "seed": ctx.seed, "hp": hp, "keep_heads": k,
-                  "layers": layers, "fit_version": 2}
+                  "layers": layers, "fit_version": 3}
 
         def build():
             traces = ctx.session.memo("traces", lambda: collect_traces(ctx))
             train, val = (self._usable(traces, index) for index in traces.split(hp["val_fraction"], ctx.seed))
-            predictors = [seeded(lambda: mlp(config.hidden_size, hp["hidden"], config.num_attention_heads),
+            predictors = [seeded(lambda: timewise_predictor(config.hidden_size, config.num_attention_heads, hp),
                                  ctx.seed * 1000 + layer) for layer in layers]
             x = torch.stack([self._inputs(traces, layer).half() for layer in layers])  # (layers, N, d)
             labels = top_k(traces.head_norm()[:, layers].float(), k).transpose(0, 1)  # (layers, N, H)
@@ -105,7 +112,7 @@ class Timewise(Method):
             tensors = {}
             for layer, predictor in zip(layers, predictors):
                 tensors.update(save(f"heads.{layer}", predictor, dtype))
-            return tensors, {"validation": dict(zip(layers, metrics)), **traces.sampling}
+            return tensors, {"validation": dict(zip(layers, metrics)), "calib_protocol": "lmtext", **traces.sampling}
 
         return ctx.cache.get_or_build("timewise", inputs, build)
 
@@ -120,8 +127,9 @@ class Timewise(Method):
         layers = model_config.num_hidden_layers - len(set(allocation.dense_layers))
         d, h = model_config.hidden_size, hp["hidden"]
         tokens = kept_tokens(model_config, run_config)
-        params = layers * (d * h + h + h * heads + heads)
-        gpu = predictor_training_gpu(params, layers * hp["batch_size"] * (h + 2 * heads) * 4, layers * tokens * (2 * d + heads))
+        params = layers * (d * h + h + (hp["hidden_layers"] - 1) * (h * h + h) + h * heads + heads)
+        gpu = predictor_training_gpu(params, layers * hp["batch_size"] * (hp["hidden_layers"] * h + 2 * heads) * 4,
+                                     layers * tokens * (2 * d + heads))
         label = ("timewise", self.variant, seed, keep_count(allocation.heads, heads))
         return {("traces",): trace_need(model_config, run_config),
                 label: Need(f"timewise:{self.variant} predictors", disk=params * store_bytes(dtype), gpu=gpu,
@@ -130,8 +138,9 @@ class Timewise(Method):
     def _predictors(self, ctx, artefact) -> dict:
         config = ctx.model.config
         layers = sorted({int(name.split(".")[1]) for name in artefact.tensors})
-        return {l: load(artefact.tensors, f"heads.{l}", mlp(config.hidden_size, self.hp()["hidden"],
-                                                             config.num_attention_heads)) for l in layers}
+        hp = self.hp()
+        return {l: load(artefact.tensors, f"heads.{l}", timewise_predictor(config.hidden_size, config.num_attention_heads,
+                                                                            hp)) for l in layers}
 
     def policy(self, ctx, allocation, artefact):
         if artefact is None:

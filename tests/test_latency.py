@@ -45,24 +45,28 @@ def _standardised(predictor, seed):
 
 def make_policy(label, model):
     """The method's own masked-engine policy with seeded (untrained) predictors of its architecture."""
-    from methods.dejavu import DejaVuPolicy
+    from methods.dejavu import HEAD_INPUTS, DejaVuPolicy, LayerwiseShadowPolicy
     from methods.predictors import low_rank, mlp
     from methods.shadow import ShadowPolicy, shadow_predictor
     from methods.static import StaticPolicy
-    from methods.timewise import TimewisePolicy
+    from methods.timewise import DEFAULTS as TIMEWISE, TimewisePolicy, timewise_predictor
 
     name, _, variant = label.partition(":")
     if name == "static":
         g = torch.Generator().manual_seed(11)
         return StaticPolicy(torch.rand(L, H, generator=g), torch.rand(L, F_DIM, generator=g)), Allocation(0.5, 0.7)
+    if label == "dejavu:shadowllm":  # per-layer one-hidden-layer MLPs on layer 0's attention output, layer 0 dense
+        attn = {l: _standardised(mlp(D, 16, H), 500 + l) for l in range(1, L)}
+        mlp_ = {l: _standardised(mlp(D, 16, F_DIM), 600 + l) for l in range(1, L)}
+        return LayerwiseShadowPolicy(attn, mlp_, L), Allocation(0.5, 0.7, dense_layers=(0,))
     if name == "dejavu":
         attn = {l: _standardised(low_rank(D, 16, H), 100 + l) for l in range(L)}
         mlp_ = {l: _standardised(low_rank(D, 16, F_DIM), 200 + l) for l in range(L)}
-        return DejaVuPolicy(attn, mlp_), Allocation(0.5, 0.7)
+        return DejaVuPolicy(attn, mlp_, HEAD_INPUTS[variant or None]), Allocation(0.5, 0.7)
     if name == "shadow":
         predictor = _standardised(shadow_predictor(model.config, 32), 300)
         return ShadowPolicy(predictor, model.config), Allocation(0.5, 0.7, dense_layers=(0,))
-    predictors = {l: _standardised(mlp(D, 16, H), 400 + l) for l in range(L)}
+    predictors = {l: _standardised(timewise_predictor(D, H, {**TIMEWISE, "hidden": 16}), 400 + l) for l in range(L)}
     return TimewisePolicy(variant, predictors, 1), Allocation(0.5, 0.0)
 
 
@@ -109,7 +113,8 @@ def setup():
     return model, torch.randint(0, 512, (1, PROMPT), generator=g), torch.randint(0, 512, (STEPS,), generator=g)
 
 
-METHODS = ["static", "dejavu", "shadow", "timewise:current", "timewise:last", "timewise:time"]
+METHODS = ["static", "dejavu", "dejavu:attn-input", "dejavu:shadowllm", "shadow", "timewise:current", "timewise:last",
+           "timewise:time"]
 CASES = [(m, "torch") for m in METHODS] + [(m, "triton") for m in ("dejavu", "shadow", "timewise:time")]
 
 
@@ -133,12 +138,31 @@ def test_method_source_gives_the_masked_engines_logits(setup, label, backend):
     errors, agree = relative_errors(got, expected)
     assert max(errors) < 1e-5 and all(agree), (label, errors)
     kept_h, kept_f = engine.heads_kept, engine.neurons_kept
-    if label == "shadow":
+    if label in ("shadow", "dejavu:shadowllm"):
         assert kept_h == [H, 2, 2] and kept_f[0] == F_DIM
     if label.startswith("timewise"):
         assert kept_f == [F_DIM] * L and kept_h == [2] * L
     reference = SparseDecoder(model, reference_source(source, L), max_len=16, kv="recompute", backend="torch")
     assert reference.heads_kept == kept_h and reference.neurons_kept == kept_f
+
+
+def test_dejavu_source_reading_the_attention_input_is_not_the_masked_engines(setup):
+    """The equivalence above depends on the source reading the tensor the policy reads: Deja Vu's source fed layer
+    l−1's attention input for the heads of l (the `dejavu:attn-input` reading) no longer gives the default
+    policy's logits (which read layer l−1's MLP input)."""
+    from kernels.sources import DejaVuSource, keep_counts
+    from methods.dejavu import head_source
+
+    model, prompt, tokens = setup
+    policy, allocation = make_policy("dejavu", model)
+    expected = masked_logits(model, PromptDense(policy), allocation, prompt, tokens)
+    policy, allocation = make_policy("dejavu", model)
+    for reads, close in (("mlp_input", True), ("layer_input", False)):
+        source = DejaVuSource(policy.attn, policy.mlp, keep_counts(allocation, L, H, F_DIM),
+                              lambda layer, reads=reads: head_source(layer, reads))
+        engine = SparseDecoder(model, source, max_len=16, kv="recompute", backend="torch")
+        errors, _ = relative_errors(sparse_engine_logits(engine, prompt, tokens), expected)
+        assert (max(errors) < 1e-5) == close, (reads, errors)
 
 
 def test_sources_refuse_what_cannot_be_decoded(setup):

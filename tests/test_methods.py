@@ -11,24 +11,29 @@ from methods import MethodSpec, discover, get_method
 
 @pytest.fixture()
 def session(tiny_model_dir, data, tmp_path):
-    config = RunConfig(model=str(tiny_model_dir), weights="pretrained", calib_samples=2, calib_seqlen=32)
+    fewshot = {"examples": 10, "epochs": 2}  # ShadowLLM's few-shot calibration (shadow, dejavu:shadowllm), small
+    config = RunConfig(model=str(tiny_model_dir), weights="pretrained", calib_samples=2, calib_seqlen=32,
+                       method_settings={"shadow": fewshot, "dejavu": fewshot})
     return Session(config, data, ArtefactCache(tmp_path / "cache", log=lambda m: None))
 
 
 def all_method_specs():
-    """Every variant of every method; shadow's variants differ only in the criterion its one predictor is
-    trained on (the same network, inputs and masks), so its default variant and one other stand for all."""
+    """Every variant of every method (an unnamed default too); shadow's criterion variants differ only in the
+    criterion its one predictor is trained on (the same network, inputs and masks), so its default variant, one
+    other criterion and its language-model-text calibration stand for all."""
     specs = []
     for name, cls in sorted(discover().items()):
-        variants = cls.variants if name != "shadow" else (cls.default_variant, "l2norm")
+        variants = cls.variants if name != "shadow" else (cls.default_variant, "l2norm", "lmtext")
+        if cls.default_variant is None and variants:
+            variants = (None, *variants)
         specs += [MethodSpec(name, v) for v in variants] or [MethodSpec(name)]
     return specs
 
 
 def build(session, spec, allocation):
-    method = get_method(spec)
-    allocation = method.adjust(allocation)  # as the runner does (shadow keeps layer 0 dense)
     ctx = session.fit_context(spec.name)
+    method = get_method(spec, ctx.settings)
+    allocation = method.adjust(allocation)  # as the runner does (shadow keeps layer 0 dense)
     artefact = method.fit(ctx, allocation)
     return method, MaskedEngine(session.model, method.policy(ctx, allocation, artefact), allocation)
 
