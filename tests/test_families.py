@@ -368,6 +368,9 @@ def checkpoints(tmp_path_factory):
     return out
 
 
+FEWSHOT = {"examples": 8, "epochs": 2, "hidden": 16}
+
+
 @pytest.fixture(scope="module")
 def sessions(checkpoints, data, tmp_path_factory):
     from harness.artefacts import ArtefactCache
@@ -378,7 +381,9 @@ def sessions(checkpoints, data, tmp_path_factory):
     out = {}
     for family, path in checkpoints.items():
         config = RunConfig(model=str(path), weights="pretrained", calib_samples=2, calib_seqlen=32,
-                           method_settings={"teal": {"greedy_step": 0.25, "greedy_samples": 2}})
+                           method_settings={"teal": {"greedy_step": 0.25, "greedy_samples": 2},
+                                            # few-shot calibration (shadow, dejavu:shadowllm) at test size
+                                            "shadow": dict(FEWSHOT), "dejavu": dict(FEWSHOT), "timewise": {"epochs": 2}})
         out[family] = Session(config, data, cache)
     return out
 

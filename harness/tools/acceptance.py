@@ -222,9 +222,11 @@ def main(argv=None) -> None:
     traces = session.memo("traces", lambda: collect_traces(ctx))
     report["traces_s"] = time.perf_counter() - clock
     report["traces"] = traces.sampling
-    if any(MethodSpec.parse(m).name == "shadow" for m in config.methods):
+    lmtext = [get_method(MethodSpec.parse(m)) for m in config.methods if MethodSpec.parse(m).name == "shadow"]
+    lmtext = [m for m in lmtext if m.protocol == "lmtext"]  # the few-shot protocol scores its own examples
+    if lmtext:
         clock = time.perf_counter()
-        collect_scores(ctx, get_method(MethodSpec("shadow")).criterion)
+        collect_scores(ctx, lmtext[0].criterion)
         report["scores_s"] = time.perf_counter() - clock
     report["traces_peak_gpu_gb"] = peak_gb()
 
