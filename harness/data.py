@@ -165,11 +165,14 @@ class DataDir:
     def calibration_text(self, name: str = "wikitext2-valid") -> str:
         """Text for calibration and predictor training; never the evaluation splits."""
         path = self.path(calibration_file(name))
-        if name == "reference-holdout":
-            from harness.reference_model import holdout_text
-
-            return holdout_text(self)
+        if name in CALIBRATION_TEXTS:  # registered by the module that derives it (harness.reference_model)
+            return CALIBRATION_TEXTS[name](self)
         return _hf_wikitext_join(path) if name == "wikitext2-valid" else _ptb_join(path)
+
+
+#: calibration texts derived from the bundle by other modules, by name: name -> text_of(data). harness.reference_model
+#: registers `reference-holdout` (the runner imports it), so this module imports nothing above it
+CALIBRATION_TEXTS: dict = {}
 
 
 def calibration_file(name: str) -> str:

@@ -181,11 +181,15 @@ class _ProbeSession:
         self.cache = _ProbeCache(session.cache.root)
         self.log = lambda *args, **kwargs: None
 
+        self._session = session
+
     @property
-    def tokenizer(self):
-        raise _NeedsModel("tokenizer")
+    def tokenizer(self):  # cheap next to the weights; the few-shot calibration set's key needs it
+        return self._session.tokenizer
 
     def memo(self, name, make):
+        if isinstance(name, tuple) and name[:1] == ("fewshot",):  # built once, shared with the real fit
+            return self._session.memo(name, make)
         raise _NeedsModel(name)
 
 

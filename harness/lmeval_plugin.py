@@ -132,6 +132,16 @@ def build_masked(pretrained: str, *, tokenizer=None, log=None, **kwargs) -> Buil
 
 
 # -- lm-eval's caches ----------------------------------------------------------------------------------------
+def _hand_over() -> None:
+    """Give harness.lmeval's adapter the builder of models named by model_args (it does not import this module)."""
+    import harness.lmeval as adapter
+
+    adapter.NAMED_MODEL_BUILDER = build_masked
+
+
+_hand_over()
+
+
 def cache_scoping() -> None:
     """lm-eval's response cache (`use_cache`) keys answers by the request alone: make its database file, for a model
     that carries `harness_cache_scope`, one per configuration. Other models are left as they are."""
@@ -211,11 +221,10 @@ def main(argv: list[str] | None = None) -> None:
 def __getattr__(name: str):
     """`HarnessMaskedLM`, the class the entry point names (the adapter of harness.lmeval), built on first use."""
     if name == "HarnessMaskedLM":
-        import harness.lmeval as adapter
+        from harness.lmeval import adapter_class
 
         cache_scoping()
-        adapter.NAMED_MODEL_BUILDER = build_masked
-        return adapter.adapter_class()
+        return adapter_class()
     raise AttributeError(name)
 
 

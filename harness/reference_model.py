@@ -143,6 +143,15 @@ def holdout_text(data) -> str:
     return "\n\n".join(tokenizer.decode(ids.tolist(), skip_special_tokens=True) for ids in holdout_ids(data).values())
 
 
+def _register() -> None:
+    from harness.data import CALIBRATION_TEXTS
+
+    CALIBRATION_TEXTS["reference-holdout"] = holdout_text
+
+
+_register()
+
+
 def lr_at(step: int, *, steps: int, warmup: int, lr: float, min_ratio: float = 0.1) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup

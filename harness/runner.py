@@ -17,6 +17,7 @@ from harness.families import family_of
 from harness.models import ModelSpec, dtype_name, load_model, load_tokenizer, resolve_device, resolve_dtype
 from harness.tokens import token_ids
 from harness.provenance import provenance
+import harness.reference_model  # noqa: E402,F401 - registers the reference-holdout calibration text (harness.data)
 from harness.spec import JobSpec, RunConfig
 from harness.tasks import get_task
 from methods import MethodSpec, get_method
