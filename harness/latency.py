@@ -42,9 +42,11 @@ import torch
 
 from harness.errors import HarnessError
 
-DEFAULTS = dict(batch=1, prompt=128, new_tokens=128, warmup=1, repeats=3, kv="recompute", cuda_graph=True,
-                backend=None, engines=["ours", "hf-eager", "hf-static"], reference=True, copy_mb=None, seed=0)
+DEFAULTS = dict(batch=1, prompt=128, new_tokens=128, warmup=1, repeats=3, kv="auto", cuda_graph=True,
+                backend=None, engines=["ours", "hf-eager", "hf-static"], reference=True, copy_mb=None, seed=0,
+                combine="mean", lookahead=True, change_steps=32)
 ENGINES = ("ours", "hf-eager", "hf-static", "deepspeed")
+KV_SETTINGS = ("auto", "all", "recompute")
 
 
 def settings_of(config) -> dict:
@@ -58,6 +60,16 @@ def settings_of(config) -> dict:
             raise HarnessError(f"unknown latency engine {engine!r}; valid: {', '.join(ENGINES)}")
     if settings["new_tokens"] < 2 or settings["prompt"] < 1 or settings["repeats"] < 1:
         raise HarnessError("latency needs prompt >= 1, new_tokens >= 2 and repeats >= 1")
+    if settings["kv"] not in KV_SETTINGS:
+        raise HarnessError(f"unknown latency kv {settings['kv']!r}; valid: {', '.join(KV_SETTINGS)}")
+    from kernels.topk import COMBINE
+
+    if settings["combine"] not in COMBINE:
+        raise HarnessError(f"unknown latency combine {settings['combine']!r}; valid: {', '.join(COMBINE)}")
+    batches = settings["batch"] if isinstance(settings["batch"], (list, tuple)) else [settings["batch"]]
+    if not batches or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batches):
+        raise HarnessError(f"latency batch must be a positive integer or a list of them, not {settings['batch']!r}")
+    settings["batches"] = [int(b) for b in batches]
     return settings
 
 
@@ -317,6 +329,52 @@ def decode_task(session, job, config, progress):
 
 def measure_job(session, job, config, progress):
     settings = settings_of(config)
+    records = []
+    for batch in settings["batches"]:
+        records += _measure_batch(session, config, progress, {**settings, "batch": batch})
+    return records
+
+
+def _source(context, model, settings):
+    """The method's mask source with the latency settings that concern it (a fresh one per engine)."""
+    from harness.decoding import source_for
+
+    source = source_for(context.policy, context.allocation, model)
+    if hasattr(source, "lookahead"):
+        source.combine, source.lookahead = settings["combine"], bool(settings["lookahead"])
+    return source
+
+
+def _live(used) -> torch.Tensor:
+    from kernels.decode import Counted
+
+    if isinstance(used, Counted):
+        return used.idx.reshape(-1)[:int(used.count.reshape(-1)[0])]
+    return used.reshape(-1)
+
+
+@torch.no_grad()
+def head_change_rate(engine, prompt, steps: int) -> float | None:
+    """How often a token's kept head set differs from the previous token's, over the sparse layers (layers
+    keeping every head left out) of `steps` decode steps after a prefill: Deja Vu's K/V recompute runs at this
+    rate (a kept head without K/V for earlier tokens recomputes them). None when no layer skips heads."""
+    H = engine.num_heads
+    sparse = [l for l, k in enumerate(engine.heads_kept) if k < H]
+    if not sparse:
+        return None
+    engine.prefill(prompt)
+    previous, changed, total = None, 0, 0
+    for _ in range(min(steps, engine.max_len - prompt.shape[1] - 1)):
+        engine.step(engine.next_token)
+        now = [frozenset(_live(engine.heads_used[l]).tolist()) for l in sparse]
+        if previous is not None:
+            changed += sum(a != b for a, b in zip(previous, now))
+            total += len(now)
+        previous = now
+    return changed / total if total else None
+
+
+def _measure_batch(session, config, progress, settings):
     context = session.job
     model = session.model
     device, dtype = session.device, session.dtype
@@ -331,7 +389,7 @@ def measure_job(session, job, config, progress):
     if method.name == "dense":
         engines = list(settings["engines"])
         if progress is not None:
-            progress.total(len(engines))
+            progress.total(len(engines) * len(settings["batches"]))
         records = []
         dense_bytes = floor_bytes(model_config, dtype, [H] * L, [Fd] * L, "all")
         for engine_name in engines:
@@ -350,21 +408,34 @@ def measure_job(session, job, config, progress):
                           achieved_neurons_per_layer=[0.0] * L)
         return records
 
-    from kernels.sources import reference_source, source_for
+    from kernels.sources import reference_source
 
-    source = source_for(context.policy, context.allocation, model)
-    engine = _engine(model, source, settings, session, settings["kv"])
-    stats = measure_ours(engine, prompt, settings, device)
-    model_bytes = engine.weight_bytes()
-    pred_bytes = source.predictor_bytes() if hasattr(source, "predictor_bytes") else 0
-    stats.update(engine="ours", kv=settings["kv"], cuda_graph=bool(engine.use_graph), backend=engine.backend,
-                 weight_bytes=model_bytes, predictor_bytes=pred_bytes, floor_ms=(model_bytes + pred_bytes) / bw * 1e3,
-                 floor_model_ms=model_bytes / bw * 1e3, heads_kept=engine.heads_kept, neurons_kept=engine.neurons_kept)
-    achieved = _achieved(engine)
+    modes = ("all", "recompute") if settings["kv"] == "auto" else (settings["kv"],)
+    by_kv, change, achieved = {}, None, None
+    for kv in modes:  # the same masks either way: the K/V policy changes only how K/V are had
+        source = _source(context, model, settings)
+        engine = _engine(model, source, settings, session, kv)
+        stats = measure_ours(engine, prompt, settings, device)
+        if change is None and not getattr(source, "static", False):
+            change = head_change_rate(engine, prompt, settings["change_steps"])
+        model_bytes = engine.weight_bytes()
+        pred_bytes = source.predictor_bytes() if hasattr(source, "predictor_bytes") else 0
+        stats.update(engine="ours", kv=kv, cuda_graph=bool(engine.use_graph), backend=engine.backend,
+                     weight_bytes=model_bytes, predictor_bytes=pred_bytes,
+                     floor_ms=(model_bytes + pred_bytes) / bw * 1e3, floor_model_ms=model_bytes / bw * 1e3,
+                     heads_kept=engine.heads_kept, neurons_kept=engine.neurons_kept,
+                     combine=getattr(source, "combine", None), lookahead=getattr(source, "lookahead", None))
+        achieved = _achieved(engine)
+        by_kv[kv] = stats
+        del engine
+    kv = min(by_kv, key=lambda k: by_kv[k]["token_ms"])
+    stats = by_kv[kv]
+    stats.update(kv_setting=settings["kv"], kv_chosen="faster of " + "/".join(modes) if len(modes) > 1 else "set",
+                 token_ms_by_kv={k: v["token_ms"] for k, v in by_kv.items()},
+                 head_change_rate=0.0 if change is None and getattr(source, "static", False) else change)
     extra = ()
     if settings["reference"] and not getattr(source, "static", False):
-        del engine
-        reference = _engine(model, reference_source(source, L), settings, session, settings["kv"])
+        reference = _engine(model, reference_source(source, L), settings, session, kv)
         ref = measure_ours(reference, prompt, settings, device)
         del reference
         t, t_ref = stats["token_ms"], ref["token_ms"]

@@ -35,59 +35,24 @@ def available(scores: torch.Tensor) -> bool:
 try:  # Triton is optional (the [gpu] extra); without it the engine uses the torch form
     import triton
     import triton.language as tl
+
+    from kernels.topk import blocks, load_keys16, skip_cut, warps_for
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
 if triton is not None:
     @triton.jit
-    def _keys(row_ptr, start, n, BLOCK: tl.constexpr):
-        """Order-preserving 16-bit unsigned keys of scores[start : start + BLOCK] (padding: 0x10000, after all)."""
-        offsets = start + tl.arange(0, BLOCK)
-        inside = offsets < n
-        raw = tl.load(row_ptr + offsets, mask=inside, other=0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        key = tl.where((raw & 0x8000) != 0, (~raw) & 0xFFFF, raw | 0x8000)  # negatives flipped whole
-        key = tl.where(raw == 0x8000, 0x8000, key)  # -0.0 ties with +0.0
-        return tl.where(inside, key, 0x10000), offsets, inside
-
-    @triton.jit
-    def _count(a, b):
-        return tl.sum(a.to(tl.int32), axis=0) + tl.sum(b.to(tl.int32), axis=0)
-
-    @triton.jit
     def _lowest_k_keep_kernel(scores_ptr, keep_ptr, n, stride, skip, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                               INDEX_BITS: tl.constexpr):
+        """The search of `kernels.topk` (16-bit keys, ties skipped from the highest index), written as a mask."""
         row = tl.program_id(0).to(tl.int64)
-        key_a, off_a, in_a = _keys(scores_ptr + row * stride, 0, n, BLOCK_A)
-        key_b, off_b, in_b = _keys(scores_ptr + row * stride, BLOCK_A, n, BLOCK_B)
-        # the skip-th smallest key, bit by bit: the largest t with count(key < t) < skip
-        threshold = skip * 0
-        for bit in tl.static_range(16):
-            candidate = threshold | (1 << (15 - bit))
-            below = _count(key_a < candidate, key_b < candidate)
-            threshold = tl.where(below < skip, candidate, threshold)
-        tied_a, tied_b = key_a == threshold, key_b == threshold
-        missing = skip - _count(key_a < threshold, key_b < threshold)  # ties to skip (>= 1)
-        # skip the `missing` tied units of highest index: those at or after the smallest cut with
-        # count(tied at index >= cut) <= missing (the largest `last` with a count above it, plus one)
-        last = skip * 0 - 1
-        if _count(tied_a, tied_b) > missing:
-            last = skip * 0
-            for bit in tl.static_range(INDEX_BITS):
-                candidate = last | (1 << (INDEX_BITS - 1 - bit))
-                after = _count(tied_a & (off_a >= candidate), tied_b & (off_b >= candidate))
-                last = tl.where(after > missing, candidate, last)
-        cut = last + 1
-        keep_a = ~((key_a < threshold) | (tied_a & (off_a >= cut)))
-        keep_b = ~((key_b < threshold) | (tied_b & (off_b >= cut)))
+        key_a, off_a, in_a = load_keys16(scores_ptr + row * stride, 0, n, BLOCK_A)
+        key_b, off_b, in_b = load_keys16(scores_ptr + row * stride, BLOCK_A, n, BLOCK_B)
+        threshold, cut = skip_cut(key_a, key_b, off_a, off_b, skip, 16, INDEX_BITS)
+        keep_a = ~((key_a < threshold) | ((key_a == threshold) & (off_a >= cut)))
+        keep_b = ~((key_b < threshold) | ((key_b == threshold) & (off_b >= cut)))
         tl.store(keep_ptr + row * n + off_a, keep_a.to(tl.int8), mask=in_a)
         tl.store(keep_ptr + row * n + off_b, keep_b.to(tl.int8), mask=in_b)
-
-
-def blocks(n: int) -> tuple[int, int]:
-    """Two power-of-two blocks covering n with little padding: the largest power of two <= n, then the rest."""
-    first = 1 << (n.bit_length() - 1)
-    rest = n - first
-    return first, max(16, triton.next_power_of_2(rest)) if rest else 16
 
 
 def lowest_k_keep(scores: torch.Tensor, skip: int, num_warps: int | None = None) -> torch.Tensor:
@@ -98,7 +63,7 @@ def lowest_k_keep(scores: torch.Tensor, skip: int, num_warps: int | None = None)
         rows = rows.contiguous()
     keep = torch.empty(rows.shape, dtype=torch.int8, device=scores.device)
     block_a, block_b = blocks(n)
-    warps = num_warps or (1 if n <= 256 else 4 if n <= 4096 else 8 if n <= 16384 else 16)
+    warps = num_warps or warps_for(n)
     _lowest_k_keep_kernel[(rows.shape[0],)](rows, keep, n, rows.stride(0), skip, BLOCK_A=block_a, BLOCK_B=block_b,
                                             INDEX_BITS=max(1, (n - 1).bit_length()), num_warps=warps)
     return keep.view(torch.bool).view(scores.shape)

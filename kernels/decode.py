@@ -31,9 +31,13 @@ overrides the second element), `begin_step(engine)` (called once per step, befor
 hidden)` (called in prefill with the residual stream (B, T0, d) entering each layer), `counts` (per-layer
 (n_heads, n_neurons), used when the engine is not told the counts) and `static = True` (it ignores `hidden` and
 its indices never change, so the engine passes its fp32 residual stream as it is instead of a model-dtype copy,
-and the kernels may read weights before the previous kernel ends: KERNELS_PDL=prefetch). Indices are shared by the
-batch; contiguous int32/int64 index tensors on the device are read in place, anything else is copied into the
-layer's fixed-size buffer.
+and the kernels may read weights before the previous kernel ends: KERNELS_PDL=prefetch), `reads_stream = True`
+(the engine passes its fp32 residual stream; the source copies what its predictors read, e.g. into buffers a
+second CUDA stream reads: kernels.sources.SideStream) and `end_step(engine)` (called once per step after the last
+layer, e.g. to join that stream). Indices are shared by the batch; contiguous int32/int64 index tensors on the
+device are read in place, anything else is copied into the layer's fixed-size buffer. `heads_used[l]` is the
+index tensor layer l read in the last step (under a CUDA graph the same fixed tensor every replay): the recompute
+rate of `kernels.sources.head_change_rate` reads it.
 
 backend="triton" runs the kernels of `kernels.gemv` (CPU: set TRITON_INTERPRET=1 first); backend="torch" runs
 their references (`kernels.reference`), e.g. on a CPU. CUDA graphs are used only on CUDA (cuda_graph=True).
@@ -42,12 +46,22 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 KV_MODES = ("all", "recompute")
 BACKENDS = ("triton", "torch")
+
+
+class Counted(NamedTuple):
+    """Indices whose number varies per token (global allocation, the union of a batch's sets): `idx` is a buffer
+    of up to every unit of the layer (int32, on the device), of which the first count[0] entries are chosen;
+    `count` is a 1-element int32 device tensor that the kernels read (no host synchronisation)."""
+
+    idx: torch.Tensor
+    count: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -178,6 +192,7 @@ class SparseDecoder:
         self.heads_kept, self.neurons_kept = heads_kept, neurons_kept
         self.head_buf = [torch.zeros(k, dtype=torch.int32, device=self.device) for k in heads_kept]
         self.neuron_buf = [torch.zeros(k, dtype=torch.int32, device=self.device) for k in neurons_kept]
+        self.heads_used = [None] * self.num_layers  # the index tensors the last step read (fixed under a graph)
         self.use_graph = cuda_graph and self.device.type == "cuda"
         self.graph = None
         self.logits = None
@@ -268,20 +283,27 @@ class SparseDecoder:
         return self.token
 
     # -- one token -----------------------------------------------------------------------------------------
-    def _indices(self, layer, got, buffers):
-        """The source's indices for this layer as the kernels read them: used in place when they are already a
-        contiguous int32/int64 tensor on the device (inside a CUDA graph their address is fixed too), else
-        copied into the layer's fixed-size buffer."""
+    def _indices(self, layer, got, buffers, units):
+        """The source's indices for this layer as the kernels read them, and their device count (None: all of
+        them): used in place when they are already a contiguous int32/int64 tensor on the device (inside a CUDA
+        graph their address is fixed too), else copied into the layer's fixed-size buffer. `Counted` indices are
+        read in place (at most `units` of them)."""
         if got is None:
             raise ValueError(f"the mask source gave no indices for layer {layer}")
+        if isinstance(got, Counted):
+            idx = got.idx.reshape(-1)
+            if idx.numel() > units or idx.dtype != torch.int32 or idx.device != self.device or got.count.numel() != 1:
+                raise ValueError(f"layer {layer}: Counted indices must be an int32 device buffer of at most {units} "
+                                 "units with a 1-element count")
+            return idx, got.count.reshape(1)
         buf = buffers[layer]
         if got.numel() != buf.numel():
             raise ValueError(f"layer {layer}: the mask source gave {got.numel()} indices, the engine keeps "
                              f"{buf.numel()} (counts are fixed per layer)")
         if got.dtype in (torch.int32, torch.int64) and got.device == self.device and got.is_contiguous():
-            return got.reshape(-1)
+            return got.reshape(-1), None
         buf.copy_(got.reshape(-1))
-        return buf
+        return buf, None
 
     def _step_impl(self) -> torch.Tensor:
         """One token (see the module docstring): the residual stream h stays in fp32, k/v go straight into the
@@ -295,30 +317,35 @@ class SparseDecoder:
         if hasattr(self.masks, "begin_step"):
             self.masks.begin_step(self)
         static = getattr(self.masks, "static", False)
-        hidden = (lambda: h) if static else (lambda: h.to(dt))  # noqa: E731  (predictors read the model dtype)
+        raw = static or getattr(self.masks, "reads_stream", False)  # the source copies what it reads itself
+        hidden = (lambda: h) if raw else (lambda: h.to(dt))  # noqa: E731  (predictors read the model dtype)
         neurons_hook = getattr(self.masks, "neuron_masks", None)
         # static masks: a kept head computed its K/V at every token, so nothing is ever missing (no recompute check)
         recompute = self.kv == "recompute" and not static
         for index, w in enumerate(self.layers):
             head_idx, neuron_idx = self.masks(index, hidden())
-            heads = self._indices(index, head_idx, self.head_buf)
+            heads, head_count = self._indices(index, head_idx, self.head_buf, H)
             cache = self.cache[index]
             xn = ops.layer_norm(h, w.ln1_w, w.ln1_b, w.eps1, dt, keep=self.xkeep[index] if recompute else None,
                                 pos=self.pos)
             part = "qkv"
-            if self.kv == "all" and heads.numel() < H:  # k/v of every head, q of the kept ones
+            if self.kv == "all" and (heads.numel() < H or head_count is not None):  # k/v of every head, q of kept
                 ops.qkv_to_cache(xn, w.wqkv, w.bqkv, self.all_heads, hd, cache, self.pos, part="kv", fixed=True)
                 part = "q"
-            q = ops.qkv_to_cache(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos, part=part, fixed=static)
-            attn = ops.attend(q, cache, heads, self.pos, self.scaling, fixed=static,
+            q = ops.qkv_to_cache(xn, w.wqkv, w.bqkv, heads, hd, cache, self.pos, part=part, fixed=static,
+                                 count=head_count)
+            attn = ops.attend(q, cache, heads, self.pos, self.scaling, fixed=static, count=head_count,
                               recompute=(self.xkeep[index], w.wqkv, w.bqkv, self.have[index]) if recompute else None)
-            ops.out_proj_add(attn, w.wot, w.bo, heads, hd, h, fixed=static)
+            ops.out_proj_add(attn, w.wot, w.bo, heads, hd, h, fixed=static, count=head_count)
             if neurons_hook is not None:
                 neuron_idx = neurons_hook(index, hidden())
-            neurons = self._indices(index, neuron_idx, self.neuron_buf)
+            neurons, neuron_count = self._indices(index, neuron_idx, self.neuron_buf, self.ffn_dim)
             act = ops.fc1_gather(ops.layer_norm(h, w.ln2_w, w.ln2_b, w.eps2, dt), w.w1, w.b1, neurons,
-                                 fixed=static)
-            ops.fc2_add(act, w.w2t, w.b2, neurons, h, fixed=static)
+                                 fixed=static, count=neuron_count)
+            ops.fc2_add(act, w.w2t, w.b2, neurons, h, fixed=static, count=neuron_count)
+            self.heads_used[index] = heads if head_count is None else Counted(heads, head_count)
+        if hasattr(self.masks, "end_step"):
+            self.masks.end_step(self)  # e.g. join a second stream the source forked
         if self.final_w is not None and self.final_b is not None:
             x = ops.layer_norm(h, self.final_w, self.final_b, self.final_ln.eps, dt)
             if self.project_out is not None:

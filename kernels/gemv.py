@@ -148,23 +148,27 @@ def _prune(size_keys):
 @triton.autotune(configs=_row_configs(), key=["N", "K", "G", "BLOCK_B", "RELU", "TO_CACHE"],
                  prune_configs_by=_prune(("BLOCK_N", "BLOCK_K")))
 @triton.jit
-def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
+def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr, count_ptr,
                  B, N, K, row_stride, row_offset, split,
                  stride_xb, stride_ob, stride_oslot, stride_cb, stride_ch, stride_ct,
                  G: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, TO_CACHE: tl.constexpr,
-                 PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                 COUNTED: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[b, j] = act(x[b] · W[row(j)] + bias[row(j)]) for the N = len(idx)·G outputs j, row(j) =
     idx[j // G]·row_stride + row_offset + j % G. Element e = row_offset + j % G of a unit goes to
     out[b, j // G, j % G] if e < split, else (TO_CACHE) to cache[b, idx[j // G], pos, e − split].
-    PDL: wait for the previous kernel before the first read of x/idx (PREFETCH: idx is fixed for the step, so the
-    first weight tile is loaded before the wait)."""
+    COUNTED: only the first count[0] units of idx are live (a count the step computes on the device); programs
+    past them read and write nothing. PDL: wait for the previous kernel before the first read of x/idx
+    (PREFETCH: idx is fixed for the step, so the first weight tile is loaded before the wait)."""
     pid = tl.program_id(0)
     if PDL:
         if not PREFETCH:
             gdc_wait()
+    if COUNTED:
+        N = tl.load(count_ptr).to(tl.int32) * G
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    K_live = tl.where(pid * BLOCK_N < N, K, 0)  # the weight loop of a program past the live units runs no step
     slot = offs_n // G
     within = offs_n % G
     unit = tl.load(idx_ptr + slot, mask=mask_n, other=0).to(tl.int64)
@@ -180,7 +184,7 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
     x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
                 other=0.0)
     acc = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    for k0 in range(BLOCK_K, K_live, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         w = tl.load(w_ptr + rows[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
@@ -207,17 +211,21 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr,
 @triton.autotune(configs=_col_configs(), key=["R", "D", "G", "BLOCK_B"], restore_value=["acc_ptr"],
                  prune_configs_by=_prune(("BLOCK_R", "BLOCK_D")))
 @triton.jit
-def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr,
+def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr, count_ptr,
                  B, R, D, row_stride, stride_ab, stride_accb,
-                 G: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                 G: tl.constexpr, HAS_BIAS: tl.constexpr, COUNTED: tl.constexpr, PDL: tl.constexpr,
+                 PREFETCH: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ITERS: tl.constexpr):
     """acc[b, :] += Σ_r a[b, r] · W[row(r)] over this program's ITERS·BLOCK_R selected rows, row(r) =
-    idx[r // G]·row_stride + r % G (+ bias, added by the first row block). PDL/PREFETCH as in `_rows_kernel`."""
+    idx[r // G]·row_stride + r % G (+ bias, added by the first row block). COUNTED, PDL/PREFETCH as in
+    `_rows_kernel` (a program whose rows are all past the live units adds nothing, bias aside)."""
     pid_d = tl.program_id(0)
     pid_r = tl.program_id(1)
     if PDL:
         if not PREFETCH:
             gdc_wait()
+    if COUNTED:
+        R = tl.load(count_ptr).to(tl.int32) * G
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     offs_b = tl.arange(0, BLOCK_B)
@@ -242,7 +250,9 @@ def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr,
     if HAS_BIAS:
         if pid_r == 0:
             y += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-    tl.atomic_add(acc_ptr + offs_b[:, None] * stride_accb + offs_d[None, :], y, mask=mask_b[:, None] & mask_d[None, :])
+    if (pid_r == 0) | (pid_r * ITERS * BLOCK_R < R):
+        tl.atomic_add(acc_ptr + offs_b[:, None] * stride_accb + offs_d[None, :], y,
+                      mask=mask_b[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -285,12 +295,12 @@ def _layer_norm_kernel(h_ptr, w_ptr, b_ptr, out_ptr, keep_ptr, pos_ptr, D, eps, 
 
 @triton.jit
 def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, out_ptr, count_ptr,
-                   x_ptr, w_ptr, bias_ptr, have_ptr,
+                   x_ptr, w_ptr, bias_ptr, have_ptr, live_ptr,
                    B, n_sel, H, T_max, D, HD, scale, stride_qb, stride_qh, n_chunks,
                    NC: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
                    ATTEND: tl.constexpr, RECOMPUTE: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_2HD: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                   PDL: tl.constexpr, EARLY: tl.constexpr):
+                   PDL: tl.constexpr, EARLY: tl.constexpr, COUNTED: tl.constexpr):
     """Program (slot, c): selected head idx[slot], positions t of chunk c; cache (B, H, T, 2, HD).
 
     RECOMPUTE (Deja Vu): entries with t < pos and not have[head, t] are computed from the kept normalised layer
@@ -301,17 +311,22 @@ def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, out_
     out (B, n, HD). With NC = 1 the one program writes out directly.
     EARLY (PDL, batch 1, idx fixed for the step, no RECOMPUTE): the chunk's K/V at positions t < pos, which earlier
     steps wrote, are loaded before the PDL wait, so that their memory latency overlaps the QKV launch's tail; only
-    q and the entry at pos (this step's) are read after it. (pos itself changes only between steps.)"""
+    q and the entry at pos (this step's) are read after it. (pos itself changes only between steps.)
+    COUNTED: only slots below live[0] are selected heads (a count computed on the device); the others do
+    nothing."""
     slot = tl.program_id(0)
     c = tl.program_id(1)
     if PDL:
         gdc_launch_dependents()
         if not EARLY:
             gdc_wait()
-    head = tl.load(idx_ptr + slot).to(tl.int64)
+    live = slot >= 0
+    if COUNTED:
+        live = slot < tl.load(live_ptr)
+    head = tl.where(live, tl.load(idx_ptr + slot).to(tl.int64), 0)
     pos = tl.load(pos_ptr).to(tl.int32)
     offs_t = c * CHUNK + tl.arange(0, CHUNK)
-    in_range = offs_t < T_max
+    in_range = (offs_t < T_max) & live
     if EARLY:
         offs_e = tl.arange(0, BLOCK_D)
         early = (offs_t < pos)[:, None] & (offs_e < HD)[None, :]
@@ -349,7 +364,7 @@ def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, out_
                 tl.store(dst, acc.to(cache_ptr.dtype.element_ty), mask=need[:, None] & mask_c[None, :])
             tl.debug_barrier()  # the chunk's recomputed entries are read below by other threads of this program
         tl.store(have_ptr + head * T_max + offs_t, tl.full((CHUNK,), 1, tl.int8), mask=in_range & (offs_t <= pos))
-    if ATTEND:
+    if ATTEND & live:
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HD
         valid = offs_t <= pos
@@ -447,9 +462,10 @@ def _prefetch(fixed: bool) -> bool:
 
 
 def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, out=None, out_strides=(0, 0),
-          cache=None, pos=None, split=_NO_SPLIT, fixed=False, config=None):
+          cache=None, pos=None, split=_NO_SPLIT, fixed=False, config=None, count=None):
     """Launch `_rows_kernel`; see its docstring. `fixed`: idx does not change during the step (PDL prefetch).
-    `config` (a triton.Config): run that one instead of autotuning (config sweeps, kernels.bench)."""
+    `config` (a triton.Config): run that one instead of autotuning (config sweeps, kernels.bench). `count`: a
+    1-element int32 device tensor, the number of live units of idx (the grid covers all of idx)."""
     B, K = x.shape
     _check_x(x, w.shape[1])
     assert w.is_contiguous()
@@ -459,9 +475,10 @@ def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, o
     kernel, meta = (_rows_kernel, {}) if config is None else (_rows_kernel.fn, _config_kwargs(config))
     kernel[grid](x, w, bias if bias is not None else w, idx, out if out is not None else w,
                  cache if cache is not None else w, pos if pos is not None else idx,
+                 count if count is not None else idx,
                  B, n, K, row_stride, row_offset, split,
                  x.stride(0), out_strides[0], out_strides[1], cs[0], cs[1], cs[2],
-                 G=group, HAS_BIAS=bias is not None, RELU=relu, TO_CACHE=cache is not None,
+                 G=group, HAS_BIAS=bias is not None, RELU=relu, TO_CACHE=cache is not None, COUNTED=count is not None,
                  PDL=PDL, PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH, **meta)
     return out
 
@@ -478,8 +495,9 @@ def gather_rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=Fa
                  out_strides=(out.stride(0), out.stride(1)), fixed=fixed)
 
 
-def _cols(a, w, idx, acc, bias, *, group=1, row_stride=1, fixed=False, config=None):
-    """Launch `_cols_kernel`: acc (fp32, (B, D)) += a · w[rows] (+ bias); `fixed`, `config` as in `_rows`."""
+def _cols(a, w, idx, acc, bias, *, group=1, row_stride=1, fixed=False, config=None, count=None):
+    """Launch `_cols_kernel`: acc (fp32, (B, D)) += a · w[rows] (+ bias); `fixed`, `config`, `count` as in
+    `_rows`."""
     B = acc.shape[0]
     D = w.shape[1]
     R = idx.numel() * group
@@ -487,9 +505,9 @@ def _cols(a, w, idx, acc, bias, *, group=1, row_stride=1, fixed=False, config=No
     assert a.stride(-1) == 1
     grid = lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(R, meta["BLOCK_R"] * meta["ITERS"]))  # noqa: E731
     kernel, meta = (_cols_kernel, {}) if config is None else (_cols_kernel.fn, _config_kwargs(config))
-    kernel[grid](a, w, idx, acc, bias if bias is not None else w, B, R, D, row_stride,
-                 a.stride(0), acc.stride(0), G=group, HAS_BIAS=bias is not None, PDL=PDL,
-                 PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH, **meta)
+    kernel[grid](a, w, idx, acc, bias if bias is not None else w, count if count is not None else idx,
+                 B, R, D, row_stride, a.stride(0), acc.stride(0), G=group, HAS_BIAS=bias is not None,
+                 COUNTED=count is not None, PDL=PDL, PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH, **meta)
 
 
 _WORKSPACES: dict = {}
@@ -521,11 +539,13 @@ def gather_cols(a, w, bias, idx, *, group=1, row_stride=1, out=None, residual=No
 
 
 # -- the four projections ------------------------------------------------------------------------------------
-def fc1_gather(x, w1, b1, idx, out=None, *, fixed=False):
-    """relu(x · W1[idx]ᵀ + b1[idx]) → (B, len(idx)); W1 is fc1.weight (F, d)."""
-    res = gather_rows(x, w1, b1, idx, relu=True, out=None if out is None else out.view(out.shape[0], -1, 1),
-                      fixed=fixed)
-    return res.view(x.shape[0], idx.numel())
+def fc1_gather(x, w1, b1, idx, out=None, *, fixed=False, count=None):
+    """relu(x · W1[idx]ᵀ + b1[idx]) → (B, len(idx)); W1 is fc1.weight (F, d). `count`: live units of idx (the
+    entries past them are not written)."""
+    if out is None:
+        out = torch.empty(x.shape[0], idx.numel(), device=x.device, dtype=x.dtype)
+    _rows(x, w1, b1, idx, relu=True, out=out, out_strides=(out.stride(0), out.stride(1)), fixed=fixed, count=count)
+    return out
 
 
 def fc2_gather(a, w2t, b2, idx, out=None, residual=None, workspace=None):
@@ -576,12 +596,13 @@ def _counters(n: int, device, kind: str = "heads") -> torch.Tensor:
     return _COUNTERS[key]
 
 
-def attend(q, cache, head_idx, pos, scale, *, recompute=None, attend=True, fixed=False):
+def attend(q, cache, head_idx, pos, scale, *, recompute=None, attend=True, fixed=False, count=None):
     """Attention of the selected heads' queries q (B, n, hd) over cache positions [0, pos] → (B, n, hd) fp32.
     Split over positions (one program per (head, chunk of CHUNK positions); the head's last program to finish
     combines the chunks' partial softmaxes). `recompute` = (xkeep, wqkv, bqkv, have) fills the missing K/V
     entries first (Deja Vu; see `_attend_kernel`); attend=False only does that (returns None). `fixed`: head_idx
-    stays the same for the step (under KERNELS_PDL=prefetch, batch 1: past K/V loaded before the PDL wait)."""
+    stays the same for the step (under KERNELS_PDL=prefetch, batch 1: past K/V loaded before the PDL wait).
+    `count`: a 1-element int32 device tensor, the number of live heads of head_idx (see `_rows`)."""
     B, H, T = cache.shape[:3]
     hd = cache.shape[-1]
     n = head_idx.numel()
@@ -592,9 +613,9 @@ def attend(q, cache, head_idx, pos, scale, *, recompute=None, attend=True, fixed
     out = torch.empty(B, n, hd, **f32) if attend else None
     if attend and nc > 1:
         m, l, o = torch.empty(B, n, nc, **f32), torch.empty(B, n, nc, **f32), torch.empty(B, n, nc, hd, **f32)
-        count = _counters(n, cache.device)
+        counters = _counters(n, cache.device)
     else:
-        m = l = o = count = out if attend else cache
+        m = l = o = counters = out if attend else cache
     if recompute is not None:
         xkeep, wqkv, bqkv, have = recompute
         assert xkeep.is_contiguous() and have.dtype == torch.int8 and have.is_contiguous()
@@ -604,13 +625,14 @@ def attend(q, cache, head_idx, pos, scale, *, recompute=None, attend=True, fixed
         q = cache
     else:
         assert q.stride(2) == 1
-    _attend_kernel[(n, n_chunks)](q, cache, head_idx, pos, m, l, o, out if out is not None else cache, count,
-                                  xkeep, wqkv, bqkv, have,
+    _attend_kernel[(n, n_chunks)](q, cache, head_idx, pos, m, l, o, out if out is not None else cache, counters,
+                                  xkeep, wqkv, bqkv, have, count if count is not None else head_idx,
                                   B, n, H, T, xkeep.shape[-1] if recompute is not None else hd, hd, scale,
                                   q.stride(0), q.stride(1), n_chunks, NC=nc, CHUNK=CHUNK, BLOCK_D=_pow2(hd), ATTEND=attend,
                                   RECOMPUTE=recompute is not None, BLOCK_K=32 if INTERPRET else 128,
                                   BLOCK_2HD=_pow2(2 * hd), UPCAST=INTERPRET, IEEE=_dot_in_fp32(xkeep),
-                                  PDL=PDL, EARLY=_prefetch(fixed) and attend and recompute is None and B == 1,
+                                  PDL=PDL, EARLY=_prefetch(fixed) and attend and recompute is None and B == 1
+                                  and count is None, COUNTED=count is not None,
                                   num_warps=8 if recompute is not None else 4, num_stages=2, **_LAUNCH)
     return out
 
@@ -647,7 +669,7 @@ def layer_norm(h, weight, bias, eps, dtype, *, keep=None, pos=None):
     return out
 
 
-def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv", fixed=False):
+def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv", fixed=False, count=None):
     """q of the selected heads (returned, (B, n, hd)) and their k/v written into cache[:, head, pos], in one
     pass over their rows; `part` "q" or "kv" computes one side only (None returned for "kv"). `fixed`: the
     indices stay the same for the whole step (static masks; lets PDL prefetch weights)."""
@@ -655,20 +677,21 @@ def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv", f
     q = torch.empty(x.shape[0], head_idx.numel(), head_dim, device=x.device, dtype=cache.dtype) if first == 0 else None
     _rows(x, wqkv, bqkv, head_idx, group=(last - first) * head_dim, row_stride=3 * head_dim,
           row_offset=first * head_dim, out=q, out_strides=(q.stride(0), q.stride(1)) if q is not None else (0, 0),
-          cache=cache if last > 1 else None, pos=pos, split=head_dim, fixed=fixed)
+          cache=cache if last > 1 else None, pos=pos, split=head_dim, fixed=fixed, count=count)
     return q
 
 
-def out_proj_add(attn, wot, bo, head_idx, head_dim, h, *, fixed=False):
+def out_proj_add(attn, wot, bo, head_idx, head_dim, h, *, fixed=False, count=None):
     """h += attention output attn (B, n, hd) of the selected heads · WoT[heads] + bo."""
-    _cols(attn.reshape(attn.shape[0], -1), wot, head_idx, h, bo, group=head_dim, row_stride=head_dim, fixed=fixed)
+    _cols(attn.reshape(attn.shape[0], -1), wot, head_idx, h, bo, group=head_dim, row_stride=head_dim, fixed=fixed,
+          count=count)
     return h
 
 
-def fc2_add(act, w2t, b2, idx, h, *, fixed=False):
+def fc2_add(act, w2t, b2, idx, h, *, fixed=False, count=None):
     """h += act · W2T[idx] + b2 (h: the fp32 residual stream)."""
     assert act.stride(1) == 1
-    _cols(act, w2t, idx, h, b2, fixed=fixed)
+    _cols(act, w2t, idx, h, b2, fixed=fixed, count=count)
     return h
 
 

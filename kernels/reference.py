@@ -21,7 +21,13 @@ def _rows(w, idx, group, row_stride, row_offset):
     return (idx[:, None] * row_stride + row_offset + torch.arange(group, device=idx.device)).reshape(-1)
 
 
-def fc1_gather(x, w1, b1, idx, out=None, *, fixed=False):
+def _live(idx, count):
+    """The live units of an index buffer whose first count[0] entries are chosen (None: all of it)."""
+    return idx.reshape(-1) if count is None else idx.reshape(-1)[:int(count.reshape(-1)[0])]
+
+
+def fc1_gather(x, w1, b1, idx, out=None, *, fixed=False, count=None):
+    idx = _live(idx, count)
     c = _acc(x)
     rows = idx.long()
     y = torch.relu(x.to(c) @ w1.index_select(0, rows).to(c).T + b1.index_select(0, rows).to(c))
@@ -92,7 +98,8 @@ def layer_norm(h, weight, bias, eps, dtype, *, keep=None, pos=None):
     return y
 
 
-def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv", fixed=False):
+def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv", fixed=False, count=None):
+    head_idx = _live(head_idx, count)
     first, last = QKV_PARTS[part]
     y = qkv_heads(x, wqkv, bqkv, head_idx, head_dim, part=part)
     if last > 1:
@@ -100,21 +107,24 @@ def qkv_to_cache(x, wqkv, bqkv, head_idx, head_dim, cache, pos, *, part="qkv", f
     return y[:, :, 0].to(cache.dtype) if first == 0 else None
 
 
-def attend(q, cache, head_idx, pos, scale, *, recompute=None, fixed=False):
+def attend(q, cache, head_idx, pos, scale, *, recompute=None, fixed=False, count=None):
     """The attention output (B, n, hd) (the kernel's is fp32; this one the model dtype)."""
+    head_idx = _live(head_idx, count)
     if recompute is not None:
         xkeep, wqkv, bqkv, have = recompute
         kv_recompute(xkeep, wqkv, bqkv, head_idx, q.shape[-1], cache, have, pos)
     return head_attention(q, cache, head_idx, pos, scale)
 
 
-def out_proj_add(attn, wot, bo, head_idx, head_dim, h, *, fixed=False):
+def out_proj_add(attn, wot, bo, head_idx, head_dim, h, *, fixed=False, count=None):
+    head_idx = _live(head_idx, count)
     rows = _rows(wot, head_idx, head_dim, head_dim, 0)
     h += attn.reshape(h.shape[0], -1).to(h.dtype) @ wot.index_select(0, rows).to(h.dtype) + bo.to(h.dtype)
     return h
 
 
-def fc2_add(act, w2t, b2, idx, h, *, fixed=False):
+def fc2_add(act, w2t, b2, idx, h, *, fixed=False, count=None):
+    idx = _live(idx, count)
     h += act.to(h.dtype) @ w2t.index_select(0, idx.long()).to(h.dtype) + b2.to(h.dtype)
     return h
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from harness.engine import Allocation, ForwardState, MaskedEngine, lowest_k_mask
 from harness.errors import HarnessError
-from kernels.decode import DenseMasks, StaticMasks
+from kernels.decode import Counted, DenseMasks, StaticMasks
 from kernels.topk import select
 
 
@@ -118,7 +118,14 @@ def _apply_tail(z, tail):
 
 
 class Group:
-    """Predictors that read the same input: one matmul for all their first layers, then each one's tail."""
+    """Predictors that read the same input: one GEMV for all their first layers, then each one's tail.
+
+    Unbound (`bind` not called) it runs F.linear (any device). Bound to an engine with the Triton backend it runs
+    every layer through the engine's own gathered-row GEMV (`kernels.gemv.gather_rows` over all rows: autotuned
+    for these shapes, fp32 accumulation, a ReLU that the next layer applies to its input fused into the
+    producer's epilogue) into persistent buffers, so a step allocates nothing and a CUDA graph (or a second
+    stream inside it) reads fixed addresses. Each member's scores then go to `select` (kernels.topk) into a
+    persistent index buffer: `run(x, counts)` returns {key: indices}."""
 
     def __init__(self, members: list[tuple[object, Folded]]):
         self.keys = [key for key, _ in members]
@@ -128,13 +135,76 @@ class Group:
         for _, f in members:
             self.parts.append((start, start + f.w1.shape[0], f.tail))
             start += f.w1.shape[0]
+        self.bound = False
 
-    def __call__(self, x) -> dict:
-        z = F.linear(x, self.w1, self.b1)
-        out = {}
-        for key, (a, b, tail) in zip(self.keys, self.parts):
-            out[key] = _apply_tail(z[:, a:b] if len(self.parts) > 1 else z, tail)
+    @classmethod
+    def shared(cls, first: Folded, tails: list[tuple[object, list]]) -> "Group":
+        """Members with one first layer in common (ShadowLLM's trunk), each with its own tail: e.g. the output
+        rows of one layer's heads, then of its neurons."""
+        group = cls.__new__(cls)
+        group.keys = [key for key, _ in tails]
+        group.w1, group.b1 = first.w1, first.b1
+        group.parts = [(0, first.w1.shape[0], tail) for _, tail in tails]
+        group.bound = False
+        return group
+
+    def bind(self, batch: int, backend: str, combine: str = "mean") -> "Group":
+        """Persistent buffers for `batch` sequences; backend "triton" runs the GEMVs through kernels.gemv."""
+        device, dtype = self.w1.device, self.w1.dtype
+        self.backend, self.combine, self.batch = backend, combine, batch
+        firsts = {tail[0][0] for _, _, tail in self.parts}
+        self.first_relu = firsts == {True}  # every member's tail starts with a ReLU: fuse it into the first GEMV
+        zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
+        self.z = zeros(batch, self.w1.shape[0])
+        self.steps = []  # per member: [(w, b, relu_out, out buffer)]
+        for a, b, tail in self.parts:
+            steps = []
+            for i, (_, w, bias) in enumerate(tail):
+                relu_out = i + 1 < len(tail) and tail[i + 1][0]
+                steps.append((w, bias, relu_out, zeros(batch, w.shape[0])))
+            self.steps.append(steps)
+        self.rows = {n: torch.arange(n, device=device, dtype=torch.int32)
+                     for n in {self.w1.shape[0]} | {w.shape[0] for steps in self.steps for w, _, _, _ in steps}}
+        self.picked: dict = {}
+        self.bound = True
+        return self
+
+    def _gemv(self, x, w, bias, relu, out):
+        from kernels.gemv import gather_rows
+
+        gather_rows(x, w, bias, self.rows[w.shape[0]], relu=relu, out=out.view(out.shape[0], -1, 1), fixed=True)
         return out
+
+    def __call__(self, x, keys=None, first: bool = True) -> dict:
+        """Each member's scores (B, n); `keys`: only these members; first=False: reuse the first layer's output
+        of the previous call (bound groups only: a later fork of the same step)."""
+        fast = self.bound and self.backend == "triton"
+        if first or not self.bound:
+            self.z_now = (self._gemv(x, self.w1, self.b1, self.first_relu, self.z) if fast
+                          else F.linear(x, self.w1, self.b1))
+        z, out = self.z_now, {}
+        for index, (key, (a, b, tail)) in enumerate(zip(self.keys, self.parts)):
+            if keys is not None and key not in keys:
+                continue
+            y = z[:, a:b] if (a, b) != (0, z.shape[1]) else z
+            if not fast:
+                out[key] = _apply_tail(y, tail)
+                continue
+            if tail[0][0] and not self.first_relu:
+                y = torch.relu(y)
+            for w, bias, relu_out, buf in self.steps[index]:
+                y = self._gemv(y, w, bias, relu_out, buf)
+            out[key] = y
+        return out
+
+    def run(self, x, keep: dict, keys=None, first: bool = True) -> dict:
+        """The kept indices of each member (or of `keys`): keep[key] = (k, out buffer or None, counts or None)."""
+        chosen = {}
+        for key, scores in self(x, keys, first).items():
+            k, out, counts = keep[key]
+            idx = select(scores, k, combine=self.combine, out=out, counts=counts)
+            chosen[key] = idx if counts is None else Counted(idx, counts)
+        return chosen
 
     def nbytes(self) -> int:
         first = sum(t.numel() * t.element_size() for t in (self.w1, self.b1) if t is not None)
@@ -142,14 +212,67 @@ class Group:
                            for t in (w, b) if t is not None)
 
 
+class SideStream:
+    """Predictor work on a second CUDA stream (Deja Vu's asynchronous lookahead): `fork(key, fn, *args)` runs fn
+    on the side stream once everything the main stream has issued so far is done, `join(key)` makes the main
+    stream wait for it where its result is read. Inside a CUDA graph capture the fork and the join become graph
+    edges, so the predictor of the next unit runs beside the current layer's kernels in every replay. Results
+    must live in persistent buffers (`Group.bind`): a tensor allocated on one stream and read on the other could
+    be reused by the allocator too early. Off a GPU (or disabled) fn runs inline."""
+
+    def __init__(self, device, enabled: bool = True):
+        self.on = bool(enabled) and torch.device(device).type == "cuda"
+        self.stream = torch.cuda.Stream(device=device) if self.on else None
+        self._ready: dict = {}
+        self._done: dict = {}
+        self.open: set = set()
+
+    def _event(self, table, key):
+        if key not in table:
+            table[key] = torch.cuda.Event()
+        return table[key]
+
+    def fork(self, key, fn, *args):
+        if not self.on:
+            return fn(*args)
+        ready = self._event(self._ready, key)
+        ready.record()
+        self.stream.wait_event(ready)
+        with torch.cuda.stream(self.stream):
+            result = fn(*args)
+        self._event(self._done, key).record(self.stream)
+        self.open.add(key)
+        return result
+
+    def join(self, key) -> None:
+        if self.on and key in self.open:
+            torch.cuda.current_stream().wait_event(self._done[key])
+            self.open.discard(key)
+
+    def join_all(self) -> None:
+        for key in list(self.open):
+            self.join(key)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # sources
 # ------------------------------------------------------------------------------------------------------------
 class PredictorSource(ABC):
-    """Base of the per-token sources: fixed counts, identity index sets for dense layers/units."""
+    """Base of the per-token sources: fixed counts, identity index sets for dense layers/units, persistent index
+    buffers, and the second stream their predictors may run on.
+
+    The engine passes its fp32 residual stream itself (`reads_stream`): a source copies what a predictor reads
+    into a persistent buffer of the model's dtype (what the masked engine's predictors read), so that work on the
+    second stream never reads a tensor the main stream goes on changing. Settings (class defaults, set on the
+    instance before the engine binds it): `combine` (batch > 1: how the shared index set is chosen, see
+    kernels.topk; "mean"), `lookahead` (run a predictor on the second stream when its input exists before its
+    layer runs; on by default, CUDA and the Triton backend only)."""
 
     static = False
+    reads_stream = True
     kind = "predictor"
+    combine = "mean"
+    lookahead = True
 
     def __init__(self, counts):
         self.counts = list(counts)
@@ -159,11 +282,38 @@ class PredictorSource(ABC):
         H, Fd = engine.num_heads, engine.ffn_dim
         self.all_heads = torch.arange(H, dtype=torch.int32, device=self.device)
         self.all_neurons = torch.arange(Fd, dtype=torch.int32, device=self.device)
+        self.batch, self.hidden, self.backend = engine.batch, engine.hidden, engine.backend
+        self.units = {"heads": H, "neurons": Fd}
+        self.side = SideStream(self.device, self.lookahead and engine.backend == "triton")
+        self.chosen: dict = {}
         self._bind(engine)
 
     @abstractmethod
     def _bind(self, engine) -> None:
         """Move/fold the method's predictors for this engine (device, dtype, layout)."""
+
+    # -- helpers of the subclasses ---------------------------------------------------------------------------
+    def group(self, members) -> Group:
+        """A Group of folded predictors on this engine's device and dtype, with its buffers."""
+        return Group([(k, f.to(self.device, self.dtype)) for k, f in members]).bind(self.batch, self.backend,
+                                                                                     self.combine)
+
+    def keep_spec(self, key) -> tuple:
+        """(k, persistent index buffer, count buffer or None) for the member `key` = (unit, layer): k indices,
+        or with combine="union" (batch > 1) a buffer of every unit and a device count (`Counted`)."""
+        unit, layer = key
+        k = self.counts[layer][0 if unit == "heads" else 1]
+        if self.combine == "union" and self.batch > 1:
+            return (k, torch.zeros(1, self.units[unit], dtype=torch.int32, device=self.device),
+                    torch.zeros(1, dtype=torch.int32, device=self.device))
+        return k, torch.zeros(1, k, dtype=torch.int32, device=self.device), None
+
+    def buffer(self) -> torch.Tensor:
+        """A persistent (batch, hidden) tensor of the model's dtype: a predictor's input."""
+        return torch.zeros(self.batch, self.hidden, device=self.device, dtype=self.dtype)
+
+    def end_step(self, engine) -> None:
+        self.side.join_all()
 
     def predictor_bytes(self) -> int:
         """Bytes of predictor weights one step reads (the predictor's share of the weight-streaming floor)."""
@@ -178,7 +328,10 @@ class DejaVuSource(PredictorSource):
     j) the stream entering layer j's MLP, after its attention (the engine's `neuron_masks(j)` call). Deja Vu's
     default reads ("mlp_input", l − 1) (layer 0: ("layer_input", 0)); `dejavu:attn-input` ("layer_input", l − 1).
     Neuron predictors of layer l read ("layer_input", l). Predictors that read the same tensor share one first
-    matmul; the indices a predictor chooses wait in `pending` until their layer runs."""
+    GEMV. With `lookahead` the predictors of a read point run on the second stream from the moment their input
+    exists, and the main stream waits for them only where their layer needs the indices: the neuron predictor
+    of layer l beside l's attention, the head predictor of l + 1 beside l's MLP (Deja Vu's asynchronous
+    lookahead)."""
 
     kind = "dejavu"
 
@@ -200,29 +353,36 @@ class DejaVuSource(PredictorSource):
             groups.setdefault(point, []).append((("heads", layer), Folded.of(predictor)))
         for layer, predictor in sorted(self.mlp.items()):
             groups.setdefault(("layer_input", layer), []).append((("neurons", layer), Folded.of(predictor)))
-        self.groups = {point: Group([(k, f.to(self.device, self.dtype)) for k, f in members])
-                       for point, members in groups.items()}
-        self.pending: dict = {}
-        self.neurons_now = None
+        self.groups = {point: self.group(members) for point, members in groups.items()}
+        self.inputs = {point: self.buffer() for point in self.groups}  # one per point: a fork may outlive a layer
+        self.keep = {key: self.keep_spec(key) for group in self.groups.values() for key in group.keys}
+        self.ready: dict = {}  # member → the point whose fork computes it
 
     def _run(self, point, hidden) -> None:
         group = self.groups.get(point)
         if group is not None:
-            for (unit, target), scores in group(hidden).items():
-                k = self.counts[target][0 if unit == "heads" else 1]
-                self.pending[(unit, target)] = select(scores, k)
+            x = self.inputs[point]
+            x.copy_(hidden)  # the model-dtype copy the predictor reads (on the main stream, before the fork)
+            self.chosen.update(self.side.fork(point, group.run, x, self.keep))
+            self.ready.update((key, point) for key in group.keys)
+
+    def _take(self, key):
+        point = self.ready.pop(key, None)
+        if point is None:
+            return None
+        self.side.join(point)
+        return self.chosen[key]
 
     def __call__(self, layer, hidden):
         self._run(("layer_input", layer), hidden)
-        heads = self.pending.pop(("heads", layer), None) if layer in self.attn else None
-        self.neurons_now = self.pending.pop(("neurons", layer), None) if layer in self.mlp else None
-        return (heads if heads is not None else self.all_heads,
-                self.neurons_now if self.neurons_now is not None else self.all_neurons)
+        heads = self._take(("heads", layer))
+        return (heads if heads is not None else self.all_heads), None
 
     def neuron_masks(self, layer, hidden):
-        """After layer `layer`'s attention: the predictors reading its MLP input run (heads of layer + 1)."""
+        """After layer `layer`'s attention: the predictors reading its MLP input start (heads of layer + 1)."""
         self._run(("mlp_input", layer), hidden)
-        return self.neurons_now if self.neurons_now is not None else self.all_neurons
+        neurons = self._take(("neurons", layer))
+        return neurons if neurons is not None else self.all_neurons
 
     def predictor_bytes(self):
         return sum(g.nbytes() for g in self.groups.values())
@@ -230,8 +390,9 @@ class DejaVuSource(PredictorSource):
 
 class TimewiseSource(DejaVuSource):
     """Head predictors only (neurons dense). current/last: as dejavu's with source layer l or l−M (the residual
-    stream entering it); time: each layer's predictor reads that layer's input at the previous token (persistent
-    buffers)."""
+    stream entering it; `last` runs M layers ahead on the second stream); time: each layer's predictor reads that
+    layer's input at the previous token (persistent buffers), so every layer's prediction can start at the
+    beginning of the step, on the second stream, layer by layer."""
 
     kind = "timewise"
 
@@ -244,36 +405,69 @@ class TimewiseSource(DejaVuSource):
     def _bind(self, engine):
         if self.variant != "time":
             return super()._bind(engine)
-        self.folded = {l: Folded.of(p).to(self.device, self.dtype) for l, p in self.attn.items()}
-        self.groups = {l: Group([(("heads", l), f)]) for l, f in self.folded.items()}
-        self.previous = {l: torch.zeros(engine.batch, engine.hidden, device=self.device, dtype=self.dtype)
-                         for l in self.attn}
-        self.pending = {}
-        self.neurons_now = None
+        self.groups = {l: self.group([(("heads", l), Folded.of(p))]) for l, p in self.attn.items()}
+        self.previous = {l: self.buffer() for l in self.attn}
+        self.keep = {("heads", l): self.keep_spec(("heads", l)) for l in self.attn}
 
     def prefill_layer(self, layer, hidden):
         if self.variant == "time" and layer in self.attn:
             self.previous[layer].copy_(hidden[:, -1])
 
+    def begin_step(self, engine):
+        if self.variant == "time":
+            for l in sorted(self.groups):
+                self.chosen.update(self.side.fork(("time", l), self.groups[l].run, self.previous[l], self.keep))
+
     def __call__(self, layer, hidden):
         if self.variant != "time":
             return super().__call__(layer, hidden)
         if layer not in self.attn:
-            return self.all_heads, self.all_neurons
-        scores = self.groups[layer](self.previous[layer])[("heads", layer)]
-        heads = select(scores, self.counts[layer][0])
+            return self.all_heads, None
+        self.side.join(("time", layer))
         self.previous[layer].copy_(hidden)  # after its use: the next token reads this one
-        return heads, self.all_neurons
+        return self.chosen[("heads", layer)], None
 
     def neuron_masks(self, layer, hidden):
+        if self.variant != "time":
+            super().neuron_masks(layer, hidden)  # head predictors reading this layer's MLP input (none today)
         return self.all_neurons  # timewise predicts heads only
 
 
-class LayerwiseShadowSource(PredictorSource):
+class _AfterLayerZero(PredictorSource):
+    """Sources whose predictors read layer 0's attention output (layer 0 dense): after layer 0's attention the
+    engine calls `neuron_masks(0, h)`; the source subtracts the layer input it kept, then forks each later
+    layer's predictions in layer order (the first of them the main stream waits for at once, the rest run beside
+    the layers before theirs)."""
+
+    def _bind_common(self):
+        self.h0, self.x0 = self.buffer(), self.buffer()
+        self.ready: dict = {}
+
+    def _forks(self):
+        """[(layer, fn)] : fn(x0) fills self.chosen for that layer's members."""
+        raise NotImplementedError
+
+    def __call__(self, layer, hidden):
+        if layer == 0:
+            self.h0.copy_(hidden)  # the engine updates the residual stream in place
+        else:
+            self.side.join(("layer", layer))
+        heads = self.chosen.get(("heads", layer))
+        return (heads if heads is not None else self.all_heads), None
+
+    def neuron_masks(self, layer, hidden):
+        if layer == 0:  # after layer 0's attention: its output is the stream's change
+            self.x0.copy_(hidden)
+            self.x0.sub_(self.h0)
+            for target, fn in self._forks():
+                self.chosen.update(self.side.fork(("layer", target), fn, self.x0))
+        neurons = self.chosen.get(("neurons", layer))
+        return neurons if neurons is not None else self.all_neurons
+
+
+class LayerwiseShadowSource(_AfterLayerZero):
     """ShadowLLM's Deja Vu-style baseline (`dejavu:shadowllm`): per-layer head and neuron predictors that all read
-    layer 0's attention output (layer 0 dense). After layer 0's attention the engine calls `neuron_masks(0, h)`;
-    the source subtracts the layer input it kept (= layer 0's attention output), runs every predictor (their first
-    layers as one matmul) and chooses the kept heads and neurons of every later layer."""
+    layer 0's attention output (layer 0 dense); layer l's two predictors are one group (one first GEMV)."""
 
     kind = "dejavu:shadowllm"
 
@@ -284,30 +478,28 @@ class LayerwiseShadowSource(PredictorSource):
             raise HarnessError("dejavu:shadowllm reads layer 0's attention output: layer 0 must stay dense")
 
     def _bind(self, engine):
-        members = [(("heads", l), Folded.of(p)) for l, p in sorted(self.attn.items()) if l not in self.dense]
-        members += [(("neurons", l), Folded.of(p)) for l, p in sorted(self.mlp.items()) if l not in self.dense]
-        self.group = Group([(k, f.to(self.device, self.dtype)) for k, f in members]) if members else None
-        self.h0 = torch.zeros(engine.batch, engine.hidden, device=self.device, dtype=self.dtype)
-        self.chosen: dict = {}
+        self._bind_common()
+        self.groups = {}
+        for l in sorted(set(self.attn) | set(self.mlp)):
+            if l in self.dense:
+                continue
+            members = [(("heads", l), Folded.of(self.attn[l]))] if l in self.attn else []
+            members += [(("neurons", l), Folded.of(self.mlp[l]))] if l in self.mlp else []
+            self.groups[l] = self.group(members)
+        self.keep = {key: self.keep_spec(key) for g in self.groups.values() for key in g.keys}
 
-    def __call__(self, layer, hidden):
-        if layer == 0:
-            self.h0.copy_(hidden)  # the engine updates the residual stream in place
-        heads = self.chosen.get(("heads", layer))
-        return (heads if heads is not None else self.all_heads), None
-
-    def neuron_masks(self, layer, hidden):
-        if layer == 0 and self.group is not None:  # after layer 0's attention: its output is the stream's change
-            for (unit, target), scores in self.group(hidden - self.h0).items():
-                self.chosen[(unit, target)] = select(scores, self.counts[target][0 if unit == "heads" else 1])
-        neurons = self.chosen.get(("neurons", layer))
-        return neurons if neurons is not None else self.all_neurons
+    def _forks(self):
+        return [(l, lambda x, g=g: g.run(x, self.keep)) for l, g in self.groups.items()]
 
     def predictor_bytes(self):
-        return self.group.nbytes() if self.group is not None else 0
+        return sum(g.nbytes() for g in self.groups.values())
 
 
-class ShadowSource(PredictorSource):
+class ShadowSource(_AfterLayerZero):
+    """ShadowLLM: one predictor (trunk, then every later layer's head and neuron outputs) on layer 0's attention
+    output. Its output rows are split by layer at bind time, so the trunk runs once and each layer's rows are one
+    fork (one GEMV and two selections) that runs beside the layers before it."""
+
     kind = "shadow"
 
     def __init__(self, predictor, counts, num_layers: int, num_heads: int, dense_layers):
@@ -316,38 +508,40 @@ class ShadowSource(PredictorSource):
         self.dense = set(dense_layers)
 
     def _bind(self, engine):
-        if self.predictor is not None:  # bound once; a second engine (e.g. without a CUDA graph) reuses it
-            self.group = Group([("all", Folded.of(self.predictor).to(self.device, self.dtype))])
-        self.predictor = None  # the folded copy is all the step needs (memory: 2.8 G parameters at opt-30b)
-        self.h0 = torch.zeros(engine.batch, engine.hidden, device=self.device, dtype=self.dtype)
-        self.heads = self.neurons = None
+        self._bind_common()
         sparse = [l for l in range(self.L) if l not in self.dense]
-        self.kh = {self.counts[l][0] for l in sparse}
-        self.kf = {self.counts[l][1] for l in sparse}
-        if len(self.kh) > 1 or len(self.kf) > 1:
+        kh = {self.counts[l][0] for l in sparse}
+        kf = {self.counts[l][1] for l in sparse}
+        if len(kh) > 1 or len(kf) > 1:
             raise HarnessError("shadow's mask source needs the same keep count in every sparse layer (local allocation)")
-        self.kh, self.kf = next(iter(self.kh), engine.num_heads), next(iter(self.kf), engine.ffn_dim)
+        self.kh, self.kf = next(iter(kh), engine.num_heads), next(iter(kf), engine.ffn_dim)
+        if self.predictor is not None:  # folded once; a second engine (e.g. without a CUDA graph) reuses it
+            self.folded = Folded.of(self.predictor).to(self.device, self.dtype)
+        self.predictor = None  # the folded copy is all the step needs (memory: 2.8 G parameters at opt-30b)
+        (relu, w, b), = self.folded.tail
+        L, H, Fd = self.L, self.H, engine.ffn_dim
+        tails = []
+        for l in sparse:  # rows of layer l: its H head outputs, then its F neuron outputs
+            if self.kh < H:
+                tails.append((("heads", l), [(relu, w[l * H:(l + 1) * H], b[l * H:(l + 1) * H])]))
+            if self.kf < Fd:
+                rows = slice(L * H + l * Fd, L * H + (l + 1) * Fd)
+                tails.append((("neurons", l), [(relu, w[rows], b[rows])]))
+        self.trunk = (Group.shared(self.folded, tails).bind(self.batch, self.backend, self.combine)
+                      if tails else None)
+        self.keep = {key: self.keep_spec(key) for key, _ in tails}
+        self.layers = sorted({key[1] for key, _ in tails})
 
-    def __call__(self, layer, hidden):
-        if layer == 0:
-            self.h0.copy_(hidden)  # the engine updates the residual stream in place
-        if layer in self.dense or self.heads is None:
-            return self.all_heads, None
-        return (self.heads[layer] if self.kh < self.H else self.all_heads), None
-
-    def neuron_masks(self, layer, hidden):
-        if layer == 0:  # after layer 0's attention: its output is the residual stream's change
-            out = self.group(hidden - self.h0)["all"]
-            LH = self.L * self.H
-            heads, neurons = out[:, :LH].view(-1, self.L, self.H), out[:, LH:].view(out.shape[0], self.L, -1)
-            self.heads = select(heads, self.kh)[0] if self.kh < self.H else None
-            self.neurons = select(neurons, self.kf)[0] if self.kf < neurons.shape[-1] else None
-        if layer in self.dense or self.neurons is None:
-            return self.all_neurons
-        return self.neurons[layer]
+    def _forks(self):
+        if self.trunk is None:
+            return []
+        run = self.trunk.run
+        return [(l, lambda x, l=l, first=(i == 0): run(x, self.keep, keys={("heads", l), ("neurons", l)},
+                                                        first=first))
+                for i, l in enumerate(self.layers)]
 
     def predictor_bytes(self):
-        return self.group.nbytes()
+        return self.folded.nbytes()
 
 
 # ------------------------------------------------------------------------------------------------------------

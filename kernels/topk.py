@@ -1,14 +1,24 @@
-"""Top-k selection for the predictors inside the decode step: one Triton program per row finds the k-th largest
-(batch-mean) score by a bitwise search on order-preserving integer keys and writes the indices of the k
-largest scores, in ascending index order, as int32 (what the engine's GEMVs read). Ties at the threshold go to
-the lowest indices, so exactly k indices come back. One launch replaces torch.topk's several, and no int64 →
-int32 copy follows.
+"""Top-k selection for the predictors inside the decode step, one Triton program per score row.
 
-    idx = select(scores, k)   # scores (B, ..., n) → (1, ..., k) int32: top-k of the mean over the batch
+    idx = select(scores, k)                          # (B, ..., n) → (1, ..., k) int32, ascending indices
+    idx = select(scores, k, combine="union", out=buf, counts=c)   # variable counts, see below
 
-On a CPU (or without a GPU), and for rows longer than `TRITON_MAX` (neurons), `select` is torch.topk of the
-batch mean (the same set, ties aside; its int64 indices are read in place too): one program walking 32 768
-scores 32 times took ~80 µs on the H200, several times torch's radix select (`kernels.profile_step`).
+Half-precision rows (the predictors run in the model's dtype) are read once as order-preserving 16-bit keys held
+in registers as two power-of-two blocks (a 20480-wide row pads nothing); the key of the k-th largest score is
+found by a 16-step bisection on the key's bits (each step one count), ties at it go to the lowest indices (a
+second bisection, on the index, only when the ties outnumber the units still to choose), and the chosen indices
+are compacted in ascending order with one prefix sum. This is exactly the masked engine's `lowest_k_mask` (the
+kept units are the complement of the n − k lowest, same tie rule), so both engines choose the same units. It
+replaces torch.topk's several launches (and its int64 → int32 copy) for neuron rows as for head rows. fp32 rows
+use the same search on 32-bit keys (32 steps).
+
+The batch shares one index set (the engine's kernels read one index list). `combine` says how it is chosen
+from the batch's scores, and is part of every latency record:
+  mean   the k highest batch-mean scores (exactly k units; for batch 1 the sequence's own top-k);
+  union  the union of every sequence's own top-k: between k and min(n, B·k) units, so the count varies per
+         token: `out` is an (…, n) buffer whose first counts[…] entries are the chosen indices, `counts` the
+         device tensor the engine's kernels read.
+On a CPU (no Triton device) the same sets come from `harness.engine.lowest_k_mask`.
 """
 from __future__ import annotations
 
@@ -20,55 +30,189 @@ try:
 except ImportError:  # pragma: no cover - the CPU install has triton; keep the torch path importable without it
     triton = None
 
+COMBINE = ("mean", "union")
+MAX_ROW = 65536  #: longest row one program holds in registers
+
 
 if triton is not None:
     @triton.jit
-    def _topk_kernel(s_ptr, out_ptr, B, n, k, stride_b, stride_r, stride_o, BLOCK: tl.constexpr):
+    def keys16(raw):
+        """Order-preserving unsigned keys of 16-bit float bit patterns (int32 holding 0..0xFFFF): negatives
+        flipped whole, -0.0 tied with +0.0 (fp16 and bf16 alike: both are sign-magnitude)."""
+        key = tl.where((raw & 0x8000) != 0, (~raw) & 0xFFFF, raw | 0x8000)
+        return tl.where(raw == 0x8000, 0x8000, key)
+
+    @triton.jit
+    def load_keys16(row_ptr, start, n, BLOCK: tl.constexpr):
+        """Keys of scores[start : start + BLOCK] (padding: 0x10000, above every key)."""
+        offsets = start + tl.arange(0, BLOCK)
+        inside = offsets < n
+        raw = tl.load(row_ptr + offsets, mask=inside, other=0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return tl.where(inside, keys16(raw), 0x10000), offsets, inside
+
+    @triton.jit
+    def count2(a, b):
+        return tl.sum(a.to(tl.int32), axis=0) + tl.sum(b.to(tl.int32), axis=0)
+
+    @triton.jit
+    def skip_cut(key_a, key_b, off_a, off_b, skip, KEY_BITS: tl.constexpr, INDEX_BITS: tl.constexpr):
+        """The `skip` lowest of the keys (two blocks), ties at the threshold skipped from the highest index:
+        returns (threshold, cut); unit i is skipped iff key < threshold or (key == threshold and i >= cut)."""
+        threshold = (skip * 0).to(tl.int64)
+        for bit in tl.static_range(KEY_BITS):  # the largest t with count(key < t) < skip
+            candidate = threshold | (1 << (KEY_BITS - 1 - bit))
+            below = count2(key_a < candidate, key_b < candidate)
+            threshold = tl.where(below < skip, candidate, threshold)
+        tied_a, tied_b = key_a == threshold, key_b == threshold
+        missing = skip - count2(key_a < threshold, key_b < threshold)  # ties to skip (>= 1)
+        last = skip * 0 - 1
+        if count2(tied_a, tied_b) > missing:  # the smallest cut with count(tied at index >= cut) <= missing
+            last = skip * 0
+            for bit in tl.static_range(INDEX_BITS):
+                candidate = last | (1 << (INDEX_BITS - 1 - bit))
+                after = count2(tied_a & (off_a >= candidate), tied_b & (off_b >= candidate))
+                last = tl.where(after > missing, candidate, last)
+        return threshold, last + 1
+
+    @triton.jit
+    def _row_keys(s_ptr, stride_b, b0, B, start, n, BLOCK: tl.constexpr, MEAN: tl.constexpr,
+                  KIND: tl.constexpr):
+        """Keys of one block of a row: sequence b0's scores, or (MEAN) the batch mean rounded to the scores'
+        dtype. KIND: 0 fp16, 1 bf16 (16-bit keys), 2 fp32 (32-bit keys, as int64 to keep the padding above)."""
+        offsets = start + tl.arange(0, BLOCK)
+        inside = offsets < n
+        if MEAN:
+            v = tl.zeros((BLOCK,), dtype=tl.float32)
+            for b in range(0, B):
+                v += tl.load(s_ptr + b * stride_b + offsets, mask=inside, other=0.0).to(tl.float32)
+            v = v / B
+            if KIND == 0:
+                raw = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            elif KIND == 1:
+                raw = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            else:
+                bits = v.to(tl.int32, bitcast=True)
+        else:
+            if KIND == 2:
+                bits = tl.load(s_ptr + b0 * stride_b + offsets, mask=inside, other=0.0).to(tl.int32, bitcast=True)
+            else:
+                raw = tl.load(s_ptr + b0 * stride_b + offsets, mask=inside, other=0).to(tl.int16, bitcast=True)
+                raw = raw.to(tl.int32) & 0xFFFF
+        if KIND == 2:  # signed order of the flipped bits = order of the floats; -0.0 with +0.0
+            bits = tl.where(bits == -2147483648, 0, bits)
+            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
+            return tl.where(inside, key, 4294967296), offsets, inside
+        return tl.where(inside, keys16(raw), 0x10000), offsets, inside
+
+    @triton.jit
+    def _topk_kernel(s_ptr, out_ptr, count_ptr, B, n, k, stride_b, stride_r, stride_o,
+                     UNION: tl.constexpr, MEAN: tl.constexpr, KIND: tl.constexpr, KEY_BITS: tl.constexpr,
+                     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, INDEX_BITS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK)
-        mask = offs < n
-        v = tl.zeros((BLOCK,), dtype=tl.float32)
-        for b in range(0, B):
-            v += tl.load(s_ptr + b * stride_b + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.where(mask, v / B, float("-inf"))
-        bits = v.to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order of the keys = order of the floats
-        ukey = (key ^ -2147483648).to(tl.uint32, bitcast=True)  # … and unsigned order of these
-        threshold = tl.zeros((), dtype=tl.uint32)
-        one = tl.full((), 1, tl.uint32)
-        for bit in tl.static_range(31, -1, -1):
-            candidate = threshold | (one << bit)
-            if tl.sum((ukey >= candidate).to(tl.int32), axis=0) >= k:
-                threshold = candidate
-        above = ukey > threshold
-        at = (ukey == threshold) & mask
-        room = k - tl.sum(above.to(tl.int32), axis=0)
-        chosen = above | (at & (tl.cumsum(at.to(tl.int32), axis=0) <= room))
-        slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-        tl.store(out_ptr + row * stride_o + slot, offs.to(tl.int32), mask=chosen)
+        base = s_ptr + row * stride_r
+        skip = n - k
+        if UNION:
+            keep_a = tl.zeros((BLOCK_A,), dtype=tl.int1)
+            keep_b = tl.zeros((BLOCK_B,), dtype=tl.int1)
+            for b in range(0, B):
+                key_a, off_a, in_a = _row_keys(base, stride_b, b, B, 0, n, BLOCK_A, False, KIND)
+                key_b, off_b, in_b = _row_keys(base, stride_b, b, B, BLOCK_A, n, BLOCK_B, False, KIND)
+                threshold, cut = skip_cut(key_a, key_b, off_a, off_b, skip, KEY_BITS, INDEX_BITS)
+                keep_a |= ~((key_a < threshold) | ((key_a == threshold) & (off_a >= cut))) & in_a
+                keep_b |= ~((key_b < threshold) | ((key_b == threshold) & (off_b >= cut))) & in_b
+        else:
+            key_a, off_a, in_a = _row_keys(base, stride_b, 0, B, 0, n, BLOCK_A, MEAN, KIND)
+            key_b, off_b, in_b = _row_keys(base, stride_b, 0, B, BLOCK_A, n, BLOCK_B, MEAN, KIND)
+            threshold, cut = skip_cut(key_a, key_b, off_a, off_b, skip, KEY_BITS, INDEX_BITS)
+            keep_a = ~((key_a < threshold) | ((key_a == threshold) & (off_a >= cut))) & in_a
+            keep_b = ~((key_b < threshold) | ((key_b == threshold) & (off_b >= cut))) & in_b
+        first = tl.sum(keep_a.to(tl.int32), axis=0)
+        slot_a = tl.cumsum(keep_a.to(tl.int32), axis=0) - 1
+        slot_b = first + tl.cumsum(keep_b.to(tl.int32), axis=0) - 1
+        tl.store(out_ptr + row * stride_o + slot_a, off_a.to(tl.int32), mask=keep_a)
+        tl.store(out_ptr + row * stride_o + slot_b, off_b.to(tl.int32), mask=keep_b)
+        if UNION:
+            tl.store(count_ptr + row, first + tl.sum(keep_b.to(tl.int32), axis=0))
 
 
-TRITON_MAX = 4096  #: longest row the one-program kernel selects from (heads); longer rows go to torch.topk
+def blocks(n: int) -> tuple[int, int]:
+    """Two power-of-two blocks covering n with little padding: the largest power of two <= n, then the rest."""
+    first = 1 << (n.bit_length() - 1)
+    rest = n - first
+    return first, max(16, triton.next_power_of_2(rest)) if rest else 16
 
 
-def select(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest batch-mean scores over the last dim: (B, ..., n) → (1, ..., k)."""
+def warps_for(n: int) -> int:
+    return 1 if n <= 256 else 4 if n <= 4096 else 8 if n <= 16384 else 16
+
+
+_KIND = {torch.float16: (0, 16), torch.bfloat16: (1, 16), torch.float32: (2, 32)}
+
+
+def _on_triton(scores: torch.Tensor) -> bool:
+    return (triton is not None and scores.is_cuda and scores.dtype in _KIND and scores.shape[-1] <= MAX_ROW)
+
+
+def select(scores: torch.Tensor, k: int, *, combine: str = "mean", out: torch.Tensor | None = None,
+           counts: torch.Tensor | None = None, triton_kernel: bool | None = None) -> torch.Tensor:
+    """The top-k indices of each row over the last dim, shared by the batch: (B, ..., n) → (1, ..., k) int32.
+
+    combine="union": `out` (…, n) int32 and `counts` (…) int32 are required; the first counts[r] entries of
+    row r of `out` are the union of the batch's top-k sets, ascending. `out` is written in place either way.
+    `triton_kernel`: force the kernel (True; the CPU interpreter runs it on CPU tensors) or the torch form."""
+    if combine not in COMBINE:
+        raise ValueError(f"unknown batch combine {combine!r}; valid: {', '.join(COMBINE)}")
     if scores.dim() == 1:
         scores = scores.unsqueeze(0)
-    if triton is None or not scores.is_cuda or scores.shape[-1] > TRITON_MAX:
-        mean = scores.float().mean(0, keepdim=True) if scores.shape[0] > 1 else scores
-        return torch.topk(mean, k, dim=-1, sorted=False).indices
-    return select_triton(scores, k)
-
-
-def select_triton(scores: torch.Tensor, k: int) -> torch.Tensor:
     B, n = scores.shape[0], scores.shape[-1]
+    if not 0 < k <= n:
+        raise ValueError(f"k={k} outside 1..{n}")
+    union = combine == "union" and B > 1
+    if combine == "union" and (out is None or counts is None):
+        raise ValueError("combine='union' needs `out` (…, n) and `counts` buffers (the count varies per token)")
+    if not (_on_triton(scores) if triton_kernel is None else triton_kernel):
+        return _select_torch(scores, k, union, out, counts)
     flat = scores.reshape(B, -1, n)
-    if flat.stride(-1) != 1:
+    if flat.stride(-1) != 1 or flat.stride(0) != flat.shape[1] * n:
         flat = flat.contiguous()
     rows = flat.shape[1]
-    out = torch.empty(rows, k, dtype=torch.int32, device=scores.device)
-    block = max(16, triton.next_power_of_2(n))
-    _topk_kernel[(rows,)](flat, out, B, n, k, flat.stride(0), flat.stride(1), out.stride(0), BLOCK=block,
-                          num_warps=max(1, min(32, block // 1024)))
-    return out.view(1, *scores.shape[1:-1], k)
+    width = n if combine == "union" else k
+    if out is None:
+        out = torch.empty(rows, width, dtype=torch.int32, device=scores.device)
+    view = out.view(rows, width)
+    if combine == "union" and B == 1:
+        counts.fill_(k)
+    kind, key_bits = _KIND[scores.dtype]
+    block_a, block_b = blocks(n)
+    _topk_kernel[(rows,)](flat, view, counts if union else view, B, n, k, flat.stride(0), flat.stride(1),
+                          view.stride(0), UNION=union, MEAN=B > 1 and not union, KIND=kind, KEY_BITS=key_bits,
+                          BLOCK_A=block_a, BLOCK_B=block_b, INDEX_BITS=max(1, (n - 1).bit_length()),
+                          num_warps=warps_for(n))
+    return out.view(1, *scores.shape[1:-1], width) if combine == "mean" else out
+
+
+def select_triton(scores: torch.Tensor, k: int, **kwargs) -> torch.Tensor:
+    """`select` through the Triton kernel whatever the device (tests run it in the CPU interpreter)."""
+    return select(scores, k, triton_kernel=True, **kwargs)
+
+
+def _select_torch(scores, k, union, out, counts):
+    from harness.engine import lowest_k_mask
+
+    n = scores.shape[-1]
+    if union:
+        keep = lowest_k_mask(scores, n - k).any(0)
+    else:
+        mean = scores.float().mean(0) if scores.shape[0] > 1 else scores[0]
+        keep = lowest_k_mask(mean, n - k) if k < n else torch.ones_like(mean, dtype=torch.bool)
+    keep = keep.reshape(-1, n)
+    if out is None and counts is None:  # exactly k a row: the kept indices in ascending order
+        idx = keep.nonzero()[:, 1].to(torch.int32).view(*scores.shape[1:-1], k)
+        return idx.unsqueeze(0)
+    counts_now = keep.sum(-1)
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)  # kept first, ascending
+    view = out.view(keep.shape[0], -1)
+    view.copy_(order[:, :view.shape[1]])
+    if counts is not None:
+        counts.view(-1).copy_(counts_now)
+    return out

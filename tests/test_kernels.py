@@ -115,6 +115,53 @@ def test_topk_select_breaks_ties_at_the_threshold_by_lowest_index():
     assert select_triton(scores, 7).tolist() == [[0, 1, 2, 3, 4, 5, 6]]
 
 
+def _kept_by_lowest_k_mask(scores, k):
+    from harness.engine import lowest_k_mask
+
+    return lowest_k_mask(scores, scores.shape[-1] - k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape,k", [((1, 40), 20), ((1, 2560), 256), ((3, 2, 300), 30)])
+def test_topk_select_is_the_masked_engines_choice_in_every_dtype(dtype, shape, k):
+    """The decode engine keeps what the masked engine keeps: the complement of lowest_k_mask's skipped units,
+    from 16-bit keys for half-precision rows (two blocks: 2560 = 2048 + 512), ties included (planted)."""
+    from kernels.topk import select_triton
+
+    g = torch.Generator().manual_seed(shape[-1] + k)
+    scores = (torch.randn(*shape, generator=g) * 3).round().to(dtype)  # rounded: many ties at the threshold
+    scores[..., 1] = -0.0
+    scores[..., 2] = 0.0
+    got = select_triton(scores, k)
+    mean = scores.float().mean(0).to(dtype) if shape[0] > 1 else scores[0]  # the batch mean, in the scores' dtype
+    keep = _kept_by_lowest_k_mask(mean, k)
+    expected = keep.reshape(-1, shape[-1]).nonzero()[:, 1].view(*shape[1:-1], k)
+    assert got.dtype == torch.int32 and torch.equal(got[0].long(), expected)
+
+
+def test_topk_union_of_the_batch_has_a_device_count_and_each_sequences_set():
+    from kernels.topk import select, select_triton
+
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(3, 2, 64, generator=g).half()
+    out, counts = torch.full((2, 64), -1, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+    select_triton(scores, 8, combine="union", out=out, counts=counts)
+    for row in range(2):
+        expected = torch.zeros(64, dtype=torch.bool)
+        for b in range(3):
+            expected |= _kept_by_lowest_k_mask(scores[b, row], 8)
+        n = int(counts[row])
+        assert n == int(expected.sum()) and 8 <= n <= 24
+        assert out[row, :n].tolist() == expected.nonzero().flatten().tolist()  # ascending
+    out_torch, counts_torch = torch.zeros_like(out), torch.zeros_like(counts)
+    select(scores, 8, combine="union", out=out_torch, counts=counts_torch, triton_kernel=False)
+    assert torch.equal(counts_torch, counts)
+    with pytest.raises(ValueError, match="union"):
+        select(scores, 8, combine="union")
+    with pytest.raises(ValueError, match="combine"):
+        select(scores, 8, combine="max")
+
+
 @pytest.mark.parametrize("V, batch", [(5000, 1), (4096, 3), (37, 2)])
 def test_argmax_is_torch_argmax_with_ties(V, batch):
     checks.check_argmax(V, batch, seed=V)
