@@ -288,6 +288,25 @@ def lowest_k_mask(scores: torch.Tensor, skip: int) -> torch.Tensor:
     return ~(below | (tied & (from_end <= missing)))
 
 
+def plan_global(scores: torch.Tensor, allocation: Allocation, unit: str) -> torch.Tensor:
+    """Global allocation: one ranking of (…, L, n) scores over every sparsifiable layer, per leading index (token):
+    the keep mask (…, L, n) that skips the lowest-scored units overall, dense layers and each layer's top
+    `min_keep` protected. The masked engine's plan, and the decode engine's (kernels.sources)."""
+    *lead, layers, n = scores.shape
+    flat = scores.float().reshape(-1, layers, n).clone()
+    eligible = [l for l in range(layers) if l not in allocation.dense_layers]
+    protect = torch.zeros_like(flat, dtype=torch.bool)
+    protect[:, list(allocation.dense_layers)] = True
+    floor = int(round(allocation.min_keep * n))
+    if floor > 0:  # the top `floor` units of every layer are never skipped
+        top = torch.topk(flat, floor, dim=-1).indices
+        protect.scatter_(-1, top, True)
+    flat[protect] = float("inf")
+    skip = int(round(allocation.fraction(unit) * n * len(eligible)))
+    skip = min(skip, int((~protect).sum(dim=(-1, -2)).min()))
+    return lowest_k_mask(flat.view(-1, layers * n), skip).view(*lead, layers, n)
+
+
 class MaskedEngine:
     """Installs a policy on a model (any family of harness.families) for the duration of a `with engine.applied():`
     block."""
@@ -552,19 +571,7 @@ class MaskedEngine:
         return self._plan_from(unit, scores)
 
     def _plan_from(self, unit: str, scores: torch.Tensor) -> torch.Tensor:
-        batch, seq, layers, n = scores.shape
-        eligible = [l for l in range(layers) if l not in self.allocation.dense_layers]
-        scores = scores.clone()
-        protect = torch.zeros_like(scores, dtype=torch.bool)
-        protect[:, :, list(self.allocation.dense_layers)] = True
-        floor = int(round(self.allocation.min_keep * n))
-        if floor > 0:  # the top `floor` units of every layer are never skipped
-            top = torch.topk(scores, floor, dim=-1).indices
-            protect.scatter_(-1, top, True)
-        scores[protect] = float("inf")
-        skip = int(round(self.allocation.fraction(unit) * n * len(eligible)))
-        skip = min(skip, int((~protect).sum(dim=(-1, -2)).min()))
-        return lowest_k_mask(scores.view(batch, seq, layers * n), skip).view(batch, seq, layers, n)
+        return plan_global(scores, self.allocation, unit)
 
     def _replacement(self, layer: int, like: torch.Tensor):
         table = self.policy.head_replacement

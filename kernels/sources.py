@@ -433,19 +433,59 @@ class TimewiseSource(DejaVuSource):
         return self.all_neurons  # timewise predicts heads only
 
 
+def counted_sets(keep: torch.Tensor, out: torch.Tensor, counts: torch.Tensor) -> None:
+    """Per-row kept indices of a bool mask (L, n) on the device: out[l, :counts[l]] = the kept units of row l in
+    ascending order (no host synchronisation: a stable sort puts them first)."""
+    out.copy_(torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices)
+    counts.copy_(keep.sum(-1))
+
+
 class _AfterLayerZero(PredictorSource):
     """Sources whose predictors read layer 0's attention output (layer 0 dense): after layer 0's attention the
     engine calls `neuron_masks(0, h)`; the source subtracts the layer input it kept, then forks each later
     layer's predictions in layer order (the first of them the main stream waits for at once, the rest run beside
-    the layers before theirs)."""
+    the layers before theirs).
+
+    Global allocation (ShadowLLM's setting, `global_allocation` set): every layer's scores are known at that
+    point, so the source ranks them all at once, per unit, exactly as the masked engine plans
+    (`harness.engine.plan_global`), and each layer gets a device-counted index set (`Counted`): the number of
+    kept units of a layer varies per token, the total does not. With batch > 1 the plan is made on the batch-mean
+    scores (combine="mean") or is the union of each sequence's plan ("union")."""
+
+    global_allocation = None
 
     def _bind_common(self):
         self.h0, self.x0 = self.buffer(), self.buffer()
         self.ready: dict = {}
+        self.plans = {}
+        if self.global_allocation is not None:
+            for unit, fraction in (("heads", self.global_allocation.heads), ("neurons", self.global_allocation.neurons)):
+                if fraction > 0:
+                    n = self.units[unit]
+                    self.plans[unit] = (torch.zeros(self.L, n, dtype=torch.int32, device=self.device),
+                                        torch.zeros(self.L, dtype=torch.int32, device=self.device))
 
     def _forks(self):
         """[(layer, fn)] : fn(x0) fills self.chosen for that layer's members."""
         raise NotImplementedError
+
+    def _all_scores(self, x0) -> dict:
+        """{unit: (B, L, n) scores of every layer} (global allocation)."""
+        raise NotImplementedError
+
+    def _plan(self, x0) -> None:
+        from harness.engine import plan_global
+
+        scores = self._all_scores(x0)
+        for unit, (out, counts) in self.plans.items():
+            s = scores[unit]
+            if self.combine == "union" and s.shape[0] > 1:
+                keep = plan_global(s, self.global_allocation, unit).any(0)
+            else:
+                keep = plan_global(s.float().mean(0) if s.shape[0] > 1 else s[0], self.global_allocation, unit)
+            counted_sets(keep, out, counts)
+            for l in range(self.L):
+                self.chosen[(unit, l)] = Counted(out[l], counts[l:l + 1])
 
     def __call__(self, layer, hidden):
         if layer == 0:
@@ -459,8 +499,11 @@ class _AfterLayerZero(PredictorSource):
         if layer == 0:  # after layer 0's attention: its output is the stream's change
             self.x0.copy_(hidden)
             self.x0.sub_(self.h0)
-            for target, fn in self._forks():
-                self.chosen.update(self.side.fork(("layer", target), fn, self.x0))
+            if self.plans:
+                self._plan(self.x0)
+            else:
+                for target, fn in self._forks():
+                    self.chosen.update(self.side.fork(("layer", target), fn, self.x0))
         neurons = self.chosen.get(("neurons", layer))
         return neurons if neurons is not None else self.all_neurons
 
@@ -478,6 +521,7 @@ class LayerwiseShadowSource(_AfterLayerZero):
             raise HarnessError("dejavu:shadowllm reads layer 0's attention output: layer 0 must stay dense")
 
     def _bind(self, engine):
+        self.L = engine.num_layers
         self._bind_common()
         self.groups = {}
         for l in sorted(set(self.attn) | set(self.mlp)):
@@ -490,6 +534,16 @@ class LayerwiseShadowSource(_AfterLayerZero):
 
     def _forks(self):
         return [(l, lambda x, g=g: g.run(x, self.keep)) for l, g in self.groups.items()]
+
+    def _all_scores(self, x0):
+        found = {}
+        for g in self.groups.values():
+            found.update(g(x0))
+        out = {}
+        for unit in self.plans:
+            zero = torch.zeros(self.batch, self.units[unit], device=self.device, dtype=self.dtype)
+            out[unit] = torch.stack([found.get((unit, l), zero) for l in range(self.L)], dim=1)  # dense: protected
+        return out
 
     def predictor_bytes(self):
         return sum(g.nbytes() for g in self.groups.values())
@@ -531,6 +585,13 @@ class ShadowSource(_AfterLayerZero):
                       if tails else None)
         self.keep = {key: self.keep_spec(key) for key, _ in tails}
         self.layers = sorted({key[1] for key, _ in tails})
+        if self.plans:  # global: every layer's outputs at once, per unit
+            whole = {"heads": slice(0, L * H), "neurons": slice(L * H, L * H + L * Fd)}
+            self.full = Group.shared(self.folded, [(unit, [(relu, w[whole[unit]], b[whole[unit]])])
+                                                   for unit in self.plans]).bind(self.batch, self.backend)
+
+    def _all_scores(self, x0):
+        return {unit: scores.view(scores.shape[0], self.L, -1) for unit, scores in self.full(x0).items()}
 
     def _forks(self):
         if self.trunk is None:
