@@ -1,5 +1,5 @@
 """Latency: wall-clock decode of one request per measurement, for the sparse decode engine with each method's
-predictor inside the step (kernels/sources.py), and for dense baselines.
+predictor inside the step (its `Method.decode_source`, through harness/decoding.py), and for dense baselines.
 
 Task `decode` (masked=False: it builds its own engine from the job's method, allocation and fitted artefact,
 `session.job`). A request = prefill of `prompt` tokens + `new_tokens` generated greedily (the first from the
@@ -350,9 +350,10 @@ def measure_job(session, job, config, progress):
                           achieved_neurons_per_layer=[0.0] * L)
         return records
 
-    from kernels.sources import reference_source, source_for
+    from harness.decoding import source_for
+    from kernels.sources import reference_source
 
-    source = source_for(context.policy, context.allocation, model)
+    source = source_for(method, context.policy, context.allocation, model)
     engine = _engine(model, source, settings, session, settings["kv"])
     stats = measure_ours(engine, prompt, settings, device)
     model_bytes = engine.weight_bytes()

@@ -28,8 +28,11 @@ import torch
 
 from harness.artefacts import Artefact
 from harness.engine import MaskPolicy
+from harness.errors import HarnessError
 from harness.progress import stage
 from harness.traces import collect_traces, trace_key, unpack_bits
+from kernels.sources import Folded, Group, PredictorSource, keep_counts
+from kernels.topk import select
 from methods import Method, register
 from methods.predictors import (PredictorPolicyMixin, example_split, keep_count, layer_report, linear_flops, load,
                                 low_rank, minmax, mlp, parameter_count, save, seeded, storage_dtype, top_k,
@@ -101,6 +104,109 @@ class LayerwiseShadowPolicy(PredictorPolicyMixin, MaskPolicy):
         any_layer = next(iter(scores.values()))
         zero = torch.zeros_like(any_layer)  # layers without a predictor are dense (the engine protects them)
         return torch.stack([scores.get(l, zero) for l in range(self.num_layers)], dim=2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the sparse decode engine's mask sources
+# ------------------------------------------------------------------------------------------------------------
+# dejavu: the lookahead (Deja Vu's Figure 2): at layer l the source reads the residual stream entering l (the
+#   masked engine's `layer_input`) and runs layer l's MLP predictor (neurons of l); after l's attention it reads
+#   the stream entering l's MLP (`mlp_input`, the engine's `neuron_masks` call) and runs layer l+1's attention
+#   predictor (heads of l+1). Layer 0's heads come from layer 0's own input. `dejavu:attn-input` runs layer l+1's
+#   attention predictor on layer l's input instead. Predictors that read the same tensor share one first matmul.
+# dejavu:shadowllm: per-layer predictors that all read layer 0's attention output (as shadow's one predictor).
+class DejaVuSource(PredictorSource):
+    """Per-layer predictors run where their input exists in the step.
+
+    attn / mlp: {layer: predictor} of heads / neurons. `head_reads(layer)` says where the head predictor of `layer`
+    reads: ("layer_input", j) is the residual stream entering layer j (the engine's call at layer j), ("mlp_input",
+    j) the stream entering layer j's MLP, after its attention (the engine's `neuron_masks(j)` call). Deja Vu's
+    default reads ("mlp_input", l − 1) (layer 0: ("layer_input", 0)); `dejavu:attn-input` ("layer_input", l − 1).
+    Neuron predictors of layer l read ("layer_input", l). Predictors that read the same tensor share one first
+    matmul; the indices a predictor chooses wait in `pending` until their layer runs."""
+
+    kind = "dejavu"
+
+    def __init__(self, attn: dict, mlp: dict, counts, head_reads=None):
+        super().__init__(counts)
+        self.attn, self.mlp = attn, mlp
+        self.head_reads = head_reads if head_reads is not None else head_source
+
+    def _bind(self, engine):
+        groups: dict[tuple, list] = {}
+        for layer, predictor in sorted(self.attn.items()):
+            point = tuple(self.head_reads(layer))
+            if point[0] not in ("layer_input", "mlp_input") or (point[0] == "mlp_input" and point[1] >= layer) \
+                    or point[1] > layer:
+                raise HarnessError(f"the head predictor of layer {layer} reads {point}, which the decode step has "
+                                   "not computed when that layer's heads are chosen")
+            groups.setdefault(point, []).append((("heads", layer), Folded.of(predictor)))
+        for layer, predictor in sorted(self.mlp.items()):
+            groups.setdefault(("layer_input", layer), []).append((("neurons", layer), Folded.of(predictor)))
+        self.groups = {point: Group([(k, f.to(self.device, self.dtype)) for k, f in members])
+                       for point, members in groups.items()}
+        self.pending: dict = {}
+        self.neurons_now = None
+
+    def _run(self, point, hidden) -> None:
+        group = self.groups.get(point)
+        if group is not None:
+            for (unit, target), scores in group(hidden).items():
+                k = self.counts[target][0 if unit == "heads" else 1]
+                self.pending[(unit, target)] = select(scores, k)
+
+    def __call__(self, layer, hidden):
+        self._run(("layer_input", layer), hidden)
+        heads = self.pending.pop(("heads", layer), None) if layer in self.attn else None
+        self.neurons_now = self.pending.pop(("neurons", layer), None) if layer in self.mlp else None
+        return (heads if heads is not None else self.all_heads,
+                self.neurons_now if self.neurons_now is not None else self.all_neurons)
+
+    def neuron_masks(self, layer, hidden):
+        """After layer `layer`'s attention: the predictors reading its MLP input run (heads of layer + 1)."""
+        self._run(("mlp_input", layer), hidden)
+        return self.neurons_now if self.neurons_now is not None else self.all_neurons
+
+    def predictor_bytes(self):
+        return sum(g.nbytes() for g in self.groups.values())
+
+
+class LayerwiseShadowSource(PredictorSource):
+    """ShadowLLM's Deja Vu-style baseline (`dejavu:shadowllm`): per-layer head and neuron predictors that all read
+    layer 0's attention output (layer 0 dense). After layer 0's attention the engine calls `neuron_masks(0, h)`;
+    the source subtracts the layer input it kept (= layer 0's attention output), runs every predictor (their first
+    layers as one matmul) and chooses the kept heads and neurons of every later layer."""
+
+    kind = "dejavu:shadowllm"
+
+    def __init__(self, attn: dict, mlp: dict, counts, dense_layers):
+        super().__init__(counts)
+        self.attn, self.mlp, self.dense = attn, mlp, set(dense_layers)
+        if 0 not in self.dense:
+            raise HarnessError("dejavu:shadowllm reads layer 0's attention output: layer 0 must stay dense")
+
+    def _bind(self, engine):
+        members = [(("heads", l), Folded.of(p)) for l, p in sorted(self.attn.items()) if l not in self.dense]
+        members += [(("neurons", l), Folded.of(p)) for l, p in sorted(self.mlp.items()) if l not in self.dense]
+        self.group = Group([(k, f.to(self.device, self.dtype)) for k, f in members]) if members else None
+        self.h0 = torch.zeros(engine.batch, engine.hidden, device=self.device, dtype=self.dtype)
+        self.chosen: dict = {}
+
+    def __call__(self, layer, hidden):
+        if layer == 0:
+            self.h0.copy_(hidden)  # the engine updates the residual stream in place
+        heads = self.chosen.get(("heads", layer))
+        return (heads if heads is not None else self.all_heads), None
+
+    def neuron_masks(self, layer, hidden):
+        if layer == 0 and self.group is not None:  # after layer 0's attention: its output is the stream's change
+            for (unit, target), scores in self.group(hidden - self.h0).items():
+                self.chosen[(unit, target)] = select(scores, self.counts[target][0 if unit == "heads" else 1])
+        neurons = self.chosen.get(("neurons", layer))
+        return neurons if neurons is not None else self.all_neurons
+
+    def predictor_bytes(self):
+        return self.group.nbytes() if self.group is not None else 0
 
 
 @register
@@ -258,6 +364,15 @@ class DejaVu(Method):
         if self.variant == "shadowllm":
             return LayerwiseShadowPolicy(attn, mlp_, ctx.model.config.num_hidden_layers)
         return DejaVuPolicy(attn, mlp_, self.head_input)
+
+    def decode_source(self, policy, allocation, model):
+        config = model.config
+        counts = keep_counts(allocation, config.num_hidden_layers, config.num_attention_heads, config.ffn_dim)
+        attn = policy.attn if allocation.heads > 0 else {}
+        mlp_ = policy.mlp if allocation.neurons > 0 else {}
+        if isinstance(policy, LayerwiseShadowPolicy):
+            return LayerwiseShadowSource(attn, mlp_, counts, allocation.dense_layers)
+        return DejaVuSource(attn, mlp_, counts, policy.head_reads)
 
     # -- dejavu:shadowllm ----------------------------------------------------------------------------------------
     def _fit_shadowllm(self, ctx, allocation):

@@ -27,6 +27,8 @@ from harness.engine import MaskPolicy
 from harness.errors import HarnessError
 from harness.progress import stage
 from harness.traces import collect_scores, collect_traces, trace_key
+from kernels.sources import Folded, Group, PredictorSource, keep_counts
+from kernels.topk import select
 from methods import Method, register
 from methods.criteria import ALIASES, CRITERIA
 from methods.predictors import (Predictor, PredictorPolicyMixin, example_split, keep_count, layer_report,
@@ -84,6 +86,55 @@ class ShadowPolicy(PredictorPolicyMixin, MaskPolicy):
 
     def global_scores(self, unit, state):
         return self.predictions(state)[unit]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the sparse decode engine's mask source
+# ------------------------------------------------------------------------------------------------------------
+# Layer 0 stays dense; after layer 0's attention the engine calls `neuron_masks(0, h)` with the residual stream
+# after attention, the source subtracts the layer input it kept (= layer 0's attention output, the masked engine's
+# `attn_output`), runs the one predictor and ranks the heads and neurons of every later layer at once.
+class ShadowSource(PredictorSource):
+    kind = "shadow"
+
+    def __init__(self, predictor, counts, num_layers: int, num_heads: int, dense_layers):
+        super().__init__(counts)
+        self.predictor, self.L, self.H = predictor, num_layers, num_heads
+        self.dense = set(dense_layers)
+
+    def _bind(self, engine):
+        if self.predictor is not None:  # bound once; a second engine (e.g. without a CUDA graph) reuses it
+            self.group = Group([("all", Folded.of(self.predictor).to(self.device, self.dtype))])
+        self.predictor = None  # the folded copy is all the step needs (memory: 2.8 G parameters at opt-30b)
+        self.h0 = torch.zeros(engine.batch, engine.hidden, device=self.device, dtype=self.dtype)
+        self.heads = self.neurons = None
+        sparse = [l for l in range(self.L) if l not in self.dense]
+        self.kh = {self.counts[l][0] for l in sparse}
+        self.kf = {self.counts[l][1] for l in sparse}
+        if len(self.kh) > 1 or len(self.kf) > 1:
+            raise HarnessError("shadow's mask source needs the same keep count in every sparse layer (local allocation)")
+        self.kh, self.kf = next(iter(self.kh), engine.num_heads), next(iter(self.kf), engine.ffn_dim)
+
+    def __call__(self, layer, hidden):
+        if layer == 0:
+            self.h0.copy_(hidden)  # the engine updates the residual stream in place
+        if layer in self.dense or self.heads is None:
+            return self.all_heads, None
+        return (self.heads[layer] if self.kh < self.H else self.all_heads), None
+
+    def neuron_masks(self, layer, hidden):
+        if layer == 0:  # after layer 0's attention: its output is the residual stream's change
+            out = self.group(hidden - self.h0)["all"]
+            LH = self.L * self.H
+            heads, neurons = out[:, :LH].view(-1, self.L, self.H), out[:, LH:].view(out.shape[0], self.L, -1)
+            self.heads = select(heads, self.kh)[0] if self.kh < self.H else None
+            self.neurons = select(neurons, self.kf)[0] if self.kf < neurons.shape[-1] else None
+        if layer in self.dense or self.neurons is None:
+            return self.all_neurons
+        return self.neurons[layer]
+
+    def predictor_bytes(self):
+        return self.group.nbytes()
 
 
 @register
@@ -234,6 +285,12 @@ class Shadow(Method):
     def policy(self, ctx, allocation, artefact):
         config = ctx.model.config
         return ShadowPolicy(load(artefact.tensors, "shadow", shadow_predictor(config, self.hp()["hidden"])), config)
+
+    def decode_source(self, policy, allocation, model):
+        config = model.config
+        L, H = config.num_hidden_layers, config.num_attention_heads
+        counts = keep_counts(allocation, L, H, config.ffn_dim)
+        return ShadowSource(policy.predictor[0], counts, L, H, allocation.dense_layers)
 
     def quality(self, ctx, allocation, artefact) -> dict:
         config = ctx.model.config

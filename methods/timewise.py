@@ -15,7 +15,10 @@ import torch
 from harness.engine import MaskPolicy
 from harness.progress import stage
 from harness.traces import collect_traces, trace_key
+from kernels.sources import Folded, Group, keep_counts
+from kernels.topk import select
 from methods import Method, register
+from methods.dejavu import DejaVuSource
 from methods.predictors import (PredictorPolicyMixin, keep_count, layer_report, linear_flops, load, mlp,
                                 parameter_count, save, seeded, storage_dtype, top_k, train_classifiers)
 
@@ -59,6 +62,51 @@ class TimewisePolicy(PredictorPolicyMixin, MaskPolicy):
             return None
         x = self.predictor_input(layer, state)
         return self._on(self.predictors, x)[layer](x)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the sparse decode engine's mask source
+# ------------------------------------------------------------------------------------------------------------
+# current: layer l's input; last: layer l−M's input (predictions made M layers ahead); time: layer l's input at the
+# previous token, kept across steps in a persistent buffer (and taken from the last prompt token after prefill, as
+# the masked engine carries it).
+class TimewiseSource(DejaVuSource):
+    """Head predictors only (neurons dense). current/last: as dejavu's with source layer l or l−M (the residual
+    stream entering it); time: each layer's predictor reads that layer's input at the previous token (persistent
+    buffers)."""
+
+    kind = "timewise"
+
+    def __init__(self, variant: str, predictors: dict, lookback: int, counts):
+        super().__init__(predictors, {}, counts, lambda layer: ("layer_input", source_layer(variant, layer, lookback)))
+        self.variant = variant
+
+    def _bind(self, engine):
+        if self.variant != "time":
+            return super()._bind(engine)
+        self.folded = {l: Folded.of(p).to(self.device, self.dtype) for l, p in self.attn.items()}
+        self.groups = {l: Group([(("heads", l), f)]) for l, f in self.folded.items()}
+        self.previous = {l: torch.zeros(engine.batch, engine.hidden, device=self.device, dtype=self.dtype)
+                         for l in self.attn}
+        self.pending = {}
+        self.neurons_now = None
+
+    def prefill_layer(self, layer, hidden):
+        if self.variant == "time" and layer in self.attn:
+            self.previous[layer].copy_(hidden[:, -1])
+
+    def __call__(self, layer, hidden):
+        if self.variant != "time":
+            return super().__call__(layer, hidden)
+        if layer not in self.attn:
+            return self.all_heads, self.all_neurons
+        scores = self.groups[layer](self.previous[layer])[("heads", layer)]
+        heads = select(scores, self.counts[layer][0])
+        self.previous[layer].copy_(hidden)  # after its use: the next token reads this one
+        return heads, self.all_neurons
+
+    def neuron_masks(self, layer, hidden):
+        return self.all_neurons  # timewise predicts heads only
 
 
 @register
@@ -146,6 +194,12 @@ class Timewise(Method):
         if artefact is None:
             return None
         return TimewisePolicy(self.variant, self._predictors(ctx, artefact), self.hp()["M"])
+
+    def decode_source(self, policy, allocation, model):
+        config = model.config
+        counts = keep_counts(allocation, config.num_hidden_layers, config.num_attention_heads, config.ffn_dim,
+                             neurons=False)
+        return TimewiseSource(policy.variant, policy.predictors, policy.lookback, counts)
 
     def quality(self, ctx, allocation, artefact) -> dict:
         if artefact is None:

@@ -1,7 +1,7 @@
 """Latency: method predictors as the sparse engine's mask sources, and the latency suite on a CPU.
 
 1. For each method (static, dejavu, shadow, timewise:current/last/time) the sparse decode engine, fed by the
-   method's mask source (kernels/sources.py), gives the logits of the masked engine (harness/engine.py) with the
+   method's mask source (its `Method.decode_source`, dispatched by harness/decoding.py), gives the logits of the masked engine (harness/engine.py) with the
    method's own policy, token by token (tiny OPT, float32; the prompt is dense in both engines): the
    predictors read the same tensors and choose the same units in both engines.
 2. `harness run --suite latency` on a tiny model writes records with every latency field.
@@ -14,7 +14,8 @@ import torch
 from harness.engine import Allocation, MaskedEngine, MaskPolicy
 from kernels.decode import SparseDecoder
 from kernels.equivalence import relative_errors, sparse_engine_logits
-from kernels.sources import reference_source, source_for
+from harness.decoding import source_for
+from kernels.sources import reference_source
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -132,7 +133,7 @@ def test_method_source_gives_the_masked_engines_logits(setup, label, backend):
             sets.setdefault(layer, set()).add(tuple(scores[0, -1].topk(H // 2).indices.sort().values.tolist()))
         assert any(len(s) > 1 for s in sets.values()), sets
     policy, allocation = make_policy(label, model)  # fresh state (timewise:time carries the previous token)
-    source = source_for(policy, allocation, model)
+    source = source_for(label, policy, allocation, model)
     engine = SparseDecoder(model, source, max_len=16, kv="recompute", backend=backend)
     got = sparse_engine_logits(engine, prompt, tokens)
     errors, agree = relative_errors(got, expected)
@@ -150,8 +151,8 @@ def test_dejavu_source_reading_the_attention_input_is_not_the_masked_engines(set
     """The equivalence above depends on the source reading the tensor the policy reads: Deja Vu's source fed layer
     l−1's attention input for the heads of l (the `dejavu:attn-input` reading) no longer gives the default
     policy's logits (which read layer l−1's MLP input)."""
-    from kernels.sources import DejaVuSource, keep_counts
-    from methods.dejavu import head_source
+    from kernels.sources import keep_counts
+    from methods.dejavu import DejaVuSource, head_source
 
     model, prompt, tokens = setup
     policy, allocation = make_policy("dejavu", model)
@@ -171,11 +172,11 @@ def test_sources_refuse_what_cannot_be_decoded(setup):
     model = setup[0]
     policy, _ = make_policy("dejavu", model)
     with pytest.raises(HarnessError, match="local allocation"):
-        source_for(policy, Allocation(0.5, 0.5, mode="global"), model)
+        source_for("dejavu", policy, Allocation(0.5, 0.5, mode="global"), model)
     with pytest.raises(HarnessError, match="token-scope"):
-        source_for(policy, Allocation(0.5, 0.5, scope="request"), model)
+        source_for("dejavu", policy, Allocation(0.5, 0.5, scope="request"), model)
     static, _ = make_policy("static", model)  # a static ranking is fixed, so global allocation is decodable
-    source = source_for(static, Allocation(0.5, 0.5, mode="global", dense_layers=(0,)), model)
+    source = source_for("static", static, Allocation(0.5, 0.5, mode="global", dense_layers=(0,)), model)
     engine = SparseDecoder(model, source, max_len=8, backend="torch")
     assert engine.heads_kept[0] == H and sum(engine.heads_kept[1:]) == 2 * H - round(0.5 * H * 2)
 
