@@ -279,13 +279,9 @@ def lowest_k_mask(scores: torch.Tensor, skip: int) -> torch.Tensor:
 
     if selection.enabled() and selection.available(scores):  # fp16/bf16 rows on CUDA: one Triton launch
         return selection.lowest_k_keep(scores, skip)
-    values = scores.float()
-    threshold = values.kthvalue(skip, dim=-1, keepdim=True).values
-    below = values < threshold
-    tied = values == threshold
-    missing = skip - below.sum(-1, keepdim=True)  # ties to skip in each row (>= 1)
-    from_end = tied.flip(-1).cumsum(-1).flip(-1)  # ties at or after each position
-    return ~(below | (tied & (from_end <= missing)))
+    from kernels.topk import lowest_k_keep_torch
+
+    return lowest_k_keep_torch(scores, skip)
 
 
 def plan_global(scores: torch.Tensor, allocation: Allocation, unit: str) -> torch.Tensor:

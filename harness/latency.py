@@ -1,5 +1,5 @@
 """Latency: wall-clock decode of one request per measurement, for the sparse decode engine with each method's
-predictor inside the step (kernels/sources.py), and for dense baselines.
+predictor inside the step (its `Method.decode_source`, through harness/decoding.py), and for dense baselines.
 
 Task `decode` (masked=False: it builds its own engine from the job's method, allocation and fitted artefact,
 `session.job`). A request = prefill of `prompt` tokens + `new_tokens` generated greedily (the first from the
@@ -339,7 +339,7 @@ def _source(context, model, settings):
     """The method's mask source with the latency settings that concern it (a fresh one per engine)."""
     from harness.decoding import source_for
 
-    source = source_for(context.policy, context.allocation, model)
+    source = source_for(context.method, context.policy, context.allocation, model)
     if hasattr(source, "lookahead"):
         source.combine, source.lookahead = settings["combine"], bool(settings["lookahead"])
     return source

@@ -1,5 +1,5 @@
 """Correctness checks of the Triton kernels against float64 references, shared by the CPU tests
-(interpreter, small shapes) and `kernels/bench.py` (GPU, OPT-13B/30B shapes).
+(interpreter, small shapes) and `kernels/bench/gpu.py` (GPU, OPT-13B/30B shapes).
 
 Each check draws fresh random inputs (never zeros), poisons the output with NaN, runs the kernel, and asserts
 that every element was written and that ‖out − ref‖ / ‖ref‖ is within 1e-4 (fp32) or 1e-2 (fp16/bf16),

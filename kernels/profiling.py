@@ -1,4 +1,4 @@
-"""Reading the PyTorch profiler: the CUDA kernels it saw (shared by kernels.bench and kernels.profile_step)."""
+"""Reading the PyTorch profiler: the CUDA kernels it saw (shared by kernels.bench.gpu and harness.tools.profile_step)."""
 from __future__ import annotations
 
 import torch

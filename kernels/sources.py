@@ -1,29 +1,19 @@
-"""Mask sources for the sparse decode engine: each method's predictor run inside the decode step.
+"""Mask sources for the sparse decode engine: the generic parts of running a method's predictor inside the step.
 
-`source_for(policy, allocation, model)` turns the `MaskPolicy` a method installs on the masked engine
-(harness.engine) into a mask source of `kernels.decode.SparseDecoder` that chooses *the same units* from *the
-same inputs* at every decode token, so both engines give the same logits (tests/test_latency.py proves it
-method by method) and the predictor's cost is part of every step (and of its CUDA graph):
+A mask source tells `kernels.decode.SparseDecoder` which heads and neurons each layer keeps at every decode token.
+Each method's own source lives in its file in methods/ (`Method.decode_source`, e.g. methods.dejavu.DejaVuSource):
+it chooses *the same units* from *the same inputs* as the `MaskPolicy` the method installs on the masked engine
+(harness.engine), so both engines give the same logits (tests/test_latency.py proves it method by method) and the
+predictor's cost is part of every step (and of its CUDA graph). harness.decoding.source_for dispatches to it
+through the method registry. This module holds what every source shares and imports nothing from methods/:
 
-  static    the kept sets are fixed: the policy's score tables ranked once under the allocation (local or
-            global, dense layers, min_keep) exactly as the masked engine ranks them; no per-token work.
-  dejavu    the lookahead (Deja Vu's Figure 2): at layer l the source reads the residual stream entering l (the
-            masked engine's `layer_input`) and runs layer l's MLP predictor (neurons of l); after l's attention
-            it reads the stream entering l's MLP (`mlp_input`, the engine's `neuron_masks` call) and runs layer
-            l+1's attention predictor (heads of l+1). Layer 0's heads come from layer 0's own input.
-            `dejavu:attn-input` runs layer l+1's attention predictor on layer l's input instead. Predictors that
-            read the same tensor share one first matmul.
-  dejavu:shadowllm  per-layer predictors that all read layer 0's attention output (as shadow, below).
-  shadow    layer 0 stays dense; after layer 0's attention the engine calls `neuron_masks(0, h)` with the
-            residual stream after attention, the source subtracts the layer input it kept (= layer 0's
-            attention output, the masked engine's `attn_output`), runs the one predictor and ranks the heads
-            and neurons of every later layer at once.
-  timewise  current: layer l's input; last: layer l−M's input (predictions made M layers ahead); time: layer
-            l's input at the previous token, kept across steps in a persistent buffer (and taken from the
-            last prompt token after prefill, as the masked engine carries it).
+  keep_counts       the per-layer kept counts under a local allocation (the masked engine's skip counts);
+  Folded, Group     a predictor with its input standardisation folded into its first linear layer once (computed
+                    in float64), and predictors that read the same tensor sharing one first matmul;
+  PredictorSource   the base of the per-token sources (fixed counts, identity index sets for dense layers/units);
+  reference_source  a static source with a source's per-layer counts: the step without the predictor.
 
-Each predictor's input standardisation is folded into its first linear layer once (computed in float64), and
-the top-k is `kernels.topk.select` (on the GPU one Triton launch for head rows, torch.topk for neuron rows; the
+The top-k is `kernels.topk.select` (on the GPU one Triton launch for head rows, torch.topk for neuron rows; the
 engine reads either index tensor in place): the same selection as the masked engine's `lowest_k_mask` (ties
 aside).
 The number of kept units per layer is fixed (the allocation's keep count; dense layers keep all), as the
@@ -39,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.engine import Allocation, ForwardState, MaskedEngine, lowest_k_mask
-from harness.errors import HarnessError
-from kernels.decode import Counted, DenseMasks, StaticMasks
+from harness.engine import Allocation
+from kernels.decode import Counted, StaticMasks
 from kernels.topk import select
 
 
@@ -320,119 +309,6 @@ class PredictorSource(ABC):
         return 0
 
 
-class DejaVuSource(PredictorSource):
-    """Per-layer predictors run where their input exists in the step.
-
-    attn / mlp: {layer: predictor} of heads / neurons. `head_reads(layer)` says where the head predictor of `layer`
-    reads: ("layer_input", j) is the residual stream entering layer j (the engine's call at layer j), ("mlp_input",
-    j) the stream entering layer j's MLP, after its attention (the engine's `neuron_masks(j)` call). Deja Vu's
-    default reads ("mlp_input", l − 1) (layer 0: ("layer_input", 0)); `dejavu:attn-input` ("layer_input", l − 1).
-    Neuron predictors of layer l read ("layer_input", l). Predictors that read the same tensor share one first
-    GEMV. With `lookahead` the predictors of a read point run on the second stream from the moment their input
-    exists, and the main stream waits for them only where their layer needs the indices: the neuron predictor
-    of layer l beside l's attention, the head predictor of l + 1 beside l's MLP (Deja Vu's asynchronous
-    lookahead)."""
-
-    kind = "dejavu"
-
-    def __init__(self, attn: dict, mlp: dict, counts, head_reads=None):
-        from methods.dejavu import head_source
-
-        super().__init__(counts)
-        self.attn, self.mlp = attn, mlp
-        self.head_reads = head_reads if head_reads is not None else head_source
-
-    def _bind(self, engine):
-        groups: dict[tuple, list] = {}
-        for layer, predictor in sorted(self.attn.items()):
-            point = tuple(self.head_reads(layer))
-            if point[0] not in ("layer_input", "mlp_input") or (point[0] == "mlp_input" and point[1] >= layer) \
-                    or point[1] > layer:
-                raise HarnessError(f"the head predictor of layer {layer} reads {point}, which the decode step has "
-                                   "not computed when that layer's heads are chosen")
-            groups.setdefault(point, []).append((("heads", layer), Folded.of(predictor)))
-        for layer, predictor in sorted(self.mlp.items()):
-            groups.setdefault(("layer_input", layer), []).append((("neurons", layer), Folded.of(predictor)))
-        self.groups = {point: self.group(members) for point, members in groups.items()}
-        self.inputs = {point: self.buffer() for point in self.groups}  # one per point: a fork may outlive a layer
-        self.keep = {key: self.keep_spec(key) for group in self.groups.values() for key in group.keys}
-        self.ready: dict = {}  # member → the point whose fork computes it
-
-    def _run(self, point, hidden) -> None:
-        group = self.groups.get(point)
-        if group is not None:
-            x = self.inputs[point]
-            x.copy_(hidden)  # the model-dtype copy the predictor reads (on the main stream, before the fork)
-            self.chosen.update(self.side.fork(point, group.run, x, self.keep))
-            self.ready.update((key, point) for key in group.keys)
-
-    def _take(self, key):
-        point = self.ready.pop(key, None)
-        if point is None:
-            return None
-        self.side.join(point)
-        return self.chosen[key]
-
-    def __call__(self, layer, hidden):
-        self._run(("layer_input", layer), hidden)
-        heads = self._take(("heads", layer))
-        return (heads if heads is not None else self.all_heads), None
-
-    def neuron_masks(self, layer, hidden):
-        """After layer `layer`'s attention: the predictors reading its MLP input start (heads of layer + 1)."""
-        self._run(("mlp_input", layer), hidden)
-        neurons = self._take(("neurons", layer))
-        return neurons if neurons is not None else self.all_neurons
-
-    def predictor_bytes(self):
-        return sum(g.nbytes() for g in self.groups.values())
-
-
-class TimewiseSource(DejaVuSource):
-    """Head predictors only (neurons dense). current/last: as dejavu's with source layer l or l−M (the residual
-    stream entering it; `last` runs M layers ahead on the second stream); time: each layer's predictor reads that
-    layer's input at the previous token (persistent buffers), so every layer's prediction can start at the
-    beginning of the step, on the second stream, layer by layer."""
-
-    kind = "timewise"
-
-    def __init__(self, variant: str, predictors: dict, lookback: int, counts):
-        from methods.timewise import source_layer
-
-        super().__init__(predictors, {}, counts, lambda layer: ("layer_input", source_layer(variant, layer, lookback)))
-        self.variant = variant
-
-    def _bind(self, engine):
-        if self.variant != "time":
-            return super()._bind(engine)
-        self.groups = {l: self.group([(("heads", l), Folded.of(p))]) for l, p in self.attn.items()}
-        self.previous = {l: self.buffer() for l in self.attn}
-        self.keep = {("heads", l): self.keep_spec(("heads", l)) for l in self.attn}
-
-    def prefill_layer(self, layer, hidden):
-        if self.variant == "time" and layer in self.attn:
-            self.previous[layer].copy_(hidden[:, -1])
-
-    def begin_step(self, engine):
-        if self.variant == "time":
-            for l in sorted(self.groups):
-                self.chosen.update(self.side.fork(("time", l), self.groups[l].run, self.previous[l], self.keep))
-
-    def __call__(self, layer, hidden):
-        if self.variant != "time":
-            return super().__call__(layer, hidden)
-        if layer not in self.attn:
-            return self.all_heads, None
-        self.side.join(("time", layer))
-        self.previous[layer].copy_(hidden)  # after its use: the next token reads this one
-        return self.chosen[("heads", layer)], None
-
-    def neuron_masks(self, layer, hidden):
-        if self.variant != "time":
-            super().neuron_masks(layer, hidden)  # head predictors reading this layer's MLP input (none today)
-        return self.all_neurons  # timewise predicts heads only
-
-
 def counted_sets(keep: torch.Tensor, out: torch.Tensor, counts: torch.Tensor) -> None:
     """Per-row kept indices of a bool mask (L, n) on the device: out[l, :counts[l]] = the kept units of row l in
     ascending order (no host synchronisation: a stable sort puts them first)."""
@@ -440,7 +316,8 @@ def counted_sets(keep: torch.Tensor, out: torch.Tensor, counts: torch.Tensor) ->
     counts.copy_(keep.sum(-1))
 
 
-class _AfterLayerZero(PredictorSource):
+
+class AfterLayerZero(PredictorSource):
     """Sources whose predictors read layer 0's attention output (layer 0 dense): after layer 0's attention the
     engine calls `neuron_masks(0, h)`; the source subtracts the layer input it kept, then forks each later
     layer's predictions in layer order (the first of them the main stream waits for at once, the rest run beside
@@ -507,166 +384,6 @@ class _AfterLayerZero(PredictorSource):
         neurons = self.chosen.get(("neurons", layer))
         return neurons if neurons is not None else self.all_neurons
 
-
-class LayerwiseShadowSource(_AfterLayerZero):
-    """ShadowLLM's Deja Vu-style baseline (`dejavu:shadowllm`): per-layer head and neuron predictors that all read
-    layer 0's attention output (layer 0 dense); layer l's two predictors are one group (one first GEMV)."""
-
-    kind = "dejavu:shadowllm"
-
-    def __init__(self, attn: dict, mlp: dict, counts, dense_layers):
-        super().__init__(counts)
-        self.attn, self.mlp, self.dense = attn, mlp, set(dense_layers)
-        if 0 not in self.dense:
-            raise HarnessError("dejavu:shadowllm reads layer 0's attention output: layer 0 must stay dense")
-
-    def _bind(self, engine):
-        self.L = engine.num_layers
-        self._bind_common()
-        self.groups = {}
-        for l in sorted(set(self.attn) | set(self.mlp)):
-            if l in self.dense:
-                continue
-            members = [(("heads", l), Folded.of(self.attn[l]))] if l in self.attn else []
-            members += [(("neurons", l), Folded.of(self.mlp[l]))] if l in self.mlp else []
-            self.groups[l] = self.group(members)
-        self.keep = {key: self.keep_spec(key) for g in self.groups.values() for key in g.keys}
-
-    def _forks(self):
-        return [(l, lambda x, g=g: g.run(x, self.keep)) for l, g in self.groups.items()]
-
-    def _all_scores(self, x0):
-        found = {}
-        for g in self.groups.values():
-            found.update(g(x0))
-        out = {}
-        for unit in self.plans:
-            zero = torch.zeros(self.batch, self.units[unit], device=self.device, dtype=self.dtype)
-            out[unit] = torch.stack([found.get((unit, l), zero) for l in range(self.L)], dim=1)  # dense: protected
-        return out
-
-    def predictor_bytes(self):
-        return sum(g.nbytes() for g in self.groups.values())
-
-
-class ShadowSource(_AfterLayerZero):
-    """ShadowLLM: one predictor (trunk, then every later layer's head and neuron outputs) on layer 0's attention
-    output. Its output rows are split by layer at bind time, so the trunk runs once and each layer's rows are one
-    fork (one GEMV and two selections) that runs beside the layers before it."""
-
-    kind = "shadow"
-
-    def __init__(self, predictor, counts, num_layers: int, num_heads: int, dense_layers):
-        super().__init__(counts)
-        self.predictor, self.L, self.H = predictor, num_layers, num_heads
-        self.dense = set(dense_layers)
-
-    def _bind(self, engine):
-        self._bind_common()
-        sparse = [l for l in range(self.L) if l not in self.dense]
-        kh = {self.counts[l][0] for l in sparse}
-        kf = {self.counts[l][1] for l in sparse}
-        if len(kh) > 1 or len(kf) > 1:
-            raise HarnessError("shadow's mask source needs the same keep count in every sparse layer (local allocation)")
-        self.kh, self.kf = next(iter(kh), engine.num_heads), next(iter(kf), engine.ffn_dim)
-        if self.predictor is not None:  # folded once; a second engine (e.g. without a CUDA graph) reuses it
-            self.folded = Folded.of(self.predictor).to(self.device, self.dtype)
-        self.predictor = None  # the folded copy is all the step needs (memory: 2.8 G parameters at opt-30b)
-        (relu, w, b), = self.folded.tail
-        L, H, Fd = self.L, self.H, engine.ffn_dim
-        tails = []
-        for l in sparse:  # rows of layer l: its H head outputs, then its F neuron outputs
-            if self.kh < H:
-                tails.append((("heads", l), [(relu, w[l * H:(l + 1) * H], b[l * H:(l + 1) * H])]))
-            if self.kf < Fd:
-                rows = slice(L * H + l * Fd, L * H + (l + 1) * Fd)
-                tails.append((("neurons", l), [(relu, w[rows], b[rows])]))
-        self.trunk = (Group.shared(self.folded, tails).bind(self.batch, self.backend, self.combine)
-                      if tails else None)
-        self.keep = {key: self.keep_spec(key) for key, _ in tails}
-        self.layers = sorted({key[1] for key, _ in tails})
-        if self.plans:  # global: every layer's outputs at once, per unit
-            whole = {"heads": slice(0, L * H), "neurons": slice(L * H, L * H + L * Fd)}
-            self.full = Group.shared(self.folded, [(unit, [(relu, w[whole[unit]], b[whole[unit]])])
-                                                   for unit in self.plans]).bind(self.batch, self.backend)
-
-    def _all_scores(self, x0):
-        return {unit: scores.view(scores.shape[0], self.L, -1) for unit, scores in self.full(x0).items()}
-
-    def _forks(self):
-        if self.trunk is None:
-            return []
-        run = self.trunk.run
-        return [(l, lambda x, l=l, first=(i == 0): run(x, self.keep, keys={("heads", l), ("neurons", l)},
-                                                        first=first))
-                for i, l in enumerate(self.layers)]
-
-    def predictor_bytes(self):
-        return self.folded.nbytes()
-
-
-# ------------------------------------------------------------------------------------------------------------
-# from a method's policy
-# ------------------------------------------------------------------------------------------------------------
-def static_source(policy, allocation: Allocation, model) -> StaticMasks:
-    """The fixed kept sets of a StaticPolicy, ranked by the masked engine's own code (local or global)."""
-    engine = MaskedEngine(model, policy, allocation)
-    engine.state = ForwardState(input_ids=None, positions=torch.zeros(1, 1, dtype=torch.long),
-                                valid=torch.ones(1, 1, dtype=torch.bool))
-    sets = {}
-    for unit in ("heads", "neurons"):
-        n = engine.sizes[unit]
-        table = policy.tables[unit]
-        if not engine.active(unit):
-            sets[unit] = [None] * engine.num_layers
-            continue
-        if allocation.mode == "global":
-            keep = engine._plan_global(unit)[0, 0]  # (L, n)
-        else:
-            keep = torch.stack([lowest_k_mask(table[l], engine.skip_count(unit)) for l in range(engine.num_layers)])
-        sets[unit] = [None if l in allocation.dense_layers else keep[l].nonzero().flatten().tolist()
-                      for l in range(engine.num_layers)]
-        for l in range(engine.num_layers):
-            if sets[unit][l] is not None and len(sets[unit][l]) == n:
-                sets[unit][l] = None
-    return StaticMasks(sets["heads"], sets["neurons"])
-
-
-def source_for(policy, allocation: Allocation, model):
-    """The sparse engine's mask source for a method's masked-engine policy (None: dense)."""
-    from methods.dejavu import DejaVuPolicy, LayerwiseShadowPolicy
-    from methods.shadow import ShadowPolicy
-    from methods.static import StaticPolicy
-    from methods.timewise import TimewisePolicy
-
-    config = model.config
-    L, H, Fd = config.num_hidden_layers, config.num_attention_heads, config.ffn_dim
-    if allocation.scope != "token":
-        raise HarnessError(f"the sparse decode engine runs causal (token-scope) masks only, not scope "
-                           f"{allocation.scope!r} (one mask per request chosen from its last token)")
-    if policy is None or (allocation.heads == 0 and allocation.neurons == 0):
-        return DenseMasks(L)
-    if isinstance(policy, StaticPolicy):
-        return static_source(policy, allocation, model)
-    if allocation.mode != "local":
-        raise HarnessError(f"{type(policy).__name__}: the sparse decode engine needs a fixed number of kept units "
-                           f"per layer, i.e. local allocation (a per-token global ranking changes the counts)")
-    if isinstance(policy, LayerwiseShadowPolicy):
-        counts = keep_counts(allocation, L, H, Fd)
-        return LayerwiseShadowSource(policy.attn if allocation.heads > 0 else {},
-                                     policy.mlp if allocation.neurons > 0 else {}, counts, allocation.dense_layers)
-    if isinstance(policy, DejaVuPolicy):
-        counts = keep_counts(allocation, L, H, Fd)
-        return DejaVuSource(policy.attn if allocation.heads > 0 else {}, policy.mlp if allocation.neurons > 0 else {},
-                            counts, policy.head_reads)
-    if isinstance(policy, TimewisePolicy):
-        counts = keep_counts(allocation, L, H, Fd, neurons=False)
-        return TimewiseSource(policy.variant, policy.predictors, policy.lookback, counts)
-    if isinstance(policy, ShadowPolicy):
-        counts = keep_counts(allocation, L, H, Fd)
-        return ShadowSource(policy.predictor[0], counts, L, H, allocation.dense_layers)
-    raise HarnessError(f"no mask source for the sparse decode engine for policy {type(policy).__name__}; "
-                       f"sources exist for static, dejavu, shadow and timewise")
 
 
 def reference_source(source, num_layers: int) -> StaticMasks:

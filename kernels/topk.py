@@ -18,7 +18,7 @@ from the batch's scores, and is part of every latency record:
   union  the union of every sequence's own top-k: between k and min(n, B·k) units, so the count varies per
          token: `out` is an (…, n) buffer whose first counts[…] entries are the chosen indices, `counts` the
          device tensor the engine's kernels read.
-On a CPU (no Triton device) the same sets come from `harness.engine.lowest_k_mask`.
+On a CPU (no Triton device) the same sets come from the torch form, `lowest_k_keep_torch`.
 """
 from __future__ import annotations
 
@@ -196,15 +196,32 @@ def select_triton(scores: torch.Tensor, k: int, **kwargs) -> torch.Tensor:
     return select(scores, k, triton_kernel=True, **kwargs)
 
 
-def _select_torch(scores, k, union, out, counts):
-    from harness.engine import lowest_k_mask
+def lowest_k_keep_torch(scores: torch.Tensor, skip: int) -> torch.Tensor:
+    """Keep-mask with exactly `skip` of each row's lowest scores False, ties at the threshold skipped from the
+    highest index (0 < skip < n): one kthvalue and a few elementwise passes (harness.engine.lowest_k_mask's torch
+    form)."""
+    values = scores.float()
+    threshold = values.kthvalue(skip, dim=-1, keepdim=True).values
+    below = values < threshold
+    tied = values == threshold
+    missing = skip - below.sum(-1, keepdim=True)  # ties to skip in each row (>= 1)
+    from_end = tied.flip(-1).cumsum(-1).flip(-1)  # ties at or after each position
+    return ~(below | (tied & (from_end <= missing)))
 
+
+def _lowest_k(scores: torch.Tensor, skip: int) -> torch.Tensor:
+    if skip <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    return lowest_k_keep_torch(scores, skip)
+
+
+def _select_torch(scores, k, union, out, counts):
     n = scores.shape[-1]
     if union:
-        keep = lowest_k_mask(scores, n - k).any(0)
+        keep = _lowest_k(scores, n - k).any(0)
     else:
         mean = scores.float().mean(0) if scores.shape[0] > 1 else scores[0]
-        keep = lowest_k_mask(mean, n - k) if k < n else torch.ones_like(mean, dtype=torch.bool)
+        keep = _lowest_k(mean, n - k)
     keep = keep.reshape(-1, n)
     if out is None and counts is None:  # exactly k a row: the kept indices in ascending order
         idx = keep.nonzero()[:, 1].to(torch.int32).view(*scores.shape[1:-1], k)

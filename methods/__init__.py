@@ -2,8 +2,12 @@
 
 A method is one module in this package that defines a `Method` subclass decorated with `@register`.
 It has two phases: `fit` (calibration statistics or predictor training, cached by a content hash of
-everything it depends on) and `policy` (the `MaskPolicy` the masked engine installs on the model).
-Modules in this package are imported on first use of the registry, so adding a file adds a method.
+everything it depends on) and `policy` (the `MaskPolicy` the masked engine installs on the model), and two
+faces: `policy` for the masked engine (perplexity, zero-shot) and `decode_source` for the sparse decode engine
+(latency: the per-token mask source of kernels.decode.SparseDecoder that chooses the units the policy chooses,
+dispatched to by harness.decoding.source_for). A method that does not define `decode_source` is `masked_only`.
+Modules in this package are imported on first use of the registry, so adding a file adds a method, for every
+suite.
 """
 from __future__ import annotations
 
@@ -49,7 +53,11 @@ class Method(ABC):
         layer are known before the first sparse layer runs (its policy implements `global_scores`).
       seeded: whether results depend on the seed (random masks, trained predictors); `--seed 0,1,2`
         repeats only seeded methods.
-      masked_only: the method has no mask source for the sparse decode engine (latency tasks refuse it).
+      masked_only: the method has no mask source for the sparse decode engine (latency tasks refuse it). Derived
+        at registration: True exactly when the class does not override `decode_source`; a plugin that sets it
+        must agree with that (register refuses it otherwise).
+      decode_allocations: the allocation modes its decode source handles: `local` (fixed per-layer counts, as a
+        per-token source needs); a fixed ranking (static) handles `global` too.
       training_free: a training-free activation-sparsity baseline (TEAL, CATS, WINA): listed apart in messages.
       description: one line for `harness list methods`.
     """
@@ -62,6 +70,7 @@ class Method(ABC):
     allocations: ClassVar[frozenset] = frozenset({"local"})
     seeded: ClassVar[bool] = False
     masked_only: ClassVar[bool] = False
+    decode_allocations: ClassVar[frozenset] = frozenset({"local"})
     training_free: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
@@ -98,15 +107,39 @@ class Method(ABC):
     def policy(self, ctx, allocation, artefact):
         """The MaskPolicy for the masked engine (None: run the model unchanged). Every plugin defines it."""
 
+    def decode_source(self, policy, allocation, model):
+        """The sparse decode engine's mask source for `policy` (what this method's `policy()` returned) under
+        `allocation` on `model`: an object kernels.decode.SparseDecoder reads (kernels.decode.StaticMasks for fixed
+        sets, a kernels.sources.PredictorSource subclass for per-token predictors) that keeps, at every decode token,
+        the units the policy keeps on the masked engine. Called through harness.decoding.source_for, which has
+        already refused non-token scopes and allocation modes not in `decode_allocations`, and handled a None
+        policy and zero sparsity (dense). Masked-only methods leave this default, which refuses."""
+        with_source = sorted(name for name, cls in REGISTRY.items() if has_decode_source(cls))
+        raise HarnessError(f"{self.label} has no mask source for the sparse decode engine: it runs on the masked "
+                           f"engine only (perplexity, zero-shot); methods with one: {', '.join(with_source)}")
+
     def quality(self, ctx, allocation, artefact) -> dict | None:
         """Predictor methods: recall/precision of the selected set against the oracle set and Spearman ρ,
         per layer and over all layers, on held-out calibration tokens (see methods.predictors)."""
         return None
 
 
+def has_decode_source(cls: type[Method]) -> bool:
+    """Whether a method class defines its sparse decode engine's mask source (overrides `Method.decode_source`)."""
+    return getattr(cls, "decode_source") is not Method.decode_source
+
+
 def register(cls: type[Method]) -> type[Method]:
     if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
         raise RuntimeError(f"two methods registered as {cls.name!r}")
+    declared = next((klass.__dict__["masked_only"] for klass in cls.__mro__
+                     if klass is not Method and "masked_only" in klass.__dict__), None)
+    if declared is None:
+        cls.masked_only = not has_decode_source(cls)
+    elif declared == has_decode_source(cls):
+        raise RuntimeError(f"method {cls.name!r}: masked_only = {declared} but it "
+                           f"{'defines' if declared else 'does not define'} decode_source (the sparse engine's "
+                           "mask source); leave masked_only out, it follows from decode_source")
     REGISTRY[cls.name] = cls
     return cls
 

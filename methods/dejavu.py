@@ -28,8 +28,10 @@ import torch
 
 from harness.artefacts import Artefact
 from harness.engine import MaskPolicy
+from harness.errors import HarnessError
 from harness.progress import stage
 from harness.traces import collect_traces, trace_key, unpack_bits
+from kernels.sources import AfterLayerZero, Folded, PredictorSource, keep_counts
 from methods import Method, register
 from methods.predictors import (PredictorPolicyMixin, example_split, keep_count, layer_report, linear_flops, load,
                                 low_rank, minmax, mlp, parameter_count, save, seeded, storage_dtype, top_k,
@@ -101,6 +103,122 @@ class LayerwiseShadowPolicy(PredictorPolicyMixin, MaskPolicy):
         any_layer = next(iter(scores.values()))
         zero = torch.zeros_like(any_layer)  # layers without a predictor are dense (the engine protects them)
         return torch.stack([scores.get(l, zero) for l in range(self.num_layers)], dim=2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the sparse decode engine's mask sources
+# ------------------------------------------------------------------------------------------------------------
+# dejavu: the lookahead (Deja Vu's Figure 2): at layer l the source reads the residual stream entering l (the
+#   masked engine's `layer_input`) and runs layer l's MLP predictor (neurons of l); after l's attention it reads
+#   the stream entering l's MLP (`mlp_input`, the engine's `neuron_masks` call) and runs layer l+1's attention
+#   predictor (heads of l+1). Layer 0's heads come from layer 0's own input. `dejavu:attn-input` runs layer l+1's
+#   attention predictor on layer l's input instead. Predictors that read the same tensor share one first matmul.
+# dejavu:shadowllm: per-layer predictors that all read layer 0's attention output (as shadow's one predictor).
+class DejaVuSource(PredictorSource):
+    """Per-layer predictors run where their input exists in the step.
+
+    attn / mlp: {layer: predictor} of heads / neurons. `head_reads(layer)` says where the head predictor of `layer`
+    reads: ("layer_input", j) is the residual stream entering layer j (the engine's call at layer j), ("mlp_input",
+    j) the stream entering layer j's MLP, after its attention (the engine's `neuron_masks(j)` call). Deja Vu's
+    default reads ("mlp_input", l − 1) (layer 0: ("layer_input", 0)); `dejavu:attn-input` ("layer_input", l − 1).
+    Neuron predictors of layer l read ("layer_input", l). Predictors that read the same tensor share one first
+    GEMV. With `lookahead` the predictors of a read point run on the second stream from the moment their input
+    exists, and the main stream waits for them only where their layer needs the indices: the neuron predictor
+    of layer l beside l's attention, the head predictor of l + 1 beside l's MLP (Deja Vu's asynchronous
+    lookahead)."""
+
+    kind = "dejavu"
+
+    def __init__(self, attn: dict, mlp: dict, counts, head_reads=None):
+        super().__init__(counts)
+        self.attn, self.mlp = attn, mlp
+        self.head_reads = head_reads if head_reads is not None else head_source
+
+    def _bind(self, engine):
+        groups: dict[tuple, list] = {}
+        for layer, predictor in sorted(self.attn.items()):
+            point = tuple(self.head_reads(layer))
+            if point[0] not in ("layer_input", "mlp_input") or (point[0] == "mlp_input" and point[1] >= layer) \
+                    or point[1] > layer:
+                raise HarnessError(f"the head predictor of layer {layer} reads {point}, which the decode step has "
+                                   "not computed when that layer's heads are chosen")
+            groups.setdefault(point, []).append((("heads", layer), Folded.of(predictor)))
+        for layer, predictor in sorted(self.mlp.items()):
+            groups.setdefault(("layer_input", layer), []).append((("neurons", layer), Folded.of(predictor)))
+        self.groups = {point: self.group(members) for point, members in groups.items()}
+        self.inputs = {point: self.buffer() for point in self.groups}  # one per point: a fork may outlive a layer
+        self.keep = {key: self.keep_spec(key) for group in self.groups.values() for key in group.keys}
+        self.ready: dict = {}  # member → the point whose fork computes it
+
+    def _run(self, point, hidden) -> None:
+        group = self.groups.get(point)
+        if group is not None:
+            x = self.inputs[point]
+            x.copy_(hidden)  # the model-dtype copy the predictor reads (on the main stream, before the fork)
+            self.chosen.update(self.side.fork(point, group.run, x, self.keep))
+            self.ready.update((key, point) for key in group.keys)
+
+    def _take(self, key):
+        point = self.ready.pop(key, None)
+        if point is None:
+            return None
+        self.side.join(point)
+        return self.chosen[key]
+
+    def __call__(self, layer, hidden):
+        self._run(("layer_input", layer), hidden)
+        heads = self._take(("heads", layer))
+        return (heads if heads is not None else self.all_heads), None
+
+    def neuron_masks(self, layer, hidden):
+        """After layer `layer`'s attention: the predictors reading its MLP input start (heads of layer + 1)."""
+        self._run(("mlp_input", layer), hidden)
+        neurons = self._take(("neurons", layer))
+        return neurons if neurons is not None else self.all_neurons
+
+    def predictor_bytes(self):
+        return sum(g.nbytes() for g in self.groups.values())
+
+
+class LayerwiseShadowSource(AfterLayerZero):
+    """ShadowLLM's Deja Vu-style baseline (`dejavu:shadowllm`): per-layer head and neuron predictors that all read
+    layer 0's attention output (layer 0 dense); layer l's two predictors are one group (one first GEMV)."""
+
+    kind = "dejavu:shadowllm"
+
+    def __init__(self, attn: dict, mlp: dict, counts, dense_layers):
+        super().__init__(counts)
+        self.attn, self.mlp, self.dense = attn, mlp, set(dense_layers)
+        if 0 not in self.dense:
+            raise HarnessError("dejavu:shadowllm reads layer 0's attention output: layer 0 must stay dense")
+
+    def _bind(self, engine):
+        self.L = engine.num_layers
+        self._bind_common()
+        self.groups = {}
+        for l in sorted(set(self.attn) | set(self.mlp)):
+            if l in self.dense:
+                continue
+            members = [(("heads", l), Folded.of(self.attn[l]))] if l in self.attn else []
+            members += [(("neurons", l), Folded.of(self.mlp[l]))] if l in self.mlp else []
+            self.groups[l] = self.group(members)
+        self.keep = {key: self.keep_spec(key) for g in self.groups.values() for key in g.keys}
+
+    def _forks(self):
+        return [(l, lambda x, g=g: g.run(x, self.keep)) for l, g in self.groups.items()]
+
+    def _all_scores(self, x0):
+        found = {}
+        for g in self.groups.values():
+            found.update(g(x0))
+        out = {}
+        for unit in self.plans:
+            zero = torch.zeros(self.batch, self.units[unit], device=self.device, dtype=self.dtype)
+            out[unit] = torch.stack([found.get((unit, l), zero) for l in range(self.L)], dim=1)  # dense: protected
+        return out
+
+    def predictor_bytes(self):
+        return sum(g.nbytes() for g in self.groups.values())
 
 
 @register
@@ -258,6 +376,24 @@ class DejaVu(Method):
         if self.variant == "shadowllm":
             return LayerwiseShadowPolicy(attn, mlp_, ctx.model.config.num_hidden_layers)
         return DejaVuPolicy(attn, mlp_, self.head_input)
+
+    decode_allocations = frozenset({"local", "global"})  # global: dejavu:shadowllm only (decode_source says why)
+
+    def decode_source(self, policy, allocation, model):
+        config = model.config
+        counts = keep_counts(allocation, config.num_hidden_layers, config.num_attention_heads, config.ffn_dim)
+        attn = policy.attn if allocation.heads > 0 else {}
+        mlp_ = policy.mlp if allocation.neurons > 0 else {}
+        if isinstance(policy, LayerwiseShadowPolicy):
+            source = LayerwiseShadowSource(attn, mlp_, counts, allocation.dense_layers)
+            if allocation.mode == "global":  # every layer's predictors read layer 0's output: one ranking per token
+                source.global_allocation = allocation
+            return source
+        if allocation.mode != "local":
+            raise HarnessError("DejaVuPolicy: the sparse decode engine runs Deja Vu's lookahead predictors with local "
+                               "allocation only (a layer's scores exist only once the layer before it has run, so "
+                               "there is no ranking over all layers per token); dejavu:shadowllm decodes globally")
+        return DejaVuSource(attn, mlp_, counts, policy.head_reads)
 
     # -- dejavu:shadowllm ----------------------------------------------------------------------------------------
     def _fit_shadowllm(self, ctx, allocation):

@@ -10,3 +10,8 @@ class Dense(Method):
 
     def policy(self, ctx, allocation, artefact):
         return None
+
+    def decode_source(self, policy, allocation, model):
+        from kernels.decode import DenseMasks
+
+        return DenseMasks(model.config.num_hidden_layers)

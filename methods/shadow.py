@@ -27,6 +27,7 @@ from harness.engine import MaskPolicy
 from harness.errors import HarnessError
 from harness.progress import stage
 from harness.traces import collect_scores, collect_traces, trace_key
+from kernels.sources import AfterLayerZero, Folded, Group, keep_counts
 from methods import Method, register
 from methods.criteria import ALIASES, CRITERIA
 from methods.predictors import (Predictor, PredictorPolicyMixin, example_split, keep_count, layer_report,
@@ -84,6 +85,68 @@ class ShadowPolicy(PredictorPolicyMixin, MaskPolicy):
 
     def global_scores(self, unit, state):
         return self.predictions(state)[unit]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the sparse decode engine's mask source
+# ------------------------------------------------------------------------------------------------------------
+# Layer 0 stays dense; after layer 0's attention the engine calls `neuron_masks(0, h)` with the residual stream
+# after attention, the source subtracts the layer input it kept (= layer 0's attention output, the masked engine's
+# `attn_output`), runs the one predictor and ranks the heads and neurons of every later layer at once.
+class ShadowSource(AfterLayerZero):
+    """ShadowLLM: one predictor (trunk, then every later layer's head and neuron outputs) on layer 0's attention
+    output. Its output rows are split by layer at bind time, so the trunk runs once and each layer's rows are one
+    fork (one GEMV and two selections) that runs beside the layers before it."""
+
+    kind = "shadow"
+
+    def __init__(self, predictor, counts, num_layers: int, num_heads: int, dense_layers):
+        super().__init__(counts)
+        self.predictor, self.L, self.H = predictor, num_layers, num_heads
+        self.dense = set(dense_layers)
+
+    def _bind(self, engine):
+        self._bind_common()
+        sparse = [l for l in range(self.L) if l not in self.dense]
+        kh = {self.counts[l][0] for l in sparse}
+        kf = {self.counts[l][1] for l in sparse}
+        if len(kh) > 1 or len(kf) > 1:
+            raise HarnessError("shadow's mask source needs the same keep count in every sparse layer (local allocation)")
+        self.kh, self.kf = next(iter(kh), engine.num_heads), next(iter(kf), engine.ffn_dim)
+        if self.predictor is not None:  # folded once; a second engine (e.g. without a CUDA graph) reuses it
+            self.folded = Folded.of(self.predictor).to(self.device, self.dtype)
+        self.predictor = None  # the folded copy is all the step needs (memory: 2.8 G parameters at opt-30b)
+        (relu, w, b), = self.folded.tail
+        L, H, Fd = self.L, self.H, engine.ffn_dim
+        tails = []
+        for l in sparse:  # rows of layer l: its H head outputs, then its F neuron outputs
+            if self.kh < H:
+                tails.append((("heads", l), [(relu, w[l * H:(l + 1) * H], b[l * H:(l + 1) * H])]))
+            if self.kf < Fd:
+                rows = slice(L * H + l * Fd, L * H + (l + 1) * Fd)
+                tails.append((("neurons", l), [(relu, w[rows], b[rows])]))
+        self.trunk = (Group.shared(self.folded, tails).bind(self.batch, self.backend, self.combine)
+                      if tails else None)
+        self.keep = {key: self.keep_spec(key) for key, _ in tails}
+        self.layers = sorted({key[1] for key, _ in tails})
+        if self.plans:  # global: every layer's outputs at once, per unit
+            whole = {"heads": slice(0, L * H), "neurons": slice(L * H, L * H + L * Fd)}
+            self.full = Group.shared(self.folded, [(unit, [(relu, w[whole[unit]], b[whole[unit]])])
+                                                   for unit in self.plans]).bind(self.batch, self.backend)
+
+    def _all_scores(self, x0):
+        return {unit: scores.view(scores.shape[0], self.L, -1) for unit, scores in self.full(x0).items()}
+
+    def _forks(self):
+        if self.trunk is None:
+            return []
+        run = self.trunk.run
+        return [(l, lambda x, l=l, first=(i == 0): run(x, self.keep, keys={("heads", l), ("neurons", l)},
+                                                        first=first))
+                for i, l in enumerate(self.layers)]
+
+    def predictor_bytes(self):
+        return self.folded.nbytes()
 
 
 @register
@@ -234,6 +297,17 @@ class Shadow(Method):
     def policy(self, ctx, allocation, artefact):
         config = ctx.model.config
         return ShadowPolicy(load(artefact.tensors, "shadow", shadow_predictor(config, self.hp()["hidden"])), config)
+
+    decode_allocations = frozenset({"local", "global"})  # ShadowLLM's own setting is global: one ranking a token
+
+    def decode_source(self, policy, allocation, model):
+        config = model.config
+        L, H = config.num_hidden_layers, config.num_attention_heads
+        counts = keep_counts(allocation, L, H, config.ffn_dim)
+        source = ShadowSource(policy.predictor[0], counts, L, H, allocation.dense_layers)
+        if allocation.mode == "global":
+            source.global_allocation = allocation
+        return source
 
     def quality(self, ctx, allocation, artefact) -> dict:
         config = ctx.model.config

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from harness.engine import MaskPolicy
+from harness.engine import Allocation, ForwardState, MaskedEngine, MaskPolicy, lowest_k_mask
 from harness.errors import HarnessError
 from harness.families import sizes_of
+from kernels.decode import StaticMasks
 from methods import Method, register
 from methods.criteria import ALL_CRITERIA, fit_importance
 
@@ -49,12 +50,39 @@ class StaticPolicy(MaskPolicy):
         return table.expand(batch, seq, *table.shape)
 
 
+# The sparse decode engine's mask source: the kept sets are fixed, the policy's score tables ranked once under the
+# allocation (local or global, dense layers, min_keep) exactly as the masked engine ranks them; no per-token work.
+def static_source(policy, allocation: Allocation, model) -> StaticMasks:
+    """The fixed kept sets of a StaticPolicy, ranked by the masked engine's own code (local or global)."""
+    engine = MaskedEngine(model, policy, allocation)
+    engine.state = ForwardState(input_ids=None, positions=torch.zeros(1, 1, dtype=torch.long),
+                                valid=torch.ones(1, 1, dtype=torch.bool))
+    sets = {}
+    for unit in ("heads", "neurons"):
+        n = engine.sizes[unit]
+        table = policy.tables[unit]
+        if not engine.active(unit):
+            sets[unit] = [None] * engine.num_layers
+            continue
+        if allocation.mode == "global":
+            keep = engine._plan_global(unit)[0, 0]  # (L, n)
+        else:
+            keep = torch.stack([lowest_k_mask(table[l], engine.skip_count(unit)) for l in range(engine.num_layers)])
+        sets[unit] = [None if l in allocation.dense_layers else keep[l].nonzero().flatten().tolist()
+                      for l in range(engine.num_layers)]
+        for l in range(engine.num_layers):
+            if sets[unit][l] is not None and len(sets[unit][l]) == n:
+                sets[unit][l] = None
+    return StaticMasks(sets["heads"], sets["neurons"])
+
+
 @register
 class Static(Method):
     name = "static"
     variants = ALL_CRITERIA
     default_variant = "plainact"
     allocations = frozenset({"local", "global"})
+    decode_allocations = frozenset({"local", "global"})  # a fixed ranking: the counts do not change per token
     description = "the same units skipped at every token: importance (variant = criterion) averaged over calibration data"
 
     def fit(self, ctx, allocation):
@@ -86,3 +114,6 @@ class Static(Method):
                 raise HarnessError(f"static artefact {artefact.path}: {unit} scores have shape {tuple(tensor.shape)}, "
                                    f"the model needs {expected[unit]}")
         return StaticPolicy(heads, neurons)
+
+    def decode_source(self, policy, allocation, model):
+        return static_source(policy, allocation, model)

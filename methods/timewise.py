@@ -15,7 +15,9 @@ import torch
 from harness.engine import MaskPolicy
 from harness.progress import stage
 from harness.traces import collect_traces, trace_key
+from kernels.sources import Folded, keep_counts
 from methods import Method, register
+from methods.dejavu import DejaVuSource
 from methods.predictors import (PredictorPolicyMixin, keep_count, layer_report, linear_flops, load, mlp,
                                 parameter_count, save, seeded, storage_dtype, top_k, train_classifiers)
 
@@ -59,6 +61,55 @@ class TimewisePolicy(PredictorPolicyMixin, MaskPolicy):
             return None
         x = self.predictor_input(layer, state)
         return self._on(self.predictors, x)[layer](x)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the sparse decode engine's mask source
+# ------------------------------------------------------------------------------------------------------------
+# current: layer l's input; last: layer l−M's input (predictions made M layers ahead); time: layer l's input at the
+# previous token, kept across steps in a persistent buffer (and taken from the last prompt token after prefill, as
+# the masked engine carries it).
+class TimewiseSource(DejaVuSource):
+    """Head predictors only (neurons dense). current/last: as dejavu's with source layer l or l−M (the residual
+    stream entering it; `last` runs M layers ahead on the second stream); time: each layer's predictor reads that
+    layer's input at the previous token (persistent buffers), so every layer's prediction can start at the
+    beginning of the step, on the second stream, layer by layer."""
+
+    kind = "timewise"
+
+    def __init__(self, variant: str, predictors: dict, lookback: int, counts):
+        super().__init__(predictors, {}, counts, lambda layer: ("layer_input", source_layer(variant, layer, lookback)))
+        self.variant = variant
+
+    def _bind(self, engine):
+        if self.variant != "time":
+            return super()._bind(engine)
+        self.groups = {l: self.group([(("heads", l), Folded.of(p))]) for l, p in self.attn.items()}
+        self.previous = {l: self.buffer() for l in self.attn}
+        self.keep = {("heads", l): self.keep_spec(("heads", l)) for l in self.attn}
+
+    def prefill_layer(self, layer, hidden):
+        if self.variant == "time" and layer in self.attn:
+            self.previous[layer].copy_(hidden[:, -1])
+
+    def begin_step(self, engine):
+        if self.variant == "time":
+            for l in sorted(self.groups):
+                self.chosen.update(self.side.fork(("time", l), self.groups[l].run, self.previous[l], self.keep))
+
+    def __call__(self, layer, hidden):
+        if self.variant != "time":
+            return super().__call__(layer, hidden)
+        if layer not in self.attn:
+            return self.all_heads, None
+        self.side.join(("time", layer))
+        self.previous[layer].copy_(hidden)  # after its use: the next token reads this one
+        return self.chosen[("heads", layer)], None
+
+    def neuron_masks(self, layer, hidden):
+        if self.variant != "time":
+            super().neuron_masks(layer, hidden)  # head predictors reading this layer's MLP input (none today)
+        return self.all_neurons  # timewise predicts heads only
 
 
 @register
@@ -146,6 +197,12 @@ class Timewise(Method):
         if artefact is None:
             return None
         return TimewisePolicy(self.variant, self._predictors(ctx, artefact), self.hp()["M"])
+
+    def decode_source(self, policy, allocation, model):
+        config = model.config
+        counts = keep_counts(allocation, config.num_hidden_layers, config.num_attention_heads, config.ffn_dim,
+                             neurons=False)
+        return TimewiseSource(policy.variant, policy.predictors, policy.lookback, counts)
 
     def quality(self, ctx, allocation, artefact) -> dict:
         if artefact is None:

@@ -1,7 +1,7 @@
 """Latency: method predictors as the sparse engine's mask sources, and the latency suite on a CPU.
 
 1. For each method (static, dejavu, shadow, timewise:current/last/time) the sparse decode engine, fed by the
-   method's mask source (kernels/sources.py), gives the logits of the masked engine (harness/engine.py) with the
+   method's mask source (its `Method.decode_source`, dispatched by harness/decoding.py), gives the logits of the masked engine (harness/engine.py) with the
    method's own policy, token by token (tiny OPT, float32; the prompt is dense in both engines): the
    predictors read the same tensors and choose the same units in both engines.
 2. `harness run --suite latency` on a tiny model writes records with every latency field.
@@ -14,7 +14,8 @@ import torch
 from harness.engine import Allocation, MaskedEngine, MaskPolicy
 from kernels.decode import SparseDecoder
 from kernels.equivalence import relative_errors, sparse_engine_logits
-from kernels.sources import reference_source, source_for
+from harness.decoding import source_for
+from kernels.sources import reference_source
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -132,7 +133,7 @@ def test_method_source_gives_the_masked_engines_logits(setup, label, backend):
             sets.setdefault(layer, set()).add(tuple(scores[0, -1].topk(H // 2).indices.sort().values.tolist()))
         assert any(len(s) > 1 for s in sets.values()), sets
     policy, allocation = make_policy(label, model)  # fresh state (timewise:time carries the previous token)
-    source = source_for(policy, allocation, model)
+    source = source_for(label, policy, allocation, model)
     engine = SparseDecoder(model, source, max_len=16, kv="recompute", backend=backend)
     got = sparse_engine_logits(engine, prompt, tokens)
     errors, agree = relative_errors(got, expected)
@@ -150,8 +151,8 @@ def test_dejavu_source_reading_the_attention_input_is_not_the_masked_engines(set
     """The equivalence above depends on the source reading the tensor the policy reads: Deja Vu's source fed layer
     l−1's attention input for the heads of l (the `dejavu:attn-input` reading) no longer gives the default
     policy's logits (which read layer l−1's MLP input)."""
-    from kernels.sources import DejaVuSource, keep_counts
-    from methods.dejavu import head_source
+    from kernels.sources import keep_counts
+    from methods.dejavu import DejaVuSource, head_source
 
     model, prompt, tokens = setup
     policy, allocation = make_policy("dejavu", model)
@@ -171,11 +172,14 @@ def test_sources_refuse_what_cannot_be_decoded(setup):
     model = setup[0]
     policy, _ = make_policy("dejavu", model)
     with pytest.raises(HarnessError, match="local allocation"):
-        source_for(policy, Allocation(0.5, 0.5, mode="global"), model)
+        source_for("dejavu", policy, Allocation(0.5, 0.5, mode="global"), model).bind  # lookahead: no ranking
+    with pytest.raises(HarnessError, match="local allocation"):
+        tw, _ = make_policy("timewise:current", model)
+        source_for("timewise:current", tw, Allocation(0.5, 0.0, mode="global"), model)
     with pytest.raises(HarnessError, match="token-scope"):
-        source_for(policy, Allocation(0.5, 0.5, scope="request"), model)
+        source_for("dejavu", policy, Allocation(0.5, 0.5, scope="request"), model)
     static, _ = make_policy("static", model)  # a static ranking is fixed, so global allocation is decodable
-    source = source_for(static, Allocation(0.5, 0.5, mode="global", dense_layers=(0,)), model)
+    source = source_for("static", static, Allocation(0.5, 0.5, mode="global", dense_layers=(0,)), model)
     engine = SparseDecoder(model, source, max_len=8, backend="torch")
     assert engine.heads_kept[0] == H and sum(engine.heads_kept[1:]) == 2 * H - round(0.5 * H * 2)
 
@@ -262,3 +266,64 @@ def test_random_weights_are_said_in_every_record(latency_run):
         settings_of(RunConfig(method_settings={"latency": {"prompts": 3}}))
     with pytest.raises(HarnessError, match="valid: ours, hf-eager"):
         settings_of(RunConfig(method_settings={"latency": {"engines": ["vllm"]}}))
+
+
+@pytest.mark.parametrize("label, backend", [("shadow", "torch"), ("dejavu:shadowllm", "torch"), ("shadow", "triton")])
+def test_global_allocation_decodes_as_the_masked_engine_plans(setup, label, backend):
+    """ShadowLLM's setting: one ranking of every later layer's scores per token. The decode engine's counts vary
+    per layer and token (device-counted index sets), the masked engine's logits are reproduced, and the total
+    kept per token is the allocation's."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    from kernels.decode import Counted
+
+    model, prompt, tokens = setup
+    policy, _ = make_policy(label, model)
+    allocation = Allocation(0.5, 0.7, mode="global", dense_layers=(0,))
+    engine = MaskedEngine(model, policy, allocation)
+    with torch.no_grad():  # the prompt dense (as the sparse engine's prefill), then every step under the plan
+        res = model(input_ids=prompt, use_cache=True)
+        past, expected = res.past_key_values, [res.logits[:, -1].float()]
+        with engine.applied():
+            for token in tokens:
+                res = model(input_ids=token.view(1, 1), past_key_values=past, use_cache=True)
+                past = res.past_key_values
+                expected.append(res.logits[:, -1].float())
+    policy, _ = make_policy(label, model)
+    engine = SparseDecoder(model, source_for(label, policy, allocation, model), max_len=16, kv="recompute",
+                           backend=backend)
+    got, per_layer = [engine.prefill(prompt).float()], []
+    for token in tokens:
+        got.append(engine.step(token.view(1)).float())
+        used = engine.heads_used
+        assert all(isinstance(u, Counted) for u in used[1:])
+        per_layer.append(tuple(int(u.count) for u in used[1:]))
+    errors, agree = relative_errors(got, expected)
+    assert max(errors) < 1e-5 and all(agree), errors
+    assert all(sum(counts) == 2 * H - round(0.5 * H * 2) for counts in per_layer)  # the total is fixed
+    assert len(set(per_layer)) > 1 or len(set(per_layer[0])) > 1, "the per-layer counts really vary"
+
+
+def test_batch_union_keeps_each_sequences_own_set(setup):
+    """Batch > 1 shares one index set: combine="union" keeps the union of each sequence's top-k (a device count
+    between k and B·k); two copies of one prompt give that prompt's own set, so its logits are batch 1's."""
+    from kernels.decode import Counted
+
+    model, prompt, tokens = setup
+    single = SparseDecoder(model, source_for("dejavu", make_policy("dejavu", model)[0], Allocation(0.5, 0.7), model),
+                           max_len=16, kv="recompute", backend="torch")
+    union_source = source_for("dejavu", make_policy("dejavu", model)[0], Allocation(0.5, 0.7), model)
+    union_source.combine = "union"
+    pair = SparseDecoder(model, union_source, max_len=16, kv="recompute", backend="torch", batch=2)
+    a, b = single.prefill(prompt), pair.prefill(prompt.expand(2, -1))
+    for token in tokens[:3]:
+        a, b = single.step(token.view(1)), pair.step(token.view(1).expand(2))
+        assert torch.allclose(b[0], a[0], atol=1e-5) and torch.allclose(b[1], a[0], atol=1e-5)
+        assert all(isinstance(u, Counted) and int(u.count) == 2 for u in pair.heads_used)
+    other = torch.randint(0, 512, (1, PROMPT), generator=torch.Generator().manual_seed(11))
+    pair.prefill(torch.cat([prompt, other]))
+    counts = set()
+    for token in tokens:
+        pair.step(token.view(1).expand(2))
+        counts |= {int(u.count) for u in pair.heads_used}
+    assert counts <= {2, 3, 4} and max(counts) > 2, counts

@@ -1,7 +1,7 @@
 """Decode latency on one GPU (issue 7, items 3-5): the report results/reports/latency-h200.md.
 
-    python3 -m kernels.latency_bench --out $OUT [--budget 530] [--models opt-13b,opt-30b]
-    TRITON_INTERPRET=1 python3 -m kernels.latency_bench --small --out /tmp/lat   # the same code, tiny, on a CPU
+    python3 -m harness.tools.latency_bench --out $OUT [--budget 530] [--models opt-13b,opt-30b]
+    TRITON_INTERPRET=1 python3 -m harness.tools.latency_bench --small --out /tmp/lat   # the same code, tiny, on a CPU
 
 For each model (random weights, fp16, batch 1, prompt 128 + 128 generated tokens): dense baselines (Hugging Face
 generate eager; our engine dense with a CUDA graph; Hugging Face static cache + torch.compile; DeepSpeed-Inference
@@ -150,7 +150,7 @@ def ds_run(model_name: str, prepare, timeout: float):
         return {"error": f"DeepSpeed's inference op did not build (exit {prepare.returncode}): "
                          f"{_tail(OUT / 'deepspeed-prepare.log')}"}
     result = OUT / f"deepspeed-{model_name}.json"
-    cmd = [sys.executable, "-m", "kernels.latency_bench", "--ds-child", model_name, "--out", str(OUT),
+    cmd = [sys.executable, "-m", "harness.tools.latency_bench", "--ds-child", model_name, "--out", str(OUT),
            "--budget", str(timeout)] + (["--small"] if ARGS.small else [])
     with open(OUT / f"deepspeed-{model_name}.log", "w") as handle:
         try:
@@ -358,7 +358,8 @@ class Bench:
 
     def sparse(self, method, heads, neurons):
         from harness.engine import Allocation
-        from kernels.sources import reference_source, source_for
+        from harness.decoding import source_for
+        from kernels.sources import reference_source
 
         sparsity = f"h{heads}/n{neurons}"
         if method == "static":
@@ -369,7 +370,7 @@ class Bench:
             policy, allocation, label = predictors(method, self.model), Allocation(heads, 0.0), "timewise:current (heads only)"
         else:
             policy, allocation, label = predictors(method, self.model), Allocation(heads, neurons), method
-        source = source_for(policy, allocation, self.model)
+        source = source_for(method, policy, allocation, self.model)
         del policy  # the source keeps what it needs (its folded copy is made when the engine binds it)
         reference = None if getattr(source, "static", False) else reference_source(source, self.L)
         self.ours(label, sparsity, source, "recompute", reference)
@@ -379,9 +380,9 @@ class Bench:
 
     def sweep_point(self, s):
         from harness.engine import Allocation
-        from kernels.sources import source_for
+        from harness.decoding import source_for
 
-        source = source_for(static_policy(self.model), Allocation(s, s), self.model)
+        source = source_for("static", static_policy(self.model), Allocation(s, s), self.model)
         stats = self.ours(f"static (sweep h=n={s})", f"h{s}/n{s}", source, "recompute")
         STATE["sweep"].append({"model": self.name, "sparsity": s, "token_ms": stats["token_ms"],
                                "token_ms_p90": stats["token_ms_p90"], "floor_ms": stats["floor_ms"]})
@@ -472,7 +473,7 @@ def write_report():
     lines = ["# Decode latency on one H200", "",
              f"Machine: {STATE['machine']}", "",
              "Command (from the repository root):",
-             "", "```", f"python3 -m kernels.latency_bench --out $OUT --budget {ARGS.budget:.0f}", "```", "",
+             "", "```", f"python3 -m harness.tools.latency_bench --out $OUT --budget {ARGS.budget:.0f}", "```", "",
              f"Wall time of the script: {time.time() - T0:.0f} s (budget {ARGS.budget:.0f} s). Our engine's kernels: "
              f"programmatic dependent launch mode {_pdl_mode()!r} (KERNELS_PDL; see kernels.gemv.set_pdl).", "",
              "Random weights (seeded), fp16, batch 1, prompt 128 + 128 generated tokens (greedy); per model one warm-up "
@@ -554,7 +555,7 @@ def prepare_wheels(folder: str, python: str = "3.12") -> None:
 
 def main():
     global OUT, ARGS
-    if "--prepare-wheels" in sys.argv:  # python -m kernels.latency_bench --prepare-wheels [.whl/deepspeed]
+    if "--prepare-wheels" in sys.argv:  # python -m harness.tools.latency_bench --prepare-wheels [.whl/deepspeed]
         rest = sys.argv[sys.argv.index("--prepare-wheels") + 1:]
         prepare_wheels(rest[0] if rest else ".whl/deepspeed")
         return

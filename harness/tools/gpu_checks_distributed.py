@@ -1,6 +1,6 @@
 """GPU checks of the Ray executor on one machine with 2 GPUs (issue 6). Run from the repository root:
 
-    python -m harness.gpu_checks_distributed --data-dir DATA --out DIR
+    python -m harness.tools.gpu_checks_distributed --data-dir DATA --out DIR
 
 (a) the small sweep (suites/sweeps/small.yaml: 7 jobs, one shared fit) spreads its jobs over both GPUs,
     and every job's record names its GPU;
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         report = ["# Ray executor on 2×GPU: checks", "",
                   f"torch {torch.__version__}, ray {ray.__version__}, GPUs: "
                   f"{[torch.cuda.get_device_name(i) for i in range(gpus)]}, {time.perf_counter() - started:.0f} s", "",
-                  "Command: `python -m harness.gpu_checks_distributed " + " ".join(argv or sys.argv[1:]) + "`", "",
+                  "Command: `python -m harness.tools.gpu_checks_distributed " + " ".join(argv or sys.argv[1:]) + "`", "",
                   *lines, ""]
         (out / "report.md").write_text("\n".join(report))
         (out / "checks.json").write_text(json.dumps(checks, indent=1, default=str))

@@ -1,10 +1,10 @@
 """GPU checks and figures of the sparse kernels and the sparse decode engine (issue 7).
 
-    KERNELS_AUTOTUNE=0 python -m kernels.bench --part checks  # (a) kernel checks at OPT-13B/30B shapes, fp16/bf16/fp32
-    python -m kernels.bench --part perf                       # (b) kernel bandwidth at OPT-30B shapes, 25% density
-                                                              # (c) engine vs masked engine, opt-13b shape, 3 layers
-                                                              # (d) decode ms/token, random-weight OPT-13B, CUDA graph
-    TRITON_INTERPRET=1 python -m kernels.bench --small        # the same code at tiny shapes on a CPU (smoke test)
+    KERNELS_AUTOTUNE=0 python -m kernels.bench.gpu --part checks  # (a) kernel checks at OPT-13B/30B shapes, fp16/bf16/fp32
+    python -m kernels.bench.gpu --part perf                       # (b) kernel bandwidth at OPT-30B shapes, 25% density
+                                                                  # (c) engine vs masked engine, opt-13b shape, 3 layers
+                                                                  # (d) decode ms/token, random-weight OPT-13B, CUDA graph
+    TRITON_INTERPRET=1 python -m kernels.bench.gpu --small        # the same code at tiny shapes on a CPU (smoke test)
 
 Writes a log and a markdown summary under --out (default $OUT, else results/kernels-bench); the summary table
 is printed last. Bandwidths are bytes the kernel must read / its median CUPTI duration from a cold L2

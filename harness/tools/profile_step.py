@@ -1,10 +1,10 @@
 """Where the time of one decode step goes, kernel by kernel (torch.profiler), for a method's mask source.
 
-    python3 -m kernels.profile_step --model opt-13b --layers 4 --methods dense,static,timewise,dejavu,shadow \
+    python3 -m harness.tools.profile_step --model opt-13b --layers 4 --methods dense,static,timewise,dejavu,shadow \
         [--pdl 0,1,prefetch] [--prompt 128]
 
 Builds a random-weight model with the first `--layers` decoder layers of `--model`'s shape, the method's source
-with seeded untrained predictors (as kernels.latency_bench does), runs a prompt, captures the step in a CUDA
+with seeded untrained predictors (as harness.tools.latency_bench does), runs a prompt, captures the step in a CUDA
 graph and profiles `--steps` replays. Prints, per method: the graph replay time per step (CUDA events), the
 CUDA time per kernel name (top `--top`), and the timeline of one layer (second layer of the first profiled
 step): each kernel's duration and its start relative to the previous kernel's end (negative = overlap, e.g.
@@ -100,10 +100,10 @@ def main(argv=None):
 
     from harness.engine import Allocation
     from kernels import gemv
-    from kernels import latency_bench as lb
-    from kernels.bench import build_model
+    from harness.tools import latency_bench as lb
+    from kernels.bench.gpu import build_model
     from kernels.decode import DenseMasks, SparseDecoder
-    from kernels.sources import source_for
+    from harness.decoding import source_for
 
     model = build_model(False, layers=args.layers, name=args.model)
     c = model.config
@@ -114,15 +114,15 @@ def main(argv=None):
         if method == "dense":
             source = DenseMasks(c.num_hidden_layers)
         elif method == "static":
-            source = source_for(lb.static_policy(model), Allocation(args.heads, args.neurons), model)
+            source = source_for(method, lb.static_policy(model), Allocation(args.heads, args.neurons), model)
         elif method == "shadow":
-            source = source_for(lb.predictors(method, model), Allocation(args.heads, args.neurons, dense_layers=(0,)),
+            source = source_for(method, lb.predictors(method, model), Allocation(args.heads, args.neurons, dense_layers=(0,)),
                                 model)
         elif method == "timewise":
-            source = source_for(lb.predictors(method, model), Allocation(args.heads, 0.0), model)
+            source = source_for(method, lb.predictors(method, model), Allocation(args.heads, 0.0), model)
         else:
-            source = source_for(lb.predictors(method, model), Allocation(args.heads, args.neurons), model)
-        kv = "all" if method == "dense" else "recompute"  # as kernels.latency_bench runs them
+            source = source_for(method, lb.predictors(method, model), Allocation(args.heads, args.neurons), model)
+        kv = "all" if method == "dense" else "recompute"  # as harness.tools.latency_bench runs them
         engine = SparseDecoder(model, source, max_len=args.prompt + 64, kv=kv, cuda_graph=not args.no_graph,
                                layers=layers)
         layers = engine.layers
