@@ -118,7 +118,19 @@ def _rope_kernel(src_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, cache_ptr,
         tl.store(dst + HD + offs, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_row_configs(), key=["N", "K", "BLOCK_B"], prune_configs_by=_prune(("BLOCK_N", "BLOCK_K")))
+def _sparse_configs():
+    if gemv.INTERPRET:  # few, large programs: the interpreter's cost is per program
+        return [triton.Config({"BLOCK_R": 32, "BLOCK_D": 64, "ITERS": 1}, num_warps=4)]
+    return _col_configs()
+
+
+def _swiglu_configs():
+    if gemv.INTERPRET:
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)]
+    return _row_configs()
+
+
+@triton.autotune(configs=_swiglu_configs(), key=["N", "K", "BLOCK_B"], prune_configs_by=_prune(("BLOCK_N", "BLOCK_K")))
 @triton.jit
 def _swiglu_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, B, N, K, stride_xb, stride_ob,
                    HAS_BIAS: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
@@ -170,10 +182,6 @@ def _swiglu_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, B, N, K, stride_xb,
     u = u.to(dt).to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u
     tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :], act.to(dt), mask=mask_b[:, None] & mask_n[None, :])
-
-
-def _sparse_configs():
-    return _col_configs()
 
 
 @triton.autotune(configs=_sparse_configs(), key=["R", "NCOL", "BLOCK_B", "SWIGLU", "N_SEG"],
