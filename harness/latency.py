@@ -270,19 +270,29 @@ def deepspeed_model(model):
 # ------------------------------------------------------------------------------------------------------------
 def shared_layers(session, model, device, dtype):
     """Our engine's re-laid-out weights, made once per session and shared by every job's engine."""
-    from kernels.decode import DenseMasks, SparseDecoder
+    from kernels.decode import DenseMasks
+    from kernels.decode_llama import sparse_decoder
 
     def build():
-        return SparseDecoder(model, DenseMasks(model.config.num_hidden_layers), max_len=2, cuda_graph=False,
-                             device=device, dtype=dtype).layers
+        return sparse_decoder(model, DenseMasks(model.config.num_hidden_layers), max_len=2, cuda_graph=False,
+                              device=device, dtype=dtype).layers
     return session.memo("latency:decode-layers", build)
 
 
+def _dense_bytes(session, model, settings) -> int:
+    """Bytes one dense step of our engine reads (the dense floor's numerator, for every dense baseline)."""
+    from kernels.decode import DenseMasks
+
+    engine = _engine(model, DenseMasks(model.config.num_hidden_layers), {**settings, "cuda_graph": False, "prompt": 1,
+                                                                        "new_tokens": 1}, session, "all")
+    return engine.weight_bytes()
+
+
 def _engine(model, source, settings, session, kv):
-    from kernels.decode import SparseDecoder
+    from kernels.decode_llama import sparse_decoder
 
     device, dtype = session.device, session.dtype
-    return SparseDecoder(model, source, max_len=settings["prompt"] + settings["new_tokens"], batch=settings["batch"],
+    return sparse_decoder(model, source, max_len=settings["prompt"] + settings["new_tokens"], batch=settings["batch"],
                          kv=kv, backend=settings["backend"], cuda_graph=settings["cuda_graph"], device=device,
                          dtype=dtype, layers=shared_layers(session, model, device, dtype))
 
@@ -377,9 +387,9 @@ def head_change_rate(engine, prompt, steps: int) -> float | None:
 def _measure_batch(session, config, progress, settings):
     context = session.job
     model = session.model
-    device, dtype = session.device, session.dtype
+    device = session.device
     model_config = model.config
-    L, H, Fd = model_config.num_hidden_layers, model_config.num_attention_heads, model_config.ffn_dim
+    L = model_config.num_hidden_layers
     bw = session.memo("latency:copy-bandwidth", lambda: copy_bandwidth(device, settings["copy_mb"]))
     prompt = prompt_ids(model_config, settings["batch"], settings["prompt"], settings["seed"], device)
     common = {"batch": settings["batch"], "prompt_len": settings["prompt"], "new_tokens": settings["new_tokens"],
@@ -391,7 +401,7 @@ def _measure_batch(session, config, progress, settings):
         if progress is not None:
             progress.total(len(engines) * len(settings["batches"]))
         records = []
-        dense_bytes = floor_bytes(model_config, dtype, [H] * L, [Fd] * L, "all")
+        dense_bytes = _dense_bytes(session, model, settings)
         for engine_name in engines:
             label = {"method_label": f"{method.label} · {engine_name}", "engine": engine_name}
             try:
@@ -410,7 +420,11 @@ def _measure_batch(session, config, progress, settings):
 
     from kernels.sources import reference_source
 
+    from harness.families import family_of
+
     modes = ("all", "recompute") if settings["kv"] == "auto" else (settings["kv"],)
+    if family_of(model).name != "opt":  # K/V heads shared by a group of query heads: K/V of every token (kv=all)
+        modes = ("all",)
     by_kv, change, achieved = {}, None, None
     for kv in modes:  # the same masks either way: the K/V policy changes only how K/V are had
         source = _source(context, model, settings)

@@ -159,10 +159,16 @@ def check_methods(config, labels: list[str], tasks: list, model_config=None) -> 
         from harness.families import family_of
 
         family = family_of(model_config).name
-        if family != "opt":
-            raise HarnessError(f"{', '.join(engine_tasks)} runs on the sparse decode engine, which supports OPT models "
-                               f"only so far; this is a {family}-family model. Valid here: the masked-engine tasks "
-                               "(perplexity, zero-shot)")
+        if family not in DECODE_FAMILIES:
+            raise HarnessError(f"{', '.join(engine_tasks)} runs on the sparse decode engine, which supports the "
+                               f"{', '.join(DECODE_FAMILIES)} families; this is a {family}-family model. Valid here: "
+                               "the masked-engine tasks (perplexity, zero-shot)")
+        wrong = [label for label in labels
+                 if family not in getattr(get_method(MethodSpec.parse(label)), "decode_families", DECODE_FAMILIES)]
+        if wrong:
+            raise HarnessError(f"{', '.join(wrong)} decodes on the sparse engine of the "
+                               f"{', '.join(sorted(get_method(MethodSpec.parse(wrong[0])).decode_families))} family "
+                               f"only, not on {family} ({', '.join(engine_tasks)})")
     if engine_tasks:
         masked_only = [label for label in labels if getattr(get_method(MethodSpec.parse(label)), "masked_only", False)]
         if masked_only:
@@ -172,6 +178,9 @@ def check_methods(config, labels: list[str], tasks: list, model_config=None) -> 
         if engine_tasks:
             raise HarnessError(f"--scope {config.scope}: {', '.join(engine_tasks)} runs on the sparse decode engine, "
                                "which applies causal masks only; valid there: --scope token")
+
+
+DECODE_FAMILIES = ("opt", "llama")  #: families with a sparse decode engine (kernels.decode, kernels.decode_llama)
 
 
 def check_extras(tasks: list) -> None:

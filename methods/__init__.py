@@ -56,6 +56,7 @@ class Method(ABC):
       masked_only: the method has no mask source for the sparse decode engine (latency tasks refuse it). Derived
         at registration: True exactly when the class does not override `decode_source`; a plugin that sets it
         must agree with that (register refuses it otherwise).
+      decode_families: the model families whose sparse decode engine its source runs on (default both).
       decode_allocations: the allocation modes its decode source handles: `local` (fixed per-layer counts, as a
         per-token source needs); a fixed ranking (static) handles `global` too.
       training_free: a training-free activation-sparsity baseline (TEAL, CATS, WINA): listed apart in messages.
@@ -71,6 +72,7 @@ class Method(ABC):
     seeded: ClassVar[bool] = False
     masked_only: ClassVar[bool] = False
     decode_allocations: ClassVar[frozenset] = frozenset({"local"})
+    decode_families: ClassVar[frozenset] = frozenset({"opt", "llama"})
     training_free: ClassVar[bool] = False
     description: ClassVar[str] = ""
 

@@ -226,8 +226,8 @@ class Teal(Method):
     variants = ("uniform", "greedy")
     default_variant = "uniform"
     units = frozenset({"inputs"})
-    masked_only = True
     training_free = True
+    decode_families = frozenset({"llama"})  # input-sparse GEMVs exist in the Llama engine only
     description = ("TEAL: magnitude thresholds (calibration histograms) on the inputs of every linear layer; "
                    "uniform, or TEAL's greedy per-layer allocation")
 
@@ -286,3 +286,30 @@ class Teal(Method):
         if artefact is None:
             raise HarnessError("teal needs its calibration histograms (run fit first)")
         return InputThresholdPolicy(artefact.tensors["thresholds"], list(family_of(ctx.model).linear_sites))
+
+    def decode_source(self, policy, allocation, model):
+        return decode_source(policy, allocation, model)
+
+
+def decode_source(policy, allocation, model):
+    """The sparse decode engine's mask source for teal (kernels.decode_llama.InputThresholdMasks): the policy's
+    thresholds per layer and site, in harness.families.LINEAR_SITES order (q, k, v, o, gate, up, down); sites the
+    policy does not mask, and the allocation's dense layers, get −1 (dense). None (a dense engine) when nothing is
+    sparsified. Llama-family models only: the OPT engine (kernels.decode) has no input-sparse path."""
+    from harness.families import LINEAR_SITES
+
+    if allocation.inputs == 0 or policy is None:
+        return None
+    family = family_of(model)
+    if family.name != "llama":
+        raise HarnessError(f"teal's decode source needs the Llama-family decode engine (kernels.decode_llama); the "
+                           f"{family.name} engine has no input-sparse path")
+    from kernels.decode_llama import InputThresholdMasks
+
+    layers = policy.thresholds.shape[0]
+    thresholds = torch.full((layers, len(LINEAR_SITES)), -1.0, dtype=torch.float64)
+    for site, column in policy.index.items():
+        thresholds[:, LINEAR_SITES.index(site)] = policy.thresholds[:, column]
+    for layer in allocation.dense_layers:
+        thresholds[layer] = -1.0
+    return InputThresholdMasks(thresholds)

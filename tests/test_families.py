@@ -333,9 +333,10 @@ def test_validation_refuses_what_the_sparse_engine_cannot_run_and_a_vocabulary_t
         with pytest.raises(HarnessError, match=match):
             prepare(config, cache_dir=tmp_path / "cache")
 
-    refused("supports OPT models only", model="llama-tiny", tasks=["decode"], methods=["dense"])
-    refused("teal:uniform has no mask source for the sparse decode engine", model="opt-125m", tasks=["decode"],
-            methods=["teal"], sparsity=["0.5"])
+    refused("teal:uniform decodes on the sparse engine of the llama family only", model="opt-125m",
+            tasks=["decode"], methods=["teal"], sparsity=["0.5"])
+    refused("cats has no mask source for the sparse decode engine", model="llama-tiny", tasks=["decode"],
+            methods=["cats"], sparsity=["0.5"])
     refused("embeds 32000 tokens", model="llama-2-7b", tasks=["wikitext2"], methods=["dense"])
 
 

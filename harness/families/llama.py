@@ -174,3 +174,108 @@ class Llama(Family):
         device_map.update({"model.embed_tokens": first, "model.rotary_emb": first, "model.norm": last,
                            "lm_head": first if config.tie_word_embeddings else last})
         return device_map
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the weight re-layout of the sparse decode engine (kernels.decode_llama)
+# ------------------------------------------------------------------------------------------------------------
+#: the layouts: "rows" for row gathers (kept heads and neurons), "inputs" for input-sparse GEMVs (TEAL)
+DECODE_LAYOUTS = ("rows", "inputs")
+
+
+class DecodeLayer:
+    """One decoder layer's weights as the decode step reads them (model dtype, on the engine's device).
+
+    Shared by both layouts: RMSNorm weights `ln1`/`ln2` (eps1/eps2); `wot` (H·hd, d) = o_proj.weight.T and `w2t`
+    (F, d) = down_proj.weight.T, whose rows are a head's / a neuron's (row gathers) and equally an input's
+    (input sparsity); the biases `bqkv` ([q; k; v]), `bo`, `b2` (None when the model has none).
+    "rows": `wqkv` (H·hd + 2·Hkv·hd, d) = [q_proj; k_proj; v_proj].weight, unit u's rows [u·hd, (u+1)·hd) (query
+    heads are units 0..H−1, K heads H.., V heads H+Hkv..); `wgu` (2F, d), neuron j's gate row 2j and up row 2j+1
+    (`bgu` alike).
+    "inputs": `wqkv_t` (d, H·hd + 2·Hkv·hd) = wqkvᵀ and `wgu_t` (d, 2F) = [gate_proj; up_proj].weight.T (gate columns
+    then up columns; `bgu_cat` alike): input i's weights are one contiguous row."""
+
+    def __init__(self, layer, to):
+        attn, mlp = layer.self_attn, layer.mlp
+        self._layer, self._to = layer, to
+        cp = lambda t: None if t is None else t.detach().to(**to).contiguous()  # noqa: E731
+        self.ln1, self.eps1 = cp(layer.input_layernorm.weight), layer.input_layernorm.variance_epsilon
+        self.ln2, self.eps2 = cp(layer.post_attention_layernorm.weight), layer.post_attention_layernorm.variance_epsilon
+        self.wot, self.bo = cp(attn.o_proj.weight.T), cp(attn.o_proj.bias)
+        self.w2t, self.b2 = cp(mlp.down_proj.weight.T), cp(mlp.down_proj.bias)
+        parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+        self.q_rows, self.kv_rows = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+        self.ffn = mlp.gate_proj.weight.shape[0]
+        self.bqkv = cp(torch.cat([p.bias for p in parts])) if all(p.bias is not None for p in parts) else None
+        if self.bqkv is None and any(p.bias is not None for p in parts):
+            raise ValueError("q/k/v projections with biases on some of them only are not supported")
+        gate, up = mlp.gate_proj, mlp.up_proj
+        self.bgu = cp(torch.stack([gate.bias, up.bias], 1).reshape(-1)) if gate.bias is not None else None
+        self.bgu_cat = cp(torch.cat([gate.bias, up.bias])) if gate.bias is not None else None
+        self.wqkv = self.wgu = self.wqkv_t = self.wgu_t = None
+        self.layouts: set = set()
+
+    def ensure(self, layout: str) -> "DecodeLayer":
+        if layout not in DECODE_LAYOUTS:
+            raise ValueError(f"unknown decode layout {layout!r}; valid: {', '.join(DECODE_LAYOUTS)}")
+        if layout in self.layouts:
+            return self
+        attn, mlp, to = self._layer.self_attn, self._layer.mlp, self._to
+        with torch.no_grad():
+            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().to(**to)
+            if layout == "rows":
+                self.wqkv = qkv.contiguous()
+                self.wgu = torch.stack([mlp.gate_proj.weight, mlp.up_proj.weight], 1).detach().to(**to) \
+                    .reshape(2 * self.ffn, -1).contiguous()
+            else:
+                self.wqkv_t = qkv.T.contiguous()
+                self.wgu_t = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().to(**to).T.contiguous()
+            del qkv
+        self.layouts.add(layout)
+        return self
+
+    def dense(self, site: str):
+        """(weight (out, in), bias) of a linear site as views of whichever layout exists (the prefill's matmuls)."""
+        q, kv, f = self.q_rows, self.kv_rows, self.ffn
+        if site in ("q", "k", "v"):
+            a, b = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}[site]
+            w = self.wqkv[a:b] if self.wqkv is not None else self.wqkv_t[:, a:b].T
+            return w, None if self.bqkv is None else self.bqkv[a:b]
+        if site in ("gate", "up"):
+            j = 0 if site == "gate" else 1
+            if self.wgu is not None:
+                w = self.wgu.view(f, 2, -1)[:, j]
+            else:
+                w = self.wgu_t[:, j * f:(j + 1) * f].T
+            return w, None if self.bgu_cat is None else self.bgu_cat[j * f:(j + 1) * f]
+        if site == "o":
+            return self.wot.T, self.bo
+        if site == "down":
+            return self.w2t.T, self.b2
+        raise KeyError(site)
+
+    def nbytes(self) -> int:
+        tensors = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class DecodeWeights(list):
+    """The re-laid-out layers of a model (a list of DecodeLayer); `ensure(layout)` adds a layout to every layer
+    (engines of one model share one DecodeWeights, each adding the layout its mask source needs)."""
+
+    def ensure(self, layout: str) -> "DecodeWeights":
+        for layer in self:
+            layer.ensure(layout)
+        return self
+
+
+def decode_weights(model, *, device, dtype, layouts=("rows",)) -> DecodeWeights:
+    """The decode engine's weights of a Llama-family model (see DecodeLayer)."""
+    to = dict(device=device, dtype=dtype)
+    out = DecodeWeights(DecodeLayer(layer, to) for layer in Llama.layers(model))
+    for layout in layouts:
+        out.ensure(layout)
+    return out
+
+
+Llama.decode_weights = staticmethod(decode_weights)
