@@ -364,48 +364,49 @@ def _attend_kernel(q_ptr, cache_ptr, idx_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, out_
                 tl.store(dst, acc.to(cache_ptr.dtype.element_ty), mask=need[:, None] & mask_c[None, :])
             tl.debug_barrier()  # the chunk's recomputed entries are read below by other threads of this program
         tl.store(have_ptr + head * T_max + offs_t, tl.full((CHUNK,), 1, tl.int8), mask=in_range & (offs_t <= pos))
-    if ATTEND & live:
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < HD
-        valid = offs_t <= pos
-        mask = valid[:, None] & mask_d[None, :]
-        for b in range(0, B):
-            q = tl.load(q_ptr + b * stride_qb + slot * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            ptrs = cache_ptr + ((b * H + head) * T_max + offs_t[:, None]).to(tl.int64) * (2 * HD) + offs_d[None, :]
-            if EARLY:  # batch 1: only the entry at pos is still to read
-                now = (offs_t == pos)[:, None] & mask_d[None, :]
-                k = tl.where(now, tl.load(ptrs, mask=now, other=0.0), k_past).to(tl.float32)
-                v = tl.where(now, tl.load(ptrs + HD, mask=now, other=0.0), v_past).to(tl.float32)
-            else:
-                k = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-                v = tl.load(ptrs + HD, mask=mask, other=0.0).to(tl.float32)
-            scores = tl.where(valid, tl.sum(k * (q * scale)[None, :], axis=1), float("-inf"))
-            m = tl.max(scores, axis=0)
-            p = tl.exp(scores - tl.where(m == float("-inf"), 0.0, m))
-            if NC == 1:
-                tl.store(out_ptr + (b * n_sel + slot) * HD + offs_d, tl.sum(p[:, None] * v, axis=0) / tl.sum(p, axis=0),
-                         mask=mask_d)
-            else:
-                part = (b * n_sel + slot) * NC + c
-                tl.store(m_ptr + part, m)
-                tl.store(l_ptr + part, tl.sum(p, axis=0))
-                tl.store(o_ptr + part * HD + offs_d, tl.sum(p[:, None] * v, axis=0), mask=mask_d)
-        if NC > 1:  # the head's last chunk program to finish combines the n_chunks partials into out (B, n, HD)
-            tl.debug_barrier()  # every thread's partials are stored before the (releasing) count
-            done = tl.atomic_add(count_ptr + slot, 1)
-            if done == n_chunks - 1:
-                offs_c = tl.arange(0, NC)
-                mask_c = offs_c < n_chunks
-                for b in range(0, B):
-                    part = (b * n_sel + slot) * NC + offs_c
-                    m_c = tl.load(m_ptr + part, mask=mask_c, other=float("-inf"), cache_modifier=".cg")
-                    w_c = tl.exp(m_c - tl.max(m_c, axis=0))  # chunk 0 always holds position 0: the max is finite
-                    den = tl.sum(w_c * tl.load(l_ptr + part, mask=mask_c, other=0.0, cache_modifier=".cg"), axis=0)
-                    o_c = tl.load(o_ptr + part[:, None] * HD + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :],
-                                  other=0.0, cache_modifier=".cg")
-                    tl.store(out_ptr + (b * n_sel + slot) * HD + offs_d, tl.sum(w_c[:, None] * o_c, axis=0) / den,
+    if ATTEND:
+        if live:  # a slot past the live count attends nothing
+            offs_d = tl.arange(0, BLOCK_D)
+            mask_d = offs_d < HD
+            valid = offs_t <= pos
+            mask = valid[:, None] & mask_d[None, :]
+            for b in range(0, B):
+                q = tl.load(q_ptr + b * stride_qb + slot * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                ptrs = cache_ptr + ((b * H + head) * T_max + offs_t[:, None]).to(tl.int64) * (2 * HD) + offs_d[None, :]
+                if EARLY:  # batch 1: only the entry at pos is still to read
+                    now = (offs_t == pos)[:, None] & mask_d[None, :]
+                    k = tl.where(now, tl.load(ptrs, mask=now, other=0.0), k_past).to(tl.float32)
+                    v = tl.where(now, tl.load(ptrs + HD, mask=now, other=0.0), v_past).to(tl.float32)
+                else:
+                    k = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                    v = tl.load(ptrs + HD, mask=mask, other=0.0).to(tl.float32)
+                scores = tl.where(valid, tl.sum(k * (q * scale)[None, :], axis=1), float("-inf"))
+                m = tl.max(scores, axis=0)
+                p = tl.exp(scores - tl.where(m == float("-inf"), 0.0, m))
+                if NC == 1:
+                    tl.store(out_ptr + (b * n_sel + slot) * HD + offs_d, tl.sum(p[:, None] * v, axis=0) / tl.sum(p, axis=0),
                              mask=mask_d)
-                tl.atomic_xchg(count_ptr + slot, 0)  # ready for the next launch (or graph replay)
+                else:
+                    part = (b * n_sel + slot) * NC + c
+                    tl.store(m_ptr + part, m)
+                    tl.store(l_ptr + part, tl.sum(p, axis=0))
+                    tl.store(o_ptr + part * HD + offs_d, tl.sum(p[:, None] * v, axis=0), mask=mask_d)
+            if NC > 1:  # the head's last chunk program to finish combines the n_chunks partials into out (B, n, HD)
+                tl.debug_barrier()  # every thread's partials are stored before the (releasing) count
+                done = tl.atomic_add(count_ptr + slot, 1)
+                if done == n_chunks - 1:
+                    offs_c = tl.arange(0, NC)
+                    mask_c = offs_c < n_chunks
+                    for b in range(0, B):
+                        part = (b * n_sel + slot) * NC + offs_c
+                        m_c = tl.load(m_ptr + part, mask=mask_c, other=float("-inf"), cache_modifier=".cg")
+                        w_c = tl.exp(m_c - tl.max(m_c, axis=0))  # chunk 0 always holds position 0: the max is finite
+                        den = tl.sum(w_c * tl.load(l_ptr + part, mask=mask_c, other=0.0, cache_modifier=".cg"), axis=0)
+                        o_c = tl.load(o_ptr + part[:, None] * HD + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :],
+                                      other=0.0, cache_modifier=".cg")
+                        tl.store(out_ptr + (b * n_sel + slot) * HD + offs_d, tl.sum(w_c[:, None] * o_c, axis=0) / den,
+                                 mask=mask_d)
+                    tl.atomic_xchg(count_ptr + slot, 0)  # ready for the next launch (or graph replay)
 
 
 @triton.jit

@@ -69,9 +69,9 @@ if triton is not None:
         if count2(tied_a, tied_b) > missing:  # the smallest cut with count(tied at index >= cut) <= missing
             last = skip * 0
             for bit in tl.static_range(INDEX_BITS):
-                candidate = last | (1 << (INDEX_BITS - 1 - bit))
-                after = count2(tied_a & (off_a >= candidate), tied_b & (off_b >= candidate))
-                last = tl.where(after > missing, candidate, last)
+                at = last | (1 << (INDEX_BITS - 1 - bit))
+                after = count2(tied_a & (off_a >= at), tied_b & (off_b >= at))
+                last = tl.where(after > missing, at, last)
         return threshold, last + 1
 
     @triton.jit
@@ -82,27 +82,24 @@ if triton is not None:
         offsets = start + tl.arange(0, BLOCK)
         inside = offsets < n
         if MEAN:
-            v = tl.zeros((BLOCK,), dtype=tl.float32)
+            x = tl.zeros((BLOCK,), dtype=tl.float32)
             for b in range(0, B):
-                v += tl.load(s_ptr + b * stride_b + offsets, mask=inside, other=0.0).to(tl.float32)
-            v = v / B
+                x += tl.load(s_ptr + b * stride_b + offsets, mask=inside, other=0.0).to(tl.float32)
+            x = x / B
             if KIND == 0:
-                raw = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            elif KIND == 1:
-                raw = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            else:
-                bits = v.to(tl.int32, bitcast=True)
+                x = x.to(tl.float16)
+            if KIND == 1:
+                x = x.to(tl.bfloat16)
         else:
-            if KIND == 2:
-                bits = tl.load(s_ptr + b0 * stride_b + offsets, mask=inside, other=0.0).to(tl.int32, bitcast=True)
-            else:
-                raw = tl.load(s_ptr + b0 * stride_b + offsets, mask=inside, other=0).to(tl.int16, bitcast=True)
-                raw = raw.to(tl.int32) & 0xFFFF
+            x = tl.load(s_ptr + b0 * stride_b + offsets, mask=inside, other=0.0)
         if KIND == 2:  # signed order of the flipped bits = order of the floats; -0.0 with +0.0
+            bits = x.to(tl.int32, bitcast=True)
             bits = tl.where(bits == -2147483648, 0, bits)
-            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
-            return tl.where(inside, key, 4294967296), offsets, inside
-        return tl.where(inside, keys16(raw), 0x10000), offsets, inside
+            key = tl.where(inside, tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648, 4294967296)
+        else:
+            raw = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            key = tl.where(inside, keys16(raw), 0x10000)
+        return key, offsets, inside
 
     @triton.jit
     def _topk_kernel(s_ptr, out_ptr, count_ptr, B, n, k, stride_b, stride_r, stride_o,
@@ -111,12 +108,14 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         base = s_ptr + row * stride_r
         skip = n - k
+        off_a = tl.arange(0, BLOCK_A)
+        off_b = BLOCK_A + tl.arange(0, BLOCK_B)
         if UNION:
             keep_a = tl.zeros((BLOCK_A,), dtype=tl.int1)
             keep_b = tl.zeros((BLOCK_B,), dtype=tl.int1)
             for b in range(0, B):
-                key_a, off_a, in_a = _row_keys(base, stride_b, b, B, 0, n, BLOCK_A, False, KIND)
-                key_b, off_b, in_b = _row_keys(base, stride_b, b, B, BLOCK_A, n, BLOCK_B, False, KIND)
+                key_a, _, in_a = _row_keys(base, stride_b, b, B, 0, n, BLOCK_A, False, KIND)
+                key_b, _, in_b = _row_keys(base, stride_b, b, B, BLOCK_A, n, BLOCK_B, False, KIND)
                 threshold, cut = skip_cut(key_a, key_b, off_a, off_b, skip, KEY_BITS, INDEX_BITS)
                 keep_a |= ~((key_a < threshold) | ((key_a == threshold) & (off_a >= cut))) & in_a
                 keep_b |= ~((key_b < threshold) | ((key_b == threshold) & (off_b >= cut))) & in_b

@@ -139,6 +139,18 @@ def test_topk_select_is_the_masked_engines_choice_in_every_dtype(dtype, shape, k
     assert got.dtype == torch.int32 and torch.equal(got[0].long(), expected)
 
 
+def test_topk_kernel_compiles_for_hopper():
+    """The compiler's front end checks what the interpreter does not (types across branches, names defined in a
+    loop): the top-k kernel builds to sm_90 PTX for every dtype and batch combine (a subprocess, as above)."""
+    code = ("from kernels import checks\n"
+            "for case in [(0, False, False), (1, True, False), (0, False, True), (2, False, False)]:\n"
+            "    assert 'ret;' in checks.topk_ptx(*case)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_topk_union_of_the_batch_has_a_device_count_and_each_sequences_set():
     from kernels.topk import select, select_triton
 
