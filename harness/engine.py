@@ -289,17 +289,19 @@ def plan_global(scores: torch.Tensor, allocation: Allocation, unit: str) -> torc
     the keep mask (…, L, n) that skips the lowest-scored units overall, dense layers and each layer's top
     `min_keep` protected. The masked engine's plan, and the decode engine's (kernels.sources)."""
     *lead, layers, n = scores.shape
-    flat = scores.float().reshape(-1, layers, n).clone()
-    eligible = [l for l in range(layers) if l not in allocation.dense_layers]
+    flat = scores.float().reshape(-1, layers, n)
+    dense = sorted(l for l in set(allocation.dense_layers) if 0 <= l < layers)
+    eligible = layers - len(dense)
     protect = torch.zeros_like(flat, dtype=torch.bool)
-    protect[:, list(allocation.dense_layers)] = True
-    floor = int(round(allocation.min_keep * n))
+    for l in dense:  # slices, not an index list: no host-to-device copy (the decode step runs this in a CUDA graph)
+        protect[:, l] = True
+    floor = min(int(round(allocation.min_keep * n)), n)
     if floor > 0:  # the top `floor` units of every layer are never skipped
         top = torch.topk(flat, floor, dim=-1).indices
         protect.scatter_(-1, top, True)
-    flat[protect] = float("inf")
-    skip = int(round(allocation.fraction(unit) * n * len(eligible)))
-    skip = min(skip, int((~protect).sum(dim=(-1, -2)).min()))
+    flat = torch.where(protect, float("inf"), flat)
+    skip = int(round(allocation.fraction(unit) * n * eligible))
+    skip = min(skip, (layers - len(dense)) * (n - floor))  # the units left unprotected (no device read)
     return lowest_k_mask(flat.view(-1, layers * n), skip).view(*lead, layers, n)
 
 

@@ -488,6 +488,8 @@ def dense_engine(name, model, prompt, settings, session) -> dict:
 COLUMNS = [("prefill_ms", "prefill ms"), ("token_ms", "ms/token p50"), ("token_ms_p90", "p90"), ("token_ms_p99", "p99"),
            ("request_ms", "request ms"), ("tokens_per_s", "tokens/s"), ("peak_mem_gb", "peak GB"),
            ("floor_ms", "floor ms"), ("predictor_share", "predictor share")]
+#: per-row fields of the first record (not metrics): the K/V policy used and, where both ran, each one's ms/token
+INFO = [("kv", "kv"), ("token_ms_by_kv", "ms/token by kv"), ("head_change_rate", "head set changes")]
 
 
 def _fmt(value, digits=2) -> str:
@@ -503,9 +505,12 @@ def latency_markdown(records: list[dict]) -> str:
     if not records:
         return ""
     blocks = []
-    models = list(dict.fromkeys((r["model"], r["weights"], r.get("dtype"), r.get("device")) for r in records))
-    for model, weights, dtype, device in models:
-        mine = [r for r in records if (r["model"], r["weights"], r.get("dtype"), r.get("device")) == (model, weights, dtype, device)]
+    def block_key(r):
+        return r["model"], r["weights"], r.get("dtype"), r.get("device"), r.get("batch")
+
+    models = sorted(dict.fromkeys(block_key(r) for r in records), key=lambda k: tuple(str(x) for x in k[:4]) + (k[4] or 0,))
+    for model, weights, dtype, device, _ in models:
+        mine = [r for r in records if block_key(r) == (model, weights, dtype, device, _)]
         rows: dict = {}
         errors = []
         for r in mine:
@@ -521,7 +526,7 @@ def latency_markdown(records: list[dict]) -> str:
                       f"prompt {first.get('prompt_len')} + {first.get('new_tokens')} tokens · "
                       f"copy bandwidth {_fmt(first.get('copy_bandwidth_gbps'), 0)} GB/s · {first.get('timer')}\n")
         header = ["method · engine", "sparsity", "skipped h/n"] + [name for _, name in COLUMNS] + [
-            "× floor", "× vs dense ours", "× vs hf-static", "× vs hf-eager"]
+            "× floor", "× vs dense ours", "× vs hf-static", "× vs hf-eager"] + [name for _, name in INFO]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         order = sorted(rows, key=lambda k: (not k[0].startswith("dense"), k[1], k[0]))
         for key in order:
@@ -535,6 +540,13 @@ def latency_markdown(records: list[dict]) -> str:
             for base in ("ours", "hf-static", "hf-eager"):
                 ref = next((v for engine, v in dense.items() if engine.split("+")[0] == base), None)
                 cells.append(_fmt(ref / token) if token and ref else "–")
+            for field, _ in INFO:
+                value = r.get(field)
+                if isinstance(value, dict):
+                    value = ", ".join(f"{k} {v:.2f}" for k, v in value.items())
+                elif isinstance(value, float):
+                    value = f"{value:.3f}"
+                cells.append("–" if value is None else str(value))
             lines.append("| " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines) + "\n")
         if errors:

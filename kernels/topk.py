@@ -219,7 +219,7 @@ def _select_torch(scores, k, union, out, counts):
     if union:
         keep = _lowest_k(scores, n - k).any(0)
     else:
-        mean = scores.float().mean(0) if scores.shape[0] > 1 else scores[0]
+        mean = scores.float().mean(0).to(scores.dtype) if scores.shape[0] > 1 else scores[0]  # as the kernel rounds
         keep = _lowest_k(mean, n - k)
     keep = keep.reshape(-1, n)
     if out is None and counts is None:  # exactly k a row: the kept indices in ascending order

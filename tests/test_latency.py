@@ -222,8 +222,10 @@ def latency_run(tiny_model_dir, tmp_path_factory):
 def test_latency_suite_records_every_field(latency_run):
     out, records = latency_run
     rows = {}
+    assert {r["batch"] for r in records} == {1, 4, 16}  # the suite's batch sizes, each its own records
     for r in records:
-        rows.setdefault((r["method_label"], r.get("engine")), {})[r["metric"]] = r
+        if r["batch"] == 1:
+            rows.setdefault((r["method_label"], r.get("engine")), {})[r["metric"]] = r
     assert set(rows) == {("dense · ours", "ours"), ("dense · hf-eager", "hf-eager"), ("dense · hf-static", "hf-static"),
                          ("static:plainact", "ours"), ("dejavu", "ours"), ("shadow:plainact", "ours"),
                          ("timewise:current", "ours")}, sorted(rows)
@@ -244,6 +246,14 @@ def test_latency_suite_records_every_field(latency_run):
         else:
             assert token["reference_token_ms"] > 0 and token["predictor_bytes"] > 0
             assert metrics["floor_ms"]["value"] > token["floor_model_ms"]
+        # kv=auto: both K/V policies measured, the faster one reported; the head-set change rate beside it
+        assert set(token["token_ms_by_kv"]) == {"all", "recompute"} and token["kv_setting"] == "auto"
+        assert token["kv"] == min(token["token_ms_by_kv"], key=token["token_ms_by_kv"].get)
+        assert token["value"] == token["token_ms_by_kv"][token["kv"]]
+        rate = token["head_change_rate"]
+        assert rate == 0.0 if label.startswith("static") else 0.0 <= rate <= 1.0
+        if label in ("dejavu", "timewise:current"):  # seeded-at-random predictors on a tiny model: sets change
+            assert rate > 0.0
     assert rows[("dense · hf-static", "hf-static")]["token_ms"]["compiled"] is False  # CPU: not compiled
     sparse = rows[("dejavu", "ours")]["floor_ms"]
     dense = rows[("dense · ours", "ours")]["floor_ms"]

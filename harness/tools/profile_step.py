@@ -94,6 +94,7 @@ def main(argv=None):
     parser.add_argument("--pdl", default=None, help="comma-separated KERNELS_PDL modes to compare, e.g. 0,1,prefetch "
                         "(default: the environment's)")
     parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--kv", default=None, help="all or recompute for the sparse methods (default recompute)")
     args = parser.parse_args(argv)
 
     from torch.profiler import ProfilerActivity, profile
@@ -122,7 +123,7 @@ def main(argv=None):
             source = source_for(method, lb.predictors(method, model), Allocation(args.heads, 0.0), model)
         else:
             source = source_for(method, lb.predictors(method, model), Allocation(args.heads, args.neurons), model)
-        kv = "all" if method == "dense" else "recompute"  # as harness.tools.latency_bench runs them
+        kv = "all" if method == "dense" else (args.kv or "recompute")
         engine = SparseDecoder(model, source, max_len=args.prompt + 64, kv=kv, cuda_graph=not args.no_graph,
                                layers=layers)
         layers = engine.layers
