@@ -206,6 +206,10 @@ def execute_job(session: Session, job: JobSpec, progress=None) -> dict:
         base["achieved_per_token"] = achieved["achieved_per_token"]
     if artefact is not None and artefact.path is not None:
         base["artefact"] = str(artefact.path)
+    from methods.predictors import PREDICTOR_METHODS, predictor_weights
+
+    if spec.name in PREDICTOR_METHODS:  # the weight format the predictors ran with (model, int8, fp8)
+        base["predictor_weights"] = predictor_weights(ctx.settings)
     if artefact is not None:  # what calibration data the fit saw, and how much of it
         base.update({"calib_data": config.calib_data, "calib_samples": config.calib_samples,
                      "calib_seqlen": config.calib_seqlen, "calib_budget_gb": config.calib_budget_gb,

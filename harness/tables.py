@@ -163,6 +163,9 @@ def header(model: str, weights: str, suite: str, records: list[dict]) -> str:
     seeds = {len(r["seeds"]) for r in records if "seeds" in r}
     if seeds:
         text += f" · seeded methods: mean ± std over {'/'.join(map(str, sorted(seeds)))} seeds"
+    formats = sorted({r["predictor_weights"] for r in records if r.get("predictor_weights", "model") != "model"})
+    if formats:
+        text += f" · predictor weights: {'/'.join(formats)} (per-row scales, fake-quantized)"
     if any(r.get("data_verified") is False for r in records):
         text += " · data not verified against its manifest (--no-verify)"
     return text

@@ -183,6 +183,19 @@ def check_methods(config, labels: list[str], tasks: list, model_config=None) -> 
 DECODE_FAMILIES = ("opt", "llama")  #: families with a sparse decode engine (kernels.decode, kernels.decode_llama)
 
 
+def check_method_settings(config) -> None:
+    """Method settings with a fixed set of values: `predictor_weights` (model, int8, fp8) of the predictor methods
+    (dejavu, shadow, timewise), and only for them."""
+    from methods.predictors import PREDICTOR_METHODS, predictor_weights
+
+    for name, settings in (config.method_settings or {}).items():
+        if isinstance(settings, dict) and "predictor_weights" in settings:
+            if name not in PREDICTOR_METHODS:
+                raise HarnessError(f"method_settings {{{name}: {{predictor_weights: ...}}}}: {name} has no predictors; "
+                                   f"predictor_weights applies to {', '.join(PREDICTOR_METHODS)}")
+            predictor_weights(settings)
+
+
 def check_extras(tasks: list) -> None:
     from harness.lmeval import ZERO_SHOT, require_lm_eval
 
@@ -291,6 +304,7 @@ def prepare(config, data_dir=None, tokenizer=None, *, cache_dir=None, out=None, 
     check_ranges(config, model_config, model_spec.label)
     labels = list(dict.fromkeys(get_method(MethodSpec.parse(text)).label for text in config.methods))
     check_methods(config, labels, tasks, model_config)
+    check_method_settings(config)
     data = resolve_data(data_dir, verify=verify)  # a bundle, else the Hugging Face hub (harness/data.py)
     fits = fitting_methods(labels)
     few_shot = calibration_tasks(config, labels)

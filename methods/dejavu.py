@@ -34,8 +34,8 @@ from harness.traces import collect_traces, trace_key, unpack_bits
 from kernels.sources import AfterLayerZero, Folded, PredictorSource, keep_counts
 from methods import Method, register
 from methods.predictors import (PredictorPolicyMixin, example_split, keep_count, layer_report, linear_flops, load,
-                                low_rank, minmax, mlp, parameter_count, save, seeded, storage_dtype, top_k,
-                                train_classifiers, train_regressors)
+                                low_rank, minmax, mlp, parameter_count, predictor_weights, save, seeded, storage_dtype,
+                                top_k, train_classifiers, train_regressors)
 
 DEFAULTS = {"hidden": 1000, "epochs": 20, "lr": 1e-3, "batch_size": 256, "patience": 3, "val_fraction": 0.1}
 #: dejavu:shadowllm: ShadowLLM's Table 3 (hidden layers 1, 2048 units, ReLU, 100 epochs, batch 32, AdamW 1e-3,
@@ -369,7 +369,8 @@ class DejaVu(Method):
         config = ctx.model.config
         out = config.num_attention_heads if unit == "attn" else config.ffn_dim
         layers = sorted({int(name.split(".")[1]) for name in artefact.tensors if name.startswith(unit + ".")})
-        return {l: load(artefact.tensors, f"{unit}.{l}", self._architecture(config, out)) for l in layers}
+        weights = predictor_weights(self.settings)  # 8-bit weights (fake-quantized) when set
+        return {l: load(artefact.tensors, f"{unit}.{l}", self._architecture(config, out), weights) for l in layers}
 
     def policy(self, ctx, allocation, artefact):
         attn, mlp_ = self._predictors(ctx, artefact, "attn"), self._predictors(ctx, artefact, "mlp")

@@ -329,9 +329,89 @@ def storage_dtype(model_dtype: torch.dtype) -> torch.dtype | None:
     return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else None
 
 
-def load(tensors: dict, prefix: str, predictor: Predictor) -> Predictor:
+def load(tensors: dict, prefix: str, predictor: Predictor, weights: str = "model") -> Predictor:
+    """The predictor's fitted tensors under `prefix`; with `weights` int8 or fp8 every Linear weight is then held
+    as its dequantized 8-bit form (`quantize_predictor`)."""
     predictor.load_state_dict({name[len(prefix) + 1:]: t for name, t in tensors.items() if name.startswith(prefix + ".")})
-    return predictor.eval()
+    return quantize_predictor(predictor, weights).eval()
+
+
+# -- 8-bit predictor weights (the `predictor_weights` setting of dejavu, shadow and timewise) ------------------------
+#: `model`: the fitted weights as stored (the model's dtype for half-precision models, else float32); `int8`: int8
+#: with one absmax scale per output row; `fp8`: float8 e4m3 (torch.float8_e4m3fn) with one scale per output row.
+PREDICTOR_WEIGHTS = ("model", "int8", "fp8")
+#: the methods whose predictors the setting applies to (every variant of each)
+PREDICTOR_METHODS = ("dejavu", "shadow", "timewise")
+INT8_MAX = 127
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+
+def predictor_weights(settings: dict | None) -> str:
+    """The `predictor_weights` setting of a method's settings (default `model`); an unknown value is a HarnessError."""
+    value = (settings or {}).get("predictor_weights", "model")
+    if value not in PREDICTOR_WEIGHTS:
+        from harness.errors import HarnessError
+
+        raise HarnessError(f"predictor_weights {value!r} is not a predictor weight format; valid: model (the fitted "
+                           "weights in the model's dtype), int8 (per-output-row absmax scale), fp8 (float8 e4m3, "
+                           "per-output-row scale)")
+    return value
+
+
+def quantize_rows(weight: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) of a (out, in) weight, one scale per output row, so that weight ≈ q * scale[:, None].
+
+    int8: scale = absmax(row) / 127, q = round(weight / scale) in int8 (−127 … 127); the error of an entry is at most
+    scale / 2. fp8: scale = absmax(row) / 448 (e4m3's largest value), q = weight / scale rounded to float8_e4m3fn (3
+    mantissa bits: a relative error of at most 2⁻⁴, or 2⁻¹⁰·scale among its subnormals). Scales are float32; a row of
+    zeros has scale 0 and q 0. The quantization is computed in float32 whatever the weight's dtype."""
+    if kind not in ("int8", "fp8"):
+        raise ValueError(f"quantize_rows: unknown kind {kind!r}; valid: int8, fp8")
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_rows: a (out, in) weight is needed (got shape {tuple(weight.shape)})")
+    w = weight.detach().float()
+    top = INT8_MAX if kind == "int8" else FP8_MAX
+    scale = w.abs().amax(dim=1) / top
+    scaled = w / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+    if kind == "int8":
+        q = scaled.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    else:
+        q = scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight that (q, scale) of `quantize_rows` stands for: q * scale per output row, in `dtype`."""
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def quantize_predictor(predictor: nn.Module, kind: str) -> nn.Module:
+    """Fake quantization, in place: the weight of every nn.Linear of `predictor` is replaced by
+    dequantize(*quantize_rows(weight, kind)) in its own dtype (biases, and the input standardisation, stay as they
+    are), so the masked engine computes exactly what the 8-bit weights give. The 8-bit tensors and their scales stay
+    on the module: `quantized_weights(predictor)`. `model` leaves the predictor unchanged."""
+    if kind == "model":
+        return predictor
+    if kind not in PREDICTOR_WEIGHTS:
+        raise ValueError(f"unknown predictor weight format {kind!r}; valid: {', '.join(PREDICTOR_WEIGHTS)}")
+    found = {}
+    with torch.no_grad():
+        for name, module in predictor.named_modules():
+            if isinstance(module, nn.Linear):
+                q, scale = quantize_rows(module.weight, kind)
+                module.weight.copy_(dequantize(q, scale, module.weight.dtype))
+                found[f"{name}.weight" if name else "weight"] = (q, scale)
+    # a plain attribute, not buffers: Module.to(dtype) would cast float8 buffers, and they must stay 8-bit
+    predictor.quantized_weights = {"kind": kind, "weights": found}
+    return predictor
+
+
+def quantized_weights(predictor: nn.Module) -> dict | None:
+    """{"kind": int8|fp8, "weights": {parameter name: (q (out, in) int8/float8_e4m3fn, scale (out,) float32)}} of a
+    predictor quantized by `quantize_predictor` (names as in its state_dict, e.g. `net.0.weight`); None otherwise.
+    The masked engine's weights are exactly dequantize(q, scale) cast to the predictor's dtype."""
+    return getattr(predictor, "quantized_weights", None)
 
 
 def layer_report(predicted: list, oracle: list, k: int | None, layers: list[int]) -> dict:

@@ -31,8 +31,8 @@ from kernels.sources import AfterLayerZero, Folded, Group, keep_counts
 from methods import Method, register
 from methods.criteria import ALIASES, CRITERIA
 from methods.predictors import (Predictor, PredictorPolicyMixin, example_split, keep_count, layer_report,
-                                linear_flops, load, minmax, parameter_count, save, seeded, storage_dtype,
-                                train_regressor)
+                                linear_flops, load, minmax, parameter_count, predictor_weights, save, seeded,
+                                storage_dtype, train_regressor)
 
 DEFAULTS = {"hidden": 2048, "epochs": 20, "lr": 1e-3, "batch_size": 256, "val_fraction": 0.1, "score_tokens": 2048}
 #: ShadowLLM's Table 3 for its few-shot examples (3000 rows, not tens of thousands of tokens)
@@ -296,7 +296,9 @@ class Shadow(Method):
 
     def policy(self, ctx, allocation, artefact):
         config = ctx.model.config
-        return ShadowPolicy(load(artefact.tensors, "shadow", shadow_predictor(config, self.hp()["hidden"])), config)
+        predictor = load(artefact.tensors, "shadow", shadow_predictor(config, self.hp()["hidden"]),
+                         predictor_weights(self.settings))  # 8-bit weights (fake-quantized) when set
+        return ShadowPolicy(predictor, config)
 
     decode_allocations = frozenset({"local", "global"})  # ShadowLLM's own setting is global: one ranking a token
 
@@ -312,7 +314,8 @@ class Shadow(Method):
     def quality(self, ctx, allocation, artefact) -> dict:
         config = ctx.model.config
         x, scores, _, val, _ = self._rows(ctx)
-        predictor = load(artefact.tensors, "shadow", shadow_predictor(config, self.hp()["hidden"]))
+        predictor = load(artefact.tensors, "shadow", shadow_predictor(config, self.hp()["hidden"]),
+                         predictor_weights(self.settings))
         device = ctx.session.device
         with torch.no_grad():
             heads, neurons = split(predictor.to(device)(x[val].float().to(device)).cpu(), config)

@@ -19,7 +19,8 @@ from kernels.sources import Folded, keep_counts
 from methods import Method, register
 from methods.dejavu import DejaVuSource
 from methods.predictors import (PredictorPolicyMixin, keep_count, layer_report, linear_flops, load, mlp,
-                                parameter_count, save, seeded, storage_dtype, top_k, train_classifiers)
+                                parameter_count, predictor_weights, save, seeded, storage_dtype, top_k,
+                                train_classifiers)
 
 DEFAULTS = {"hidden": 256, "hidden_layers": 2, "epochs": 20, "lr": 1e-3, "batch_size": 256, "patience": 3,
             "val_fraction": 0.1, "M": 1}
@@ -190,8 +191,9 @@ class Timewise(Method):
         config = ctx.model.config
         layers = sorted({int(name.split(".")[1]) for name in artefact.tensors})
         hp = self.hp()
+        weights = predictor_weights(self.settings)  # 8-bit weights (fake-quantized) when set
         return {l: load(artefact.tensors, f"heads.{l}", timewise_predictor(config.hidden_size, config.num_attention_heads,
-                                                                            hp)) for l in layers}
+                                                                            hp), weights) for l in layers}
 
     def policy(self, ctx, allocation, artefact):
         if artefact is None:
