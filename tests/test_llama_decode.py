@@ -335,3 +335,37 @@ def test_input_sparse_kernel_batch_and_counts():
         mod.input_sparse_add(gu, wt[:, :24].contiguous(), t[:1], acc, segments=(0, 24), swiglu=(torch.ones(2 * R),))
         res.append(acc)
     assert torch.allclose(res[0], res[1], atol=1e-5)
+
+
+def test_latency_suite_runs_llama_models_on_their_engine(tmp_path):
+    """`harness run --suite latency` on a Llama-family model builds the Llama engine (kv=all: the only K/V policy
+    for shared K/V heads), for dense, a static ranking and teal's input thresholds, and records the engine's own
+    floor."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+    from harness.suites import load_suite
+
+    suite = load_suite("latency")
+    suite["defaults"]["method_settings"]["latency"].update(prompt=5, new_tokens=3, warmup=0, repeats=1, copy_mb=8,
+                                                             batch=[1], engines=["ours"])
+    suite["defaults"].update(calib_samples=2, calib_seqlen=16)
+    path = tmp_path / "latency.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    out = tmp_path / "run"
+    common = ["run", "--suite", str(path), "--model", "llama-tiny", "--weights", "random", "--dtype", "float32",
+              "--device", "cpu", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    runner = CliRunner()
+    for methods, sparsity in (("dense,static", "h0.5/n0.5"), ("teal", "0.5")):
+        result = runner.invoke(app, common + ["--methods", methods, "--sparsity", sparsity], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    token = {r["method"]: r for r in records if r["metric"] == "token_ms"}
+    assert set(token) == {"dense", "static", "teal"}
+    assert all(r["value"] > 0 for r in token.values())
+    assert token["static"]["kv"] == "all" and set(token["static"]["token_ms_by_kv"]) == {"all"}
+    floors = {m: r["weight_bytes"] for m, r in token.items() if "weight_bytes" in r}
+    assert floors["static"] < floors["dense"]
