@@ -294,7 +294,7 @@ def check_topk(n, k, batch, seed=0, device=None):
 _P = "*fp16"
 _ROWS_SIGNATURE = dict(
     x_ptr=_P, w_ptr=_P, bias_ptr=_P, idx_ptr="*i32", out_ptr=_P, cache_ptr=_P, pos_ptr="*i64", count_ptr="*i32",
-    B="i32", N="i32",
+    scale_ptr="*fp32", B="i32", N="i32",
     K="i32", row_stride="i32", row_offset="i32", split="i32", stride_xb="i32", stride_ob="i32",
     stride_oslot="i32", stride_cb="i32", stride_ch="i32", stride_ct="i32")
 _ATTEND_SIGNATURE = dict(
@@ -303,7 +303,7 @@ _ATTEND_SIGNATURE = dict(
     H="i32", T_max="i32", D="i32", HD="i32", scale="fp32", stride_qb="i32", stride_qh="i32", n_chunks="i32")
 _HOPPER_SIGNATURES = {
     "rows": (gemv._rows_kernel, _ROWS_SIGNATURE,
-             dict(G=384, HAS_BIAS=True, RELU=False, TO_CACHE=True, COUNTED=False, BLOCK_B=1, BLOCK_N=8,
+             dict(G=384, HAS_BIAS=True, RELU=False, TO_CACHE=True, COUNTED=False, SCALE=False, BLOCK_B=1, BLOCK_N=8,
                   BLOCK_K=256)),
     "cols": (gemv._cols_kernel, dict(
         a_ptr="*fp32", w_ptr=_P, idx_ptr="*i32", acc_ptr="*fp32", bias_ptr=_P, count_ptr="*i32", B="i32", R="i32",

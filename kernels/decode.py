@@ -37,7 +37,7 @@ second CUDA stream reads: kernels.sources.SideStream) and `end_step(engine)` (ca
 layer, e.g. to join that stream). Indices are shared by the batch; contiguous int32/int64 index tensors on the
 device are read in place, anything else is copied into the layer's fixed-size buffer. `heads_used[l]` is the
 index tensor layer l read in the last step (under a CUDA graph the same fixed tensor every replay): the recompute
-rate of `kernels.sources.head_change_rate` reads it.
+rate of `harness.latency.head_change_rate` reads it.
 
 backend="triton" runs the kernels of `kernels.gemv` (CPU: set TRITON_INTERPRET=1 first); backend="torch" runs
 their references (`kernels.reference`), e.g. on a CPU. CUDA graphs are used only on CUDA (cuda_graph=True).

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.families import LINEAR_SITES, family_of
-from kernels.decode import DenseMasks, StaticMasks, _per_layer  # noqa: F401 - the shared mask sources
+from kernels.decode import Counted, DenseMasks, StaticMasks, _per_layer  # noqa: F401 - the shared mask sources
 
 BACKENDS = ("triton", "torch")
 SITE_INDEX = {site: i for i, site in enumerate(LINEAR_SITES)}
@@ -187,6 +187,7 @@ class LlamaSparseDecoder:
                          for k in heads_kept]
         self.kv_buf = [torch.zeros(k, dtype=torch.int32, device=self.device) for k in heads_kept]
         self.neuron_buf = [torch.zeros(k, dtype=torch.int32, device=self.device) for k in neurons_kept]
+        self.heads_used = [None] * self.num_layers  # the head indices the last step read (head_change_rate)
         self._fixed_units: dict = {}
         if self.input_sparse:
             if any(k != H for k in heads_kept) or any(k != self.ffn_dim for k in neurons_kept):
@@ -342,6 +343,9 @@ class LlamaSparseDecoder:
     def _indices(self, layer, got, buffers):
         if got is None:
             raise ValueError(f"the mask source gave no indices for layer {layer}")
+        if isinstance(got, Counted):
+            raise ValueError("the Llama engine reads fixed per-layer counts: global allocation and combine='union' "
+                             "decode on the OPT engine (kernels.decode) only")
         buf = buffers[layer]
         if got.numel() != buf.numel():
             raise ValueError(f"layer {layer}: the mask source gave {got.numel()} indices, the engine keeps "
@@ -386,11 +390,13 @@ class LlamaSparseDecoder:
     def _layers_rows(self, h):
         ops, B, hd, dt = self.ops, self.batch, self.head_dim, self.dtype
         static = getattr(self.masks, "static", False)
-        hidden = (lambda: h) if static else (lambda: h.to(dt))  # noqa: E731
+        raw = static or getattr(self.masks, "reads_stream", False)  # the source copies what it reads itself
+        hidden = (lambda: h) if raw else (lambda: h.to(dt))  # noqa: E731
         neurons_hook = getattr(self.masks, "neuron_masks", None)
         for index, w in enumerate(self.layers):
             head_idx, neuron_idx = self.masks(index, hidden())
             heads = self._head_indices(index, head_idx)
+            self.heads_used[index] = heads
             units, kv = self._units(index, heads, static)
             n = heads.numel()
             xn = ops.rms_norm(h, w.ln1, w.eps1, dt)
@@ -403,10 +409,14 @@ class LlamaSparseDecoder:
             neurons = self._indices(index, neuron_idx, self.neuron_buf)
             act = ops.swiglu_gather(ops.rms_norm(h, w.ln2, w.eps2, dt), w.wgu, w.bgu, neurons, fixed=static)
             ops.fc2_add(act, w.w2t, w.b2, neurons, h, fixed=static)
+        if hasattr(self.masks, "end_step"):
+            self.masks.end_step(self)  # e.g. join the second stream of a lookahead source
 
     def _head_indices(self, layer, got):
         if got is None:
             raise ValueError(f"the mask source gave no indices for layer {layer}")
+        if isinstance(got, Counted):
+            return self._indices(layer, got, None)  # refused there
         if got.numel() != self.heads_kept[layer]:
             raise ValueError(f"layer {layer}: the mask source gave {got.numel()} indices, the engine keeps "
                              f"{self.heads_kept[layer]} (counts are fixed per layer)")

@@ -65,7 +65,7 @@ def set_pdl(mode: str | None = None) -> str:
     under the interpreter and on GPUs before compute capability 9. A step already captured in a CUDA graph keeps
     the mode it was captured with.
 
-    Measured on the H200 (`kernels.profile_step --layers 8 --pdl 0,1,prefetch`, results/reports/
+    Measured on the H200 (`kernels.profile_step` — now harness.tools.profile_step — `--layers 8 --pdl 0,1,prefetch`, results/reports/
     pdl-h200.txt): static 50% heads + 90% neurons 675 → 644 → 620 µs per 8-layer step, dense 1657 → 1623 →
     1616 µs. Issuing L2 bulk prefetches of the whole weight share before the wait was slower (726 / 1716 µs),
     as was letting the next GEMV launch at a GEMV's start (its programs then hold slots while they wait)."""
@@ -148,17 +148,18 @@ def _prune(size_keys):
 @triton.autotune(configs=_row_configs(), key=["N", "K", "G", "BLOCK_B", "RELU", "TO_CACHE"],
                  prune_configs_by=_prune(("BLOCK_N", "BLOCK_K")))
 @triton.jit
-def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr, count_ptr,
+def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr, count_ptr, scale_ptr,
                  B, N, K, row_stride, row_offset, split,
                  stride_xb, stride_ob, stride_oslot, stride_cb, stride_ch, stride_ct,
                  G: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, TO_CACHE: tl.constexpr,
-                 COUNTED: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                 COUNTED: tl.constexpr, SCALE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[b, j] = act(x[b] · W[row(j)] + bias[row(j)]) for the N = len(idx)·G outputs j, row(j) =
     idx[j // G]·row_stride + row_offset + j % G. Element e = row_offset + j % G of a unit goes to
     out[b, j // G, j % G] if e < split, else (TO_CACHE) to cache[b, idx[j // G], pos, e − split].
     COUNTED: only the first count[0] units of idx are live (a count the step computes on the device); programs
-    past them read and write nothing. PDL: wait for the previous kernel before the first read of x/idx
+    past them read and write nothing. SCALE: W holds 8-bit codes (int8 or fp8) and row r's product is multiplied by
+    scale[r] (fp32) before the bias. PDL: wait for the previous kernel before the first read of x/idx
     (PREFETCH: idx is fixed for the step, so the first weight tile is loaded before the wait)."""
     pid = tl.program_id(0)
     if PDL:
@@ -194,6 +195,8 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr, c
     if PDL:  # the next kernel may launch once every program is past its weights (not earlier: it would hold slots)
         gdc_launch_dependents()
     y = tl.sum(acc, axis=2)
+    if SCALE:
+        y *= tl.load(scale_ptr + rows, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if RELU:
@@ -463,9 +466,9 @@ def _prefetch(fixed: bool) -> bool:
 
 
 def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, out=None, out_strides=(0, 0),
-          cache=None, pos=None, split=_NO_SPLIT, fixed=False, config=None, count=None):
+          cache=None, pos=None, split=_NO_SPLIT, fixed=False, config=None, count=None, scale=None):
     """Launch `_rows_kernel`; see its docstring. `fixed`: idx does not change during the step (PDL prefetch).
-    `config` (a triton.Config): run that one instead of autotuning (config sweeps, kernels.bench). `count`: a
+    `config` (a triton.Config): run that one instead of autotuning (config sweeps, kernels.bench.gpu). `count`: a
     1-element int32 device tensor, the number of live units of idx (the grid covers all of idx)."""
     B, K = x.shape
     _check_x(x, w.shape[1])
@@ -476,10 +479,11 @@ def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, o
     kernel, meta = (_rows_kernel, {}) if config is None else (_rows_kernel.fn, _config_kwargs(config))
     kernel[grid](x, w, bias if bias is not None else w, idx, out if out is not None else w,
                  cache if cache is not None else w, pos if pos is not None else idx,
-                 count if count is not None else idx,
+                 count if count is not None else idx, scale if scale is not None else x,
                  B, n, K, row_stride, row_offset, split,
                  x.stride(0), out_strides[0], out_strides[1], cs[0], cs[1], cs[2],
                  G=group, HAS_BIAS=bias is not None, RELU=relu, TO_CACHE=cache is not None, COUNTED=count is not None,
+                 SCALE=scale is not None,
                  PDL=PDL, PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH, **meta)
     return out
 
@@ -488,12 +492,14 @@ def _config_kwargs(config) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def gather_rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, out=None, fixed=False):
-    """out[b, slot, g] = act(x[b] · w[idx[slot]·row_stride + row_offset + g] + bias[...]), g < group → (B, len(idx), group)."""
+def gather_rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, out=None, fixed=False,
+                scale=None):
+    """out[b, slot, g] = act(x[b] · w[idx[slot]·row_stride + row_offset + g] + bias[...]), g < group → (B, len(idx), group).
+    `scale` (fp32, one per row of w): w holds 8-bit codes, each row's product multiplied by its scale."""
     if out is None:
         out = torch.empty(x.shape[0], idx.numel(), group, device=x.device, dtype=x.dtype)
     return _rows(x, w, bias, idx, group=group, row_stride=row_stride, row_offset=row_offset, relu=relu, out=out,
-                 out_strides=(out.stride(0), out.stride(1)), fixed=fixed)
+                 out_strides=(out.stride(0), out.stride(1)), fixed=fixed, scale=scale)
 
 
 def _cols(a, w, idx, acc, bias, *, group=1, row_stride=1, fixed=False, config=None, count=None):

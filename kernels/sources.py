@@ -9,17 +9,23 @@ through the method registry. This module holds what every source shares and impo
 
   keep_counts       the per-layer kept counts under a local allocation (the masked engine's skip counts);
   Folded, Group     a predictor with its input standardisation folded into its first linear layer once (computed
-                    in float64), and predictors that read the same tensor sharing one first matmul;
-  PredictorSource   the base of the per-token sources (fixed counts, identity index sets for dense layers/units);
+                    in float64), and predictors that read the same tensor sharing one first GEMV; a bound Group
+                    runs its layers through the engine's own GEMV into persistent buffers, then the top-k;
+  SideStream        the second CUDA stream of the lookahead (fork where a predictor's input exists, join where its
+                    indices are read; both inside the step's CUDA graph);
+  PredictorSource   the base of the per-token sources (counts, identity index sets for dense layers/units,
+                    persistent index buffers, the batch `combine` and `lookahead` settings);
+  AfterLayerZero    the base of the sources reading layer 0's attention output (shadow, dejavu:shadowllm), with
+                    global allocation: one ranking of every layer's scores per token, device-counted index sets;
   reference_source  a static source with a source's per-layer counts: the step without the predictor.
 
-The top-k is `kernels.topk.select` (on the GPU one Triton launch for head rows, torch.topk for neuron rows; the
-engine reads either index tensor in place): the same selection as the masked engine's `lowest_k_mask` (ties
-aside).
-The number of kept units per layer is fixed (the allocation's keep count; dense layers keep all), as the
-engine's index buffers need. Indices are shared by the batch: with batch > 1 the batch-mean score is ranked
-(the masked engine would choose per sequence; equivalence holds for batch 1). Not decodable with fixed counts:
-`global` allocation with a per-token method, and the non-causal `request` scope.
+The top-k is `kernels.topk.select` (one Triton launch per row set, heads and neurons alike, on the GPU): exactly
+the masked engine's `lowest_k_mask` choice, ties included. With local allocation the number of kept units per
+layer is fixed (the allocation's keep count; dense layers keep all); global allocation and combine="union" give
+`Counted` index sets whose count the kernels read on the device. Indices are shared by the batch (batch-mean
+scores, or the union of the sequences' sets); the masked engine chooses per sequence, so equivalence holds for
+batch 1. Not decodable: global allocation with Deja Vu's or timewise's layer-by-layer predictors, and the
+non-causal `request` scope.
 """
 from __future__ import annotations
 
@@ -48,6 +54,45 @@ def keep_counts(allocation: Allocation, num_layers: int, num_heads: int, ffn_dim
 # ------------------------------------------------------------------------------------------------------------
 # predictors, folded for decoding
 # ------------------------------------------------------------------------------------------------------------
+class Quantized:
+    """An 8-bit weight (out, in) with one fp32 scale per output row: weight = q · scale[:, None] (int8 or fp8 codes,
+    `methods.predictors.quantize_rows`). The decode step reads the codes (half the bytes of fp16) and applies the
+    scale in the GEMV's epilogue; `dense(dtype)` is the weight the masked engine computes with."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        self.q, self.scale = q, scale.float()
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    def __getitem__(self, rows) -> "Quantized":
+        return Quantized(self.q[rows], self.scale[rows])
+
+    def to(self, device) -> "Quantized":
+        return Quantized(self.q.to(device).contiguous(), self.scale.to(device).contiguous())
+
+    def dense(self, dtype) -> torch.Tensor:
+        return (self.q.float() * self.scale[:, None]).to(dtype)
+
+    def nbytes(self) -> int:
+        return self.q.numel() * self.q.element_size() + self.scale.numel() * 4
+
+
+def _cat(weights: list):
+    if all(isinstance(w, Quantized) for w in weights):
+        return Quantized(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]))
+    if any(isinstance(w, Quantized) for w in weights):
+        raise TypeError("cannot group 8-bit and model-dtype predictor weights in one GEMV")
+    return torch.cat(weights)
+
+
+def _nbytes(t) -> int:
+    if t is None:
+        return 0
+    return t.nbytes() if isinstance(t, Quantized) else t.numel() * t.element_size()
+
+
 class Folded:
     """A predictor `tail(first((x − mean) / std))` with the standardisation folded into its first linear layer.
 
@@ -55,18 +100,31 @@ class Folded:
     `relu`, then its linear layer. Any stack of Linear and ReLU layers that begins with a Linear folds: Deja Vu's
     low_rank (Linear, Linear), an MLP with one hidden layer (Linear, ReLU, Linear) or two (timewise: Linear, ReLU,
     Linear, ReLU, Linear), and ShadowLLM's ShadowNet (trunk Linear, ReLU, then its head and neuron outputs as one
-    linear layer)."""
+    linear layer).
 
-    def __init__(self, w1, b1, tail):
-        self.w1, self.b1, self.tail = w1, b1, list(tail)
+    A predictor with 8-bit weights (`predictor_weights: int8|fp8`, the `quantized_weights` its fit leaves on it)
+    keeps its codes (`Quantized`) and is not folded, since a per-column 1/std would break the per-row scales: its
+    input is standardised in the step instead (`pre` = (mean, std)), exactly as the masked engine computes it."""
+
+    def __init__(self, w1, b1, tail, pre=None):
+        self.w1, self.b1, self.tail, self.pre = w1, b1, list(tail), pre
 
     @classmethod
     def of(cls, predictor) -> "Folded":
         net = predictor.net
-        mean, std = predictor.mean.double(), predictor.std.double()
+        quantized = getattr(predictor, "quantized_weights", None)
+        if quantized:
+            names = {id(module): name for name, module in predictor.named_modules()}
+            by_name = quantized["weights"]
+
+            def codes_of(module):
+                name = names[id(module)]
+                q, scale = by_name[f"{name}.weight" if name else "weight"]
+                return Quantized(q, scale)
+        weight = (lambda module: codes_of(module)) if quantized else (lambda module: module.weight.detach())  # noqa: E731
         if hasattr(net, "trunk"):  # methods.shadow.ShadowNet: trunk (Linear, ReLU), heads, neurons
             first = net.trunk[0]
-            tail = [(True, torch.cat([net.heads.weight, net.neurons.weight]).detach(),
+            tail = [(True, _cat([weight(net.heads), weight(net.neurons)]),
                      torch.cat([net.heads.bias, net.neurons.bias]).detach())]
         else:  # a Sequential of Linear and ReLU layers (methods.predictors.low_rank, mlp)
             layers = list(net)
@@ -79,12 +137,16 @@ class Folded:
                         raise TypeError("two ReLUs in a row")
                     relu = True
                 elif isinstance(module, nn.Linear):
-                    tail.append((relu, module.weight.detach(), None if module.bias is None else module.bias.detach()))
+                    tail.append((relu, weight(module), None if module.bias is None else module.bias.detach()))
                     relu = False
                 else:
                     raise TypeError(f"cannot fold a {type(module).__name__} into the decode step")
             if relu or not tail:
                 raise TypeError("a predictor must end with a Linear layer")
+        if quantized:
+            b = first.bias.detach() if first.bias is not None else torch.zeros(first.weight.shape[0])
+            return cls(weight(first), b, tail, pre=(predictor.mean.detach(), predictor.std.detach()))
+        mean, std = predictor.mean.double(), predictor.std.double()
         w = first.weight.detach().double() / std
         b = -(w @ mean)
         if first.bias is not None:
@@ -92,17 +154,28 @@ class Folded:
         return cls(w, b, tail)
 
     def to(self, device, dtype) -> "Folded":
-        cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous()  # noqa: E731
-        return Folded(cast(self.w1), cast(self.b1), [(relu, cast(w), cast(b)) for relu, w, b in self.tail])
+        def cast(t):
+            if t is None:
+                return None
+            if isinstance(t, Quantized):
+                return t.to(device)
+            return t.to(device=device, dtype=dtype).contiguous()
+
+        pre = None if self.pre is None else tuple(cast(t) for t in self.pre)
+        return Folded(cast(self.w1), cast(self.b1), [(relu, cast(w), cast(b)) for relu, w, b in self.tail], pre)
 
     def nbytes(self) -> int:
         tensors = [self.w1, self.b1] + [t for _, w, b in self.tail for t in (w, b)]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(_nbytes(t) for t in tensors)
+
+
+def _linear(x, w, b):
+    return F.linear(x, w.dense(x.dtype) if isinstance(w, Quantized) else w, b)
 
 
 def _apply_tail(z, tail):
     for relu, w, b in tail:
-        z = F.linear(torch.relu(z) if relu else z, w, b)
+        z = _linear(torch.relu(z) if relu else z, w, b)
     return z
 
 
@@ -118,12 +191,16 @@ class Group:
 
     def __init__(self, members: list[tuple[object, Folded]]):
         self.keys = [key for key, _ in members]
-        self.w1 = torch.cat([f.w1 for _, f in members]).contiguous()
+        self.w1 = _cat([f.w1 for _, f in members])
+        if not isinstance(self.w1, Quantized):
+            self.w1 = self.w1.contiguous()
         self.b1 = torch.cat([f.b1 for _, f in members]).contiguous()
         self.parts, start = [], 0
         for _, f in members:
             self.parts.append((start, start + f.w1.shape[0], f.tail))
             start += f.w1.shape[0]
+        # 8-bit predictors are not folded: each standardises its own input (one first GEMV per member then)
+        self.pres = [f.pre for _, f in members] if any(f.pre is not None for _, f in members) else None
         self.bound = False
 
     @classmethod
@@ -134,17 +211,21 @@ class Group:
         group.keys = [key for key, _ in tails]
         group.w1, group.b1 = first.w1, first.b1
         group.parts = [(0, first.w1.shape[0], tail) for _, tail in tails]
+        group.pres = None if first.pre is None else [first.pre]  # one input, one standardisation
         group.bound = False
         return group
 
     def bind(self, batch: int, backend: str, combine: str = "mean") -> "Group":
         """Persistent buffers for `batch` sequences; backend "triton" runs the GEMVs through kernels.gemv."""
-        device, dtype = self.w1.device, self.w1.dtype
+        device, dtype = self.b1.device, self.b1.dtype
         self.backend, self.combine, self.batch = backend, combine, batch
         firsts = {tail[0][0] for _, _, tail in self.parts}
         self.first_relu = firsts == {True}  # every member's tail starts with a ReLU: fuse it into the first GEMV
         zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
         self.z = zeros(batch, self.w1.shape[0])
+        if self.pres is not None:  # standardised inputs, and per member its own first-layer output
+            self.xs = [zeros(batch, pre[0].shape[-1]) for pre in self.pres]
+            self.zs = [zeros(batch, b - a) for a, b, _ in self.parts] if len(self.pres) > 1 else [self.z]
         self.steps = []  # per member: [(w, b, relu_out, out buffer)]
         for a, b, tail in self.parts:
             steps = []
@@ -152,30 +233,52 @@ class Group:
                 relu_out = i + 1 < len(tail) and tail[i + 1][0]
                 steps.append((w, bias, relu_out, zeros(batch, w.shape[0])))
             self.steps.append(steps)
+        sizes = {self.w1.shape[0]} | {b - a for a, b, _ in self.parts}
         self.rows = {n: torch.arange(n, device=device, dtype=torch.int32)
-                     for n in {self.w1.shape[0]} | {w.shape[0] for steps in self.steps for w, _, _, _ in steps}}
-        self.picked: dict = {}
+                     for n in sizes | {w.shape[0] for steps in self.steps for w, _, _, _ in steps}}
         self.bound = True
         return self
 
     def _gemv(self, x, w, bias, relu, out):
         from kernels.gemv import gather_rows
 
-        gather_rows(x, w, bias, self.rows[w.shape[0]], relu=relu, out=out.view(out.shape[0], -1, 1), fixed=True)
+        q, scale = (w.q, w.scale) if isinstance(w, Quantized) else (w, None)
+        gather_rows(x, q, bias, self.rows[w.shape[0]], relu=relu, out=out.view(out.shape[0], -1, 1), fixed=True,
+                    scale=scale)
         return out
+
+    def _first(self, x, fast: bool):
+        """The first layers' outputs: one tensor for the group (folded), or one per member (8-bit, unfolded)."""
+        if self.pres is None:
+            return (self._gemv(x, self.w1, self.b1, self.first_relu, self.z) if fast
+                    else _linear(x, self.w1, self.b1))
+        outs = []
+        spans = [(0, self.w1.shape[0])] if len(self.pres) == 1 else [(a, b) for a, b, _ in self.parts]
+        for i, ((mean, std), (a, b)) in enumerate(zip(self.pres, spans)):
+            w, bias = self.w1[a:b], self.b1[a:b]
+            if fast:  # the masked engine's (x − mean) / std, into a persistent buffer
+                xs = torch.sub(x, mean, out=self.xs[i])
+                xs.div_(std)
+                outs.append(self._gemv(xs, w, bias, self.first_relu, self.zs[i]))
+            else:
+                outs.append(_linear((x - mean) / std, w, bias))
+        return outs[0] if len(outs) == 1 else outs
 
     def __call__(self, x, keys=None, first: bool = True) -> dict:
         """Each member's scores (B, n); `keys`: only these members; first=False: reuse the first layer's output
         of the previous call (bound groups only: a later fork of the same step)."""
         fast = self.bound and self.backend == "triton"
         if first or not self.bound:
-            self.z_now = (self._gemv(x, self.w1, self.b1, self.first_relu, self.z) if fast
-                          else F.linear(x, self.w1, self.b1))
-        z, out = self.z_now, {}
+            self.z_now = self._first(x, fast)
+        out = {}
         for index, (key, (a, b, tail)) in enumerate(zip(self.keys, self.parts)):
             if keys is not None and key not in keys:
                 continue
-            y = z[:, a:b] if (a, b) != (0, z.shape[1]) else z
+            if isinstance(self.z_now, list):
+                y = self.z_now[index]
+            else:
+                z = self.z_now
+                y = z[:, a:b] if (a, b) != (0, z.shape[1]) else z
             if not fast:
                 out[key] = _apply_tail(y, tail)
                 continue
@@ -196,9 +299,8 @@ class Group:
         return chosen
 
     def nbytes(self) -> int:
-        first = sum(t.numel() * t.element_size() for t in (self.w1, self.b1) if t is not None)
-        return first + sum(t.numel() * t.element_size() for _, _, tail in self.parts for _, w, b in tail
-                           for t in (w, b) if t is not None)
+        return _nbytes(self.w1) + _nbytes(self.b1) + sum(_nbytes(t) for _, _, tail in self.parts for _, w, b in tail
+                                                         for t in (w, b))
 
 
 class SideStream:

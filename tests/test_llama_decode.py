@@ -339,8 +339,8 @@ def test_input_sparse_kernel_batch_and_counts():
 
 def test_latency_suite_runs_llama_models_on_their_engine(tmp_path):
     """`harness run --suite latency` on a Llama-family model builds the Llama engine (kv=all: the only K/V policy
-    for shared K/V heads), for dense, a static ranking and teal's input thresholds, and records the engine's own
-    floor."""
+    for shared K/V heads), for dense, a static ranking, dejavu's predictors (with the head-set change rate) and
+    teal's input thresholds, and records the engine's own floor."""
     import json
 
     import yaml
@@ -359,13 +359,14 @@ def test_latency_suite_runs_llama_models_on_their_engine(tmp_path):
     common = ["run", "--suite", str(path), "--model", "llama-tiny", "--weights", "random", "--dtype", "float32",
               "--device", "cpu", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
     runner = CliRunner()
-    for methods, sparsity in (("dense,static", "h0.5/n0.5"), ("teal", "0.5")):
+    for methods, sparsity in (("dense,static,dejavu", "h0.5/n0.5"), ("teal", "0.5")):
         result = runner.invoke(app, common + ["--methods", methods, "--sparsity", sparsity], catch_exceptions=False)
         assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     token = {r["method"]: r for r in records if r["metric"] == "token_ms"}
-    assert set(token) == {"dense", "static", "teal"}
+    assert set(token) == {"dense", "static", "dejavu", "teal"}
     assert all(r["value"] > 0 for r in token.values())
+    assert 0.0 <= token["dejavu"]["head_change_rate"] <= 1.0 and token["dejavu"]["kv"] == "all"
     assert token["static"]["kv"] == "all" and set(token["static"]["token_ms_by_kv"]) == {"all"}
     floors = {m: r["weight_bytes"] for m, r in token.items() if "weight_bytes" in r}
     assert floors["static"] < floors["dense"]
