@@ -194,12 +194,26 @@ def make_policy(label, model):
         attn = {l: _seeded(low_rank(D, 16, H), 100 + l) for l in range(L)}
         mlp = {l: _seeded(low_rank(D, 16, F_DIM), 200 + l) for l in range(L)}
         return DejaVuPolicy(attn, mlp), Allocation(0.5, 0.7)
+    if label == "dejavu:shadowllm":
+        from methods.dejavu import LayerwiseShadowPolicy
+        from methods.predictors import mlp as mlp_predictor
+
+        attn = {l: _seeded(mlp_predictor(D, 16, H), 500 + l) for l in range(1, L)}
+        mlp = {l: _seeded(mlp_predictor(D, 16, F_DIM), 600 + l) for l in range(1, L)}
+        return LayerwiseShadowPolicy(attn, mlp, L), Allocation(0.5, 0.7, dense_layers=(0,))
+    if label.startswith("timewise"):
+        from methods.timewise import DEFAULTS as TIMEWISE, TimewisePolicy, timewise_predictor
+
+        predictors = {l: _seeded(timewise_predictor(D, H, {**TIMEWISE, "hidden": 16}), 400 + l) for l in range(L)}
+        return TimewisePolicy(label.split(":")[1], predictors, 1), Allocation(0.5, 0.0)
     predictor = _seeded(shadow_predictor(model.config, 32), 300)
     return ShadowPolicy(predictor, model.config), Allocation(0.5, 0.7, dense_layers=(0,))
 
 
 @pytest.mark.parametrize("label, backend", [("static", "torch"), ("dejavu", "torch"), ("shadow", "torch"),
-                                            ("static", "triton"), ("dejavu", "triton")])
+                                            ("dejavu:shadowllm", "torch"), ("timewise:current", "torch"),
+                                            ("timewise:time", "torch"), ("static", "triton"), ("dejavu", "triton"),
+                                            ("shadow", "triton")])
 def test_method_sources_match_masked_engine(setup, label, backend):
     """kernels.sources' sources (written for OPT) are family-agnostic: they read the engine's sizes only."""
     from harness.decoding import source_for
