@@ -121,9 +121,10 @@ def _kept_by_lowest_k_mask(scores, k):
     return lowest_k_mask(scores, scores.shape[-1] - k)
 
 
+@pytest.mark.parametrize("search", ["bisect", "histogram"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape,k", [((1, 40), 20), ((1, 2560), 256), ((3, 2, 300), 30)])
-def test_topk_select_is_the_masked_engines_choice_in_every_dtype(dtype, shape, k):
+def test_topk_select_is_the_masked_engines_choice_in_every_dtype(dtype, shape, k, search):
     """The decode engine keeps what the masked engine keeps: the complement of lowest_k_mask's skipped units,
     from 16-bit keys for half-precision rows (two blocks: 2560 = 2048 + 512), ties included (planted)."""
     from kernels.topk import select_triton
@@ -132,7 +133,7 @@ def test_topk_select_is_the_masked_engines_choice_in_every_dtype(dtype, shape, k
     scores = (torch.randn(*shape, generator=g) * 3).round().to(dtype)  # rounded: many ties at the threshold
     scores[..., 1] = -0.0
     scores[..., 2] = 0.0
-    got = select_triton(scores, k)
+    got = select_triton(scores, k, search=search)
     mean = scores.float().mean(0).to(dtype) if shape[0] > 1 else scores[0]  # the batch mean, in the scores' dtype
     keep = _kept_by_lowest_k_mask(mean, k)
     expected = keep.reshape(-1, shape[-1]).nonzero()[:, 1].view(*shape[1:-1], k)
@@ -143,7 +144,8 @@ def test_topk_kernel_compiles_for_hopper():
     """The compiler's front end checks what the interpreter does not (types across branches, names defined in a
     loop): the top-k kernel builds to sm_90 PTX for every dtype and batch combine (a subprocess, as above)."""
     code = ("from kernels import checks\n"
-            "for case in [(0, False, False), (1, True, False), (0, False, True), (2, False, False)]:\n"
+            "for case in [(0, False, False), (1, True, False), (0, False, True), (2, False, False), (0, False, False, True),\n"
+            "             (1, True, False, True)]:\n"
             "    assert 'ret;' in checks.topk_ptx(*case)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
@@ -151,13 +153,14 @@ def test_topk_kernel_compiles_for_hopper():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_topk_union_of_the_batch_has_a_device_count_and_each_sequences_set():
+@pytest.mark.parametrize("search", ["bisect", "histogram"])
+def test_topk_union_of_the_batch_has_a_device_count_and_each_sequences_set(search):
     from kernels.topk import select, select_triton
 
     g = torch.Generator().manual_seed(5)
     scores = torch.randn(3, 2, 64, generator=g).half()
     out, counts = torch.full((2, 64), -1, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
-    select_triton(scores, 8, combine="union", out=out, counts=counts)
+    select_triton(scores, 8, combine="union", out=out, counts=counts, search=search)
     for row in range(2):
         expected = torch.zeros(64, dtype=torch.bool)
         for b in range(3):
