@@ -303,12 +303,20 @@ _ATTEND_SIGNATURE = dict(
     H="i32", T_max="i32", D="i32", HD="i32", scale="fp32", stride_qb="i32", stride_qh="i32", n_chunks="i32")
 _HOPPER_SIGNATURES = {
     "rows": (gemv._rows_kernel, _ROWS_SIGNATURE,
-             dict(G=384, HAS_BIAS=True, RELU=False, TO_CACHE=True, COUNTED=False, SCALE=False, BLOCK_B=1, BLOCK_N=8,
+             dict(G=384, HAS_BIAS=True, RELU=False, TO_CACHE=True, COUNTED=False, SCALE=False, DOT=False, IEEE=False,
+                  BLOCK_B=1, BLOCK_N=8,
                   BLOCK_K=256)),
     "cols": (gemv._cols_kernel, dict(
         a_ptr="*fp32", w_ptr=_P, idx_ptr="*i32", acc_ptr="*fp32", bias_ptr=_P, count_ptr="*i32", B="i32", R="i32",
         D="i32", row_stride="i32", stride_ab="i32", stride_accb="i32"),
-        dict(G=128, HAS_BIAS=True, COUNTED=False, BLOCK_B=1, BLOCK_R=16, BLOCK_D=256, ITERS=8)),
+        dict(G=128, HAS_BIAS=True, COUNTED=False, DOT=False, IEEE=False, BLOCK_B=1, BLOCK_R=16, BLOCK_D=256, ITERS=8)),
+    "rows_dot": (gemv._rows_kernel, _ROWS_SIGNATURE,  # the tensor-core form (KERNELS_DOT_BATCH), batch 16
+                 dict(G=1, HAS_BIAS=True, RELU=True, TO_CACHE=False, COUNTED=False, SCALE=True, DOT=True, IEEE=False,
+                      BLOCK_B=16, BLOCK_N=32, BLOCK_K=128)),
+    "cols_dot": (gemv._cols_kernel, dict(
+        a_ptr=_P, w_ptr=_P, idx_ptr="*i32", acc_ptr="*fp32", bias_ptr=_P, count_ptr="*i32", B="i32", R="i32",
+        D="i32", row_stride="i32", stride_ab="i32", stride_accb="i32"),
+        dict(G=1, HAS_BIAS=True, COUNTED=False, DOT=True, IEEE=False, BLOCK_B=16, BLOCK_R=16, BLOCK_D=128, ITERS=4)),
     "layer_norm": (gemv._layer_norm_kernel, dict(
         h_ptr="*fp32", w_ptr=_P, b_ptr=_P, out_ptr=_P, keep_ptr=_P, pos_ptr="*i64", D="i32", eps="fp32",
         stride_hb="i32", stride_ob="i32", stride_kb="i32", stride_kt="i32"), dict(KEEP=True, BLOCK=8192)),

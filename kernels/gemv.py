@@ -103,12 +103,29 @@ def _pow2(n: int) -> int:
 # ------------------------------------------------------------------------------------------------------------
 # autotune configs
 # ------------------------------------------------------------------------------------------------------------
+#: batches of at least this size run the rows GEMV on tensor cores (tl.dot over a batch tile of >= 16 rows) instead
+#: of the fp32 broadcast-multiply; 0 (the default) never. The broadcast form keeps BLOCK_B × BLOCK_N × BLOCK_K
+#: products in registers, so at batch 16 only small tiles fit (76.9 ms a dense OPT-13B step against Hugging Face
+#: eager's 13.9 ms on the H200: results/reports/latency-h200.md). The tl.dot form is tested in the CPU interpreter
+#: and not yet timed, hence off.
+DOT_BATCH = int(os.environ.get("KERNELS_DOT_BATCH", "0"))
+_DOT_ROWS = [(16, 128, 4), (32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8)]
+
+
+def _dot_rows():
+    """The tensor-core form's (BLOCK_N, BLOCK_K, warps) candidates when autotuning (kept apart from the broadcast
+    form's by the prune: neither form ever times the other's)."""
+    return _DOT_ROWS if AUTOTUNE and not INTERPRET else []
+
+
 def _row_configs():
+    # one config each for the interpreter and without autotuning (a single config is never timed), fit for both
+    # forms (tl.dot needs tiles of at least 16 × 16)
     if INTERPRET:
-        return [triton.Config({"BLOCK_N": 8, "BLOCK_K": 32}, num_warps=4)]
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
     if not AUTOTUNE:
-        return [triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=4)]
-    out = []
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4)]
+    out = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps) for bn, bk, warps in _dot_rows()]
     for bn, bk, warps in [(4, 512, 4), (8, 256, 4), (2, 1024, 4), (4, 1024, 4), (8, 512, 8), (16, 256, 8),
                           (16, 512, 8), (32, 256, 8), (16, 128, 4), (32, 128, 8),  # batch 1
                           (2, 256, 4), (4, 128, 4), (4, 256, 8), (2, 512, 8), (8, 128, 8)]:  # batch 8
@@ -116,11 +133,11 @@ def _row_configs():
     return out
 
 
-def _col_configs():
+def _col_configs():  # (one config each for the interpreter and without autotuning: tiles fit for tl.dot too)
     if INTERPRET:
-        return [triton.Config({"BLOCK_R": 8, "BLOCK_D": 32, "ITERS": 2}, num_warps=4)]
+        return [triton.Config({"BLOCK_R": 16, "BLOCK_D": 32, "ITERS": 2}, num_warps=4)]
     if not AUTOTUNE:
-        return [triton.Config({"BLOCK_R": 8, "BLOCK_D": 128, "ITERS": 4}, num_warps=4)]
+        return [triton.Config({"BLOCK_R": 16, "BLOCK_D": 128, "ITERS": 4}, num_warps=4)]
     out = []
     for br, bd, it, warps in [(16, 128, 4, 4), (8, 256, 4, 4), (16, 256, 4, 8), (32, 128, 2, 8),
                               (16, 256, 8, 8), (16, 128, 16, 4), (32, 128, 8, 8), (8, 512, 8, 8),  # batch 1
@@ -133,19 +150,41 @@ def _col_configs():
 
 def _prune(size_keys):
     """Keep configs whose fp32 accumulator (BLOCK_B × two block dims) holds 16 to 64 values per thread:
-    larger spills registers, smaller leaves too few loads in flight (and costs compile time)."""
+    larger spills registers, smaller leaves too few loads in flight (and costs compile time). The tensor-core form
+    (DOT) keeps the tiles of at least 16 × 16 instead, its accumulator being BLOCK_B × BLOCK_N only."""
     def prune(configs, named_args, **kwargs):
+        if len(configs) == 1:
+            return configs
         bb = named_args.get("BLOCK_B", kwargs.get("BLOCK_B", 1))
+        rows = size_keys[0] == "BLOCK_N"
+        dot_set = {(bn, bk, warps) for bn, bk, warps in _dot_rows()} if rows else set()
+        is_dot = lambda c: (c.kwargs[size_keys[0]], c.kwargs[size_keys[1]], c.num_warps) in dot_set  # noqa: E731
+        if named_args.get("DOT", kwargs.get("DOT", False)):
+            if not rows:  # cols: any config with tiles of at least 16 × 16 (its accumulator is BLOCK_B × BLOCK_D)
+                return [c for c in configs if c.kwargs["BLOCK_R"] >= 16 and c.kwargs["BLOCK_D"] >= 16] or configs[:1]
+            return [c for c in configs if is_dot(c)] or configs[-1:]
+        configs = [c for c in configs if not is_dot(c)]
         kept = [c for c in configs
                 if 16 * 32 * c.num_warps <= bb * c.kwargs[size_keys[0]] * c.kwargs[size_keys[1]] <= 64 * 32 * c.num_warps]
         return kept or configs[:1]
     return {"early_config_prune": prune}
 
 
+@triton.jit
+def _dot(acc, x, w, IEEE: tl.constexpr):
+    """acc (B, N) += x (B, K) · w (N, K)ᵀ on tensor cores (8-bit codes converted to x's dtype: exact)."""
+    wt = tl.trans(w.to(x.dtype))
+    if IEEE:
+        acc = tl.dot(x, wt, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x, wt, acc)
+    return acc
+
+
 # ------------------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_row_configs(), key=["N", "K", "G", "BLOCK_B", "RELU", "TO_CACHE"],
+@triton.autotune(configs=_row_configs(), key=["N", "K", "G", "BLOCK_B", "RELU", "TO_CACHE", "DOT"],
                  prune_configs_by=_prune(("BLOCK_N", "BLOCK_K")))
 @triton.jit
 def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr, count_ptr, scale_ptr,
@@ -153,6 +192,7 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr, c
                  stride_xb, stride_ob, stride_oslot, stride_cb, stride_ch, stride_ct,
                  G: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, TO_CACHE: tl.constexpr,
                  COUNTED: tl.constexpr, SCALE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                 DOT: tl.constexpr, IEEE: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[b, j] = act(x[b] · W[row(j)] + bias[row(j)]) for the N = len(idx)·G outputs j, row(j) =
     idx[j // G]·row_stride + row_offset + j % G. Element e = row_offset + j % G of a unit goes to
@@ -184,17 +224,30 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr, c
             gdc_wait()
     x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
                 other=0.0)
-    acc = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    for k0 in range(BLOCK_K, K_live, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        w = tl.load(w_ptr + rows[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
-                    other=0.0)
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    if DOT:  # tensor cores: the batch tile (>= 16 rows, padding masked to zero) times the weight tile
+        acc = _dot(tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), x, w, IEEE)
+        for k0 in range(BLOCK_K, K_live, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            w = tl.load(w_ptr + rows[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
+                        other=0.0)
+            acc = _dot(acc, x, w, IEEE)
+    else:
+        acc = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        for k0 in range(BLOCK_K, K_live, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            w = tl.load(w_ptr + rows[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
+                        other=0.0)
+            acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     if PDL:  # the next kernel may launch once every program is past its weights (not earlier: it would hold slots)
         gdc_launch_dependents()
-    y = tl.sum(acc, axis=2)
+    if DOT:
+        y = acc
+    else:
+        y = tl.sum(acc, axis=2)
     if SCALE:
         y *= tl.load(scale_ptr + rows, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
@@ -211,13 +264,13 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr, c
         tl.store(cache_ptr + offs, y.to(cache_ptr.dtype.element_ty), mask=mask & (e >= split)[None, :])
 
 
-@triton.autotune(configs=_col_configs(), key=["R", "D", "G", "BLOCK_B"], restore_value=["acc_ptr"],
+@triton.autotune(configs=_col_configs(), key=["R", "D", "G", "BLOCK_B", "DOT"], restore_value=["acc_ptr"],
                  prune_configs_by=_prune(("BLOCK_R", "BLOCK_D")))
 @triton.jit
 def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr, count_ptr,
                  B, R, D, row_stride, stride_ab, stride_accb,
                  G: tl.constexpr, HAS_BIAS: tl.constexpr, COUNTED: tl.constexpr, PDL: tl.constexpr,
-                 PREFETCH: tl.constexpr,
+                 PREFETCH: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ITERS: tl.constexpr):
     """acc[b, :] += Σ_r a[b, r] · W[row(r)] over this program's ITERS·BLOCK_R selected rows, row(r) =
     idx[r // G]·row_stride + r % G (+ bias, added by the first row block). COUNTED, PDL/PREFETCH as in
@@ -233,7 +286,10 @@ def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr, count_ptr,
     mask_d = offs_d < D
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
-    acc = tl.zeros((BLOCK_B, BLOCK_R, BLOCK_D), dtype=tl.float32)
+    if DOT:  # tensor cores (see _rows_kernel): the accumulator is BLOCK_B × BLOCK_D
+        acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_B, BLOCK_R, BLOCK_D), dtype=tl.float32)
     for i in tl.static_range(ITERS):
         offs_r = (pid_r * ITERS + i) * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
@@ -245,11 +301,20 @@ def _cols_kernel(a_ptr, w_ptr, idx_ptr, acc_ptr, bias_ptr, count_ptr,
                 if i == 0:
                     gdc_wait()
         a = tl.load(a_ptr + offs_b[:, None] * stride_ab + offs_r[None, :], mask=mask_b[:, None] & mask_r[None, :],
-                    other=0.0).to(tl.float32)
-        acc += a[:, :, None] * w.to(tl.float32)[None, :, :]
+                    other=0.0)
+        if DOT:
+            if IEEE:
+                acc = tl.dot(a.to(w.dtype), w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a.to(w.dtype), w, acc)
+        else:
+            acc += a.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
     if PDL:
         gdc_launch_dependents()
-    y = tl.sum(acc, axis=1)
+    if DOT:
+        y = acc
+    else:
+        y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         if pid_r == 0:
             y += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
@@ -474,6 +539,7 @@ def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, o
     _check_x(x, w.shape[1])
     assert w.is_contiguous()
     n = idx.numel() * group
+    dot = 0 < DOT_BATCH <= B
     cs = cache.stride() if cache is not None else (0, 0, 0)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     kernel, meta = (_rows_kernel, {}) if config is None else (_rows_kernel.fn, _config_kwargs(config))
@@ -483,8 +549,8 @@ def _rows(x, w, bias, idx, *, group=1, row_stride=1, row_offset=0, relu=False, o
                  B, n, K, row_stride, row_offset, split,
                  x.stride(0), out_strides[0], out_strides[1], cs[0], cs[1], cs[2],
                  G=group, HAS_BIAS=bias is not None, RELU=relu, TO_CACHE=cache is not None, COUNTED=count is not None,
-                 SCALE=scale is not None,
-                 PDL=PDL, PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH, **meta)
+                 SCALE=scale is not None, PDL=PDL, PREFETCH=_prefetch(fixed), DOT=dot, IEEE=dot and _dot_in_fp32(x),
+                 BLOCK_B=max(16, _pow2(B)) if dot else _pow2(B), **_LAUNCH, **meta)
     return out
 
 
@@ -512,9 +578,11 @@ def _cols(a, w, idx, acc, bias, *, group=1, row_stride=1, fixed=False, config=No
     assert a.stride(-1) == 1
     grid = lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(R, meta["BLOCK_R"] * meta["ITERS"]))  # noqa: E731
     kernel, meta = (_cols_kernel, {}) if config is None else (_cols_kernel.fn, _config_kwargs(config))
+    dot = 0 < DOT_BATCH <= B
     kernel[grid](a, w, idx, acc, bias if bias is not None else w, count if count is not None else idx,
                  B, R, D, row_stride, a.stride(0), acc.stride(0), G=group, HAS_BIAS=bias is not None,
-                 COUNTED=count is not None, PDL=PDL, PREFETCH=_prefetch(fixed), BLOCK_B=_pow2(B), **_LAUNCH, **meta)
+                 COUNTED=count is not None, PDL=PDL, PREFETCH=_prefetch(fixed), DOT=dot,
+                 IEEE=dot and _dot_in_fp32(w), BLOCK_B=max(16, _pow2(B)) if dot else _pow2(B), **_LAUNCH, **meta)
 
 
 _WORKSPACES: dict = {}

@@ -91,6 +91,19 @@ def test_fc2_add(dtype, batch, keep):
     checks.check_fc2_add(d=40, F=64, keep=keep, batch=batch, dtype=dtype, seed=14)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tensor_core_form_at_batch_16_equals_the_references(dtype, monkeypatch):
+    """KERNELS_DOT_BATCH: at batch >= it the rows and cols GEMVs run tl.dot over a batch tile; every projection of
+    the step gives its reference's result (QKV routed into the cache, fc1, out_proj and fc2 into the stream)."""
+    from kernels import gemv
+
+    monkeypatch.setattr(gemv, "DOT_BATCH", 16)
+    checks.check_fc1(d=40, F=48, keep=13, batch=16, dtype=dtype, seed=1)
+    checks.check_fc2_add(d=40, F=64, keep=21, batch=16, dtype=dtype, seed=2)
+    checks.check_qkv_to_cache(d=48, H=4, hd=8, T=12, keep=3, batch=16, dtype=dtype, part="qkv", seed=3)
+    checks.check_attend_out_proj(d=40, H=5, hd=8, T=24, keep=3, batch=16, pos=9, dtype=dtype, seed=4)
+
+
 # -- top-k selection of the predictors -------------------------------------------------------------------------
 @pytest.mark.parametrize("shape,k", [((1, 40), 20), ((3, 40), 7), ((2, 3, 37), 5), ((1, 300), 299), ((1, 8), 1)])
 def test_topk_select_is_the_set_of_the_k_largest_batch_means(shape, k):
@@ -187,7 +200,7 @@ def test_embed_is_the_models_sum(dtype):
     checks.check_embed(d=40, V=50, T=9, batch=2, dtype=dtype, seed=2)
 
 
-@pytest.mark.parametrize("name", ["rows", "cols", "layer_norm", "attend", "attend_early"])
+@pytest.mark.parametrize("name", ["rows", "cols", "rows_dot", "cols_dot", "layer_norm", "attend", "attend_early"])
 def test_step_kernels_build_for_hopper_with_and_without_pdl(name):
     """The PDL variants compile to sm_90 PTX and through ptxas here (no GPU): griddepcontrol.wait and
     .launch_dependents appear with PDL on, never with it off. (A subprocess: the interpreter, on in these
