@@ -370,3 +370,21 @@ def test_eight_bit_predictors_decode_as_the_masked_engine_computes(setup, label,
     full = source_for(label, make_policy(label, model)[0], allocation, model)
     SparseDecoder(model, full, max_len=16, backend="torch")
     assert source.predictor_bytes() < 0.6 * full.predictor_bytes()  # 1-byte codes + fp32 row scales vs fp32 weights
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_random_masks_decode_as_the_masked_engine_draws_them(setup, backend):
+    """random: the decode step hashes (seed, layer, unit, position, token) on the device as the masked engine does,
+    so both engines keep the same units at every token."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    from methods.random import RandomPolicy
+
+    model, prompt, tokens = setup
+    allocation = Allocation(0.5, 0.7)
+    policy = RandomPolicy(3, {"heads": H, "neurons": F_DIM}, L)
+    expected = masked_logits(model, PromptDense(policy), allocation, prompt, tokens)
+    engine = SparseDecoder(model, source_for("random", policy, allocation, model), max_len=16, kv="recompute",
+                           backend=backend)
+    errors, agree = relative_errors(sparse_engine_logits(engine, prompt, tokens), expected)
+    assert max(errors) < 1e-5 and all(agree), errors

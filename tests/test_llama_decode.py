@@ -194,6 +194,10 @@ def make_policy(label, model):
         attn = {l: _seeded(low_rank(D, 16, H), 100 + l) for l in range(L)}
         mlp = {l: _seeded(low_rank(D, 16, F_DIM), 200 + l) for l in range(L)}
         return DejaVuPolicy(attn, mlp), Allocation(0.5, 0.7)
+    if label == "random":
+        from methods.random import RandomPolicy
+
+        return RandomPolicy(5, {"heads": H, "neurons": F_DIM}, L), Allocation(0.5, 0.7)
     if label == "dejavu:shadowllm":
         from methods.dejavu import LayerwiseShadowPolicy
         from methods.predictors import mlp as mlp_predictor
@@ -212,7 +216,8 @@ def make_policy(label, model):
 
 @pytest.mark.parametrize("label, backend", [("static", "torch"), ("dejavu", "torch"), ("shadow", "torch"),
                                             ("dejavu:shadowllm", "torch"), ("timewise:current", "torch"),
-                                            ("timewise:time", "torch"), ("static", "triton"), ("dejavu", "triton"),
+                                            ("timewise:time", "torch"), ("random", "torch"), ("static", "triton"),
+                                            ("dejavu", "triton"),
                                             ("shadow", "triton")])
 def test_method_sources_match_masked_engine(setup, label, backend):
     """kernels.sources' sources (written for OPT) are family-agnostic: they read the engine's sizes only."""
