@@ -127,7 +127,108 @@ def _ops(backend: str):
     return reference
 
 
-class SparseDecoder:
+class StepLoop:
+    """What both decode engines (this one and kernels.decode_llama) share around their `_step_impl`: the greedy
+    token buffer, index buffers read in place, one step replayed from a CUDA graph, greedy generation. A subclass
+    sets device, batch, max_len, length, pos, token, ops, use_graph, graph, logits and defines `prefill` and
+    `_step_impl` (and `_step_state` when its step changes more than pos and token)."""
+
+    @property
+    def next_token(self) -> torch.Tensor:
+        """The greedy token (B,) of the latest logits (prefill's or a step's), computed on the device inside the
+        step; `step(engine.next_token)` continues greedy decoding without a copy."""
+        return self.token
+
+    def _indices(self, layer, got, buffers, units, counted: bool = True):
+        """The source's indices for this layer as the kernels read them, and their device count (None: all of
+        them): used in place when they are already a contiguous int32/int64 tensor on the device (inside a CUDA
+        graph their address is fixed too), else copied into the layer's fixed-size buffer. `Counted` indices are
+        read in place (at most `units` of them)."""
+        if got is None:
+            raise ValueError(f"the mask source gave no indices for layer {layer}")
+        if isinstance(got, Counted):
+            if not counted:
+                raise ValueError(f"layer {layer}: this engine reads fixed per-layer counts; global allocation and "
+                                 "combine='union' decode on the OPT engine (kernels.decode) only")
+            idx = got.idx.reshape(-1)
+            if idx.numel() > units or idx.dtype != torch.int32 or idx.device != self.device or got.count.numel() != 1:
+                raise ValueError(f"layer {layer}: Counted indices must be an int32 device buffer of at most {units} "
+                                 "units with a 1-element count")
+            return idx, got.count.reshape(1)
+        buf = buffers[layer]
+        if got.numel() != buf.numel():
+            raise ValueError(f"layer {layer}: the mask source gave {got.numel()} indices, the engine keeps "
+                             f"{buf.numel()} (counts are fixed per layer)")
+        if got.dtype in (torch.int32, torch.int64) and got.device == self.device and got.is_contiguous():
+            return got.reshape(-1), None
+        buf.copy_(got.reshape(-1))
+        return buf, None
+
+    @torch.no_grad()
+    def step(self, token) -> torch.Tensor:
+        """Decode one token per sequence (B,) → logits (B, vocab). With CUDA graphs the returned tensor is the
+        graph's static output, overwritten by the next step (clone it to keep it)."""
+        if self.length == 0:
+            raise RuntimeError("call prefill() first")
+        if self.length >= self.max_len:
+            raise RuntimeError(f"the KV cache is full (max_len {self.max_len})")
+        if token is not self.token:
+            self.token.copy_(torch.as_tensor(token, device=self.device).reshape(-1).expand(self.batch))
+        if self.use_graph:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._step_impl()
+        self.length += 1
+        return logits
+
+    def _step_state(self) -> list:
+        """Tensors a step changes besides pos and token (restored after the warm-up and the capture)."""
+        return []
+
+    def _capture(self, warmup: int = 2) -> None:
+        """Warm up (autotunes the kernels, the first step with PDL off) on a side stream, undo the warm-up's
+        effects, capture one step."""
+        saved_pos, saved_token = self.pos.clone(), self.token.clone()  # a step overwrites token with its argmax
+        state = self._step_state()
+        saved = [t.clone() for t in state]
+
+        def restore():
+            self.pos.copy_(saved_pos)
+            for tensor, value in zip(state, saved):
+                tensor.copy_(value)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        tuning = getattr(self.ops, "pdl_off", contextlib.nullcontext)
+        with torch.cuda.stream(stream):
+            for i in range(warmup):
+                with tuning() if i == 0 else contextlib.nullcontext():  # autotune without PDL (see gemv.pdl_off)
+                    self._step_impl()
+                self.pos.copy_(saved_pos)
+                self.token.copy_(saved_token)
+        torch.cuda.current_stream().wait_stream(stream)
+        restore()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step_impl()
+        restore()  # capture runs nothing, but keep pos and the state exact
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy decoding: prefill, then `new_tokens` steps. Returns the generated tokens (B, new_tokens)."""
+        self.prefill(input_ids)
+        out = []
+        for _ in range(new_tokens):
+            out.append(self.next_token.clone())
+            self.step(self.next_token)
+        return torch.stack(out, 1)
+
+
+
+class SparseDecoder(StepLoop):
     def __init__(self, model, masks=None, *, max_len: int, batch: int = 1, kv: str = "all",
                  backend: str | None = None, heads_kept=None, neurons_kept=None, cuda_graph: bool = True,
                  device=None, dtype=None, layers=None):
@@ -276,34 +377,9 @@ class SparseDecoder:
         self.token.copy_(logits.argmax(-1))
         return logits
 
-    @property
-    def next_token(self) -> torch.Tensor:
-        """The greedy token (B,) of the latest logits (prefill's or a step's), computed on the device inside the
-        step; `step(engine.next_token)` continues greedy decoding without a copy."""
-        return self.token
-
     # -- one token -----------------------------------------------------------------------------------------
-    def _indices(self, layer, got, buffers, units):
-        """The source's indices for this layer as the kernels read them, and their device count (None: all of
-        them): used in place when they are already a contiguous int32/int64 tensor on the device (inside a CUDA
-        graph their address is fixed too), else copied into the layer's fixed-size buffer. `Counted` indices are
-        read in place (at most `units` of them)."""
-        if got is None:
-            raise ValueError(f"the mask source gave no indices for layer {layer}")
-        if isinstance(got, Counted):
-            idx = got.idx.reshape(-1)
-            if idx.numel() > units or idx.dtype != torch.int32 or idx.device != self.device or got.count.numel() != 1:
-                raise ValueError(f"layer {layer}: Counted indices must be an int32 device buffer of at most {units} "
-                                 "units with a 1-element count")
-            return idx, got.count.reshape(1)
-        buf = buffers[layer]
-        if got.numel() != buf.numel():
-            raise ValueError(f"layer {layer}: the mask source gave {got.numel()} indices, the engine keeps "
-                             f"{buf.numel()} (counts are fixed per layer)")
-        if got.dtype in (torch.int32, torch.int64) and got.device == self.device and got.is_contiguous():
-            return got.reshape(-1), None
-        buf.copy_(got.reshape(-1))
-        return buf, None
+    def _step_state(self) -> list:
+        return list(self.have) if self.kv == "recompute" else []
 
     def _step_impl(self) -> torch.Tensor:
         """One token (see the module docstring): the residual stream h stays in fp32, k/v go straight into the
@@ -356,62 +432,6 @@ class SparseDecoder:
         ops.argmax(logits, out=self.token)  # the greedy next token, for step(engine.next_token)
         self.pos.add_(1)
         return logits
-
-    @torch.no_grad()
-    def step(self, token) -> torch.Tensor:
-        """Decode one token per sequence (B,) → logits (B, vocab). With CUDA graphs the returned tensor is the
-        graph's static output, overwritten by the next step (clone it to keep it)."""
-        if self.length == 0:
-            raise RuntimeError("call prefill() first")
-        if self.length >= self.max_len:
-            raise RuntimeError(f"the KV cache is full (max_len {self.max_len})")
-        if token is not self.token:
-            self.token.copy_(torch.as_tensor(token, device=self.device).reshape(-1).expand(self.batch))
-        if self.use_graph:
-            if self.graph is None:
-                self._capture()
-            self.graph.replay()
-            logits = self.logits
-        else:
-            logits = self._step_impl()
-        self.length += 1
-        return logits
-
-    def _capture(self, warmup: int = 2) -> None:
-        """Warm up (autotunes the kernels, the first step with PDL off) on a side stream, undo the warm-up's
-        effects, capture one step."""
-        saved_pos, saved_token = self.pos.clone(), self.token.clone()  # a step overwrites token with its argmax
-        saved_have = [h.clone() for h in self.have] if self.kv == "recompute" else []
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        tuning = getattr(self.ops, "pdl_off", contextlib.nullcontext)
-        with torch.cuda.stream(stream):
-            for i in range(warmup):
-                with tuning() if i == 0 else contextlib.nullcontext():  # autotune without PDL (see gemv.pdl_off)
-                    self._step_impl()
-                self.pos.copy_(saved_pos)
-                self.token.copy_(saved_token)
-        torch.cuda.current_stream().wait_stream(stream)
-        for have, saved in zip(self.have if self.kv == "recompute" else [], saved_have):
-            have.copy_(saved)
-        self.pos.copy_(saved_pos)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step_impl()
-        self.pos.copy_(saved_pos)  # capture runs nothing, but keep pos exact
-        for have, saved in zip(self.have if self.kv == "recompute" else [], saved_have):
-            have.copy_(saved)
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        """Greedy decoding: prefill, then `new_tokens` steps. Returns the generated tokens (B, new_tokens)."""
-        self.prefill(input_ids)
-        out = []
-        for _ in range(new_tokens):
-            out.append(self.next_token.clone())
-            self.step(self.next_token)
-        return torch.stack(out, 1)
-
 
 def _per_layer(value, n):
     if isinstance(value, int):

@@ -44,13 +44,12 @@ references (`kernels.reference`, `kernels.reference_llama`). CUDA graphs on CUDA
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
 
 from harness.families import LINEAR_SITES, family_of
-from kernels.decode import Counted, DenseMasks, StaticMasks, _per_layer  # noqa: F401 - the shared mask sources
+from kernels.decode import Counted, DenseMasks, StaticMasks, StepLoop, _per_layer  # noqa: F401 - shared with OPT's
 
 BACKENDS = ("triton", "torch")
 SITE_INDEX = {site: i for i, site in enumerate(LINEAR_SITES)}
@@ -117,7 +116,7 @@ def _sliding_windows(model, family):
     return out
 
 
-class LlamaSparseDecoder:
+class LlamaSparseDecoder(StepLoop):
     def __init__(self, model, masks=None, *, max_len: int, batch: int = 1, kv: str = "all",
                  backend: str | None = None, heads_kept=None, neurons_kept=None, cuda_graph: bool = True,
                  device=None, dtype=None, layers=None):
@@ -334,26 +333,9 @@ class LlamaSparseDecoder:
         self.token.copy_(logits.argmax(-1))
         return logits
 
-    @property
-    def next_token(self) -> torch.Tensor:
-        """The greedy token (B,) of the latest logits, computed on the device inside the step."""
-        return self.token
-
     # -- one token ---------------------------------------------------------------------------------------------
-    def _indices(self, layer, got, buffers):
-        if got is None:
-            raise ValueError(f"the mask source gave no indices for layer {layer}")
-        if isinstance(got, Counted):
-            raise ValueError("the Llama engine reads fixed per-layer counts: global allocation and combine='union' "
-                             "decode on the OPT engine (kernels.decode) only")
-        buf = buffers[layer]
-        if got.numel() != buf.numel():
-            raise ValueError(f"layer {layer}: the mask source gave {got.numel()} indices, the engine keeps "
-                             f"{buf.numel()} (counts are fixed per layer)")
-        if got.dtype in (torch.int32, torch.int64) and got.device == self.device and got.is_contiguous():
-            return got.reshape(-1)
-        buf.copy_(got.reshape(-1))
-        return buf
+    def _step_state(self) -> list:
+        return [self.kept_inputs] if self.input_sparse else []
 
     def _units(self, layer, heads, static):
         """(units of the QKV gather, the K/V head of each kept head) for this layer's kept heads."""
@@ -406,7 +388,7 @@ class LlamaSparseDecoder:
             ops.out_proj_add(attn, w.wot, w.bo, units[:n], hd, h, fixed=static)
             if neurons_hook is not None:
                 neuron_idx = neurons_hook(index, hidden())
-            neurons = self._indices(index, neuron_idx, self.neuron_buf)
+            neurons, _ = self._indices(index, neuron_idx, self.neuron_buf, self.ffn_dim, counted=False)
             act = ops.swiglu_gather(ops.rms_norm(h, w.ln2, w.eps2, dt), w.wgu, w.bgu, neurons, fixed=static)
             ops.fc2_add(act, w.w2t, w.b2, neurons, h, fixed=static)
         if hasattr(self.masks, "end_step"):
@@ -416,7 +398,7 @@ class LlamaSparseDecoder:
         if got is None:
             raise ValueError(f"the mask source gave no indices for layer {layer}")
         if isinstance(got, Counted):
-            return self._indices(layer, got, None)  # refused there
+            self._indices(layer, got, None, self.num_heads, counted=False)  # refuses it
         if got.numel() != self.heads_kept[layer]:
             raise ValueError(f"layer {layer}: the mask source gave {got.numel()} indices, the engine keeps "
                              f"{self.heads_kept[layer]} (counts are fixed per layer)")
@@ -446,58 +428,6 @@ class LlamaSparseDecoder:
                                  pos=self.pos)
             ops.input_sparse_add(gu, w.w2t, t[6:7], h, segments=(0, d), bias=w.b2, counts=counts[:, :, 6:7],
                                  pos=self.pos, swiglu=(w.bgu_cat,))
-
-    @torch.no_grad()
-    def step(self, token) -> torch.Tensor:
-        """Decode one token per sequence (B,) → logits (B, vocab). With CUDA graphs the returned tensor is the
-        graph's static output, overwritten by the next step (clone it to keep it)."""
-        if self.length == 0:
-            raise RuntimeError("call prefill() first")
-        if self.length >= self.max_len:
-            raise RuntimeError(f"the KV cache is full (max_len {self.max_len})")
-        if token is not self.token:
-            self.token.copy_(torch.as_tensor(token, device=self.device).reshape(-1).expand(self.batch))
-        if self.use_graph:
-            if self.graph is None:
-                self._capture()
-            self.graph.replay()
-            logits = self.logits
-        else:
-            logits = self._step_impl()
-        self.length += 1
-        return logits
-
-    def _capture(self, warmup: int = 2) -> None:
-        """Warm up (autotuning, the first step with PDL off) on a side stream, undo its effects, capture one step."""
-        saved_pos, saved_token = self.pos.clone(), self.token.clone()
-        saved_kept = self.kept_inputs.clone() if self.input_sparse else None
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        tuning = getattr(self.ops, "pdl_off", contextlib.nullcontext)
-        with torch.cuda.stream(stream):
-            for i in range(warmup):
-                with tuning() if i == 0 else contextlib.nullcontext():
-                    self._step_impl()
-                self.pos.copy_(saved_pos)
-                self.token.copy_(saved_token)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.pos.copy_(saved_pos)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step_impl()
-        self.pos.copy_(saved_pos)
-        if saved_kept is not None:
-            self.kept_inputs.copy_(saved_kept)
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        """Greedy decoding: prefill, then `new_tokens` steps. Returns the generated tokens (B, new_tokens)."""
-        self.prefill(input_ids)
-        out = []
-        for _ in range(new_tokens):
-            out.append(self.next_token.clone())
-            self.step(self.next_token)
-        return torch.stack(out, 1)
 
 
 def sparse_decoder(model, masks=None, **kwargs):

@@ -444,13 +444,13 @@ class AfterLayerZero(PredictorSource):
                     self.plans[unit] = (torch.zeros(self.L, n, dtype=torch.int32, device=self.device),
                                         torch.zeros(self.L, dtype=torch.int32, device=self.device))
 
+    @abstractmethod
     def _forks(self):
         """[(layer, fn)] : fn(x0) fills self.chosen for that layer's members."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _all_scores(self, x0) -> dict:
         """{unit: (B, L, n) scores of every layer} (global allocation)."""
-        raise NotImplementedError
 
     def _plan(self, x0) -> None:
         from harness.engine import plan_global

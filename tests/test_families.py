@@ -434,3 +434,19 @@ def test_every_method_on_every_family_is_causal_sparse_and_measured(sessions, fa
         value = achieved[f"achieved_{unit}"]
         sparse_layers = 1 if 0 in allocation.dense_layers else 2
         assert value == pytest.approx(0.5 * sparse_layers / 2, abs=0.2), (unit, value)
+
+
+def test_a_family_that_leaves_out_an_accessor_is_refused_at_registration():
+    """Family is an abstract interface: register() names what a new family's file does not define, and registers
+    nothing."""
+    from harness.families import FAMILIES, Family, register
+    from harness.families.opt import OPT
+
+    class Partial(Family):
+        name = "partial"
+        model_types = ("partial-test",)
+        sizes = staticmethod(OPT.sizes)  # one of the nine accessors given, the other eight left out
+
+    with pytest.raises(TypeError, match=r"does not define .*decoder.*hookpoint") as error:
+        register(Partial)
+    assert "sizes" not in str(error.value) and "partial-test" not in FAMILIES

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -53,9 +54,9 @@ class Sizes:
         return {"heads": self.heads, "neurons": self.ffn}
 
 
-class Family:
+class Family(ABC):
     """The adapter of one model family. Subclasses set `name`, `model_types` and `builtin` and implement the
-    module accessors; the rest has defaults."""
+    abstract accessors (`register` refuses a family that leaves one out); the rest has defaults."""
 
     name: ClassVar[str]
     #: how messages name the family's models
@@ -68,27 +69,29 @@ class Family:
 
     # -- sizes -----------------------------------------------------------------------------------------------
     @staticmethod
+    @abstractmethod
     def sizes(config) -> Sizes:
-        raise NotImplementedError
+        ...
 
     @staticmethod
+    @abstractmethod
     def parameter_count(config) -> int:
-        raise NotImplementedError
+        ...
 
     # -- modules ---------------------------------------------------------------------------------------------
     @staticmethod
+    @abstractmethod
     def decoder(model):
         """The module that takes `input_ids` and runs the decoder layers (no LM head)."""
-        raise NotImplementedError
 
     @classmethod
     def layers(cls, model) -> list:
         return list(cls.decoder(model).layers)
 
     @classmethod
+    @abstractmethod
     def hookpoint(cls, layer, name: str):
         """(module, side, transform or None) of a hookpoint of one decoder layer."""
-        raise NotImplementedError
 
     @classmethod
     def linear(cls, layer, site: str):
@@ -97,21 +100,21 @@ class Family:
         return module
 
     @classmethod
+    @abstractmethod
     def up_parts(cls, layer) -> list[tuple[str, object]]:
         """The linears whose rows j are neuron j's up-projection parameters θ_j, with the hookpoint of their
         output: [("up", fc1)] for OPT, [("gate", gate_proj), ("up", up_proj)] for SwiGLU."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def pre_activation_grads(cls, layer, outputs: dict, act, gact) -> list:
         """The gradient of the loss at the output of each of `up_parts`, in the same order, from the neuron
         activation `act`, its gradient `gact` and the parts' captured outputs {name: tensor}."""
-        raise NotImplementedError
 
     @staticmethod
+    @abstractmethod
     def neuron_active(act):
         """Which neurons count as active in traces (Deja Vu's labels): bool of act's shape."""
-        raise NotImplementedError
 
     @staticmethod
     def check_criteria(config) -> None:
@@ -125,8 +128,9 @@ class Family:
 
     # -- loading ---------------------------------------------------------------------------------------------
     @staticmethod
+    @abstractmethod
     def init_std(config) -> float:
-        raise NotImplementedError
+        ...
 
     @staticmethod
     def buffers(model, device_of) -> dict:
@@ -135,12 +139,15 @@ class Family:
         return {}
 
     @staticmethod
+    @abstractmethod
     def device_map(config, layer_devices: list, first, last) -> dict:
         """device_map entries for the modules around the decoder layers (layer i on layer_devices[i])."""
-        raise NotImplementedError
 
 
 def register(cls: type[Family]) -> type[Family]:
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:
+        raise TypeError(f"model family {cls.__name__} does not define {', '.join(missing)} (harness.families.Family)")
     for model_type in cls.model_types:
         if model_type in FAMILIES and FAMILIES[model_type] is not cls:
             raise RuntimeError(f"two families claim model_type {model_type!r}")
