@@ -202,7 +202,8 @@ def _jacov(vectors: torch.Tensor, mean: torch.Tensor, sq_norm: torch.Tensor, siz
 
 
 def _layer_scores(model, input_ids: torch.Tensor, criteria: tuple[str, ...], counted: torch.Tensor | None = None,
-                  attention_mask: torch.Tensor | None = None, read: torch.Tensor | None = None, features=()):
+                  attention_mask: torch.Tensor | None = None, read: torch.Tensor | None = None, features=(),
+                  at: torch.Tensor | None = None):
     """One forward-backward pass (two backwards with grasp); yields (layer, scores, feats) per layer.
 
     scores: {criterion: {"heads": (B,T,H), "neurons": (B,T,F)}} for per-token criteria, {"heads": (H,),
@@ -210,6 +211,10 @@ def _layer_scores(model, input_ids: torch.Tensor, criteria: tuple[str, ...], cou
     counted (B, T) bool: the positions whose next-token prediction is the example's loss (default: all but the
     last). read (B, T) bool: the positions whose gradients jacov's Jacobians gather (default: all).
     feats: {name: (B, T, E)} detached activations named in `features` (attn_output0 only at layer 0).
+    at (B,) long: compute the per-token scores and feats at one position per example only, T = 1 in the shapes
+    above (every per-token criterion is a function of its own token's activations and gradients, so the values
+    are those of the full form at those positions; the (B·T, E) × (E, F) products of plainact, fisher and snip
+    shrink to B rows). Not with jacov, which reads the whole batch.
     """
     config = model.config
     family = family_of(model)
@@ -223,6 +228,8 @@ def _layer_scores(model, input_ids: torch.Tensor, criteria: tuple[str, ...], cou
     batch, seq = input_ids.shape
     names = {ALIASES.get(c, c) for c in criteria}
     grasp, jacov = "grasp" in names, "jacov" in names
+    if jacov and at is not None:
+        raise HarnessError("jacov reads every position of the batch: it has no per-position form (`at`)")
     if jacov and batch < 2:
         raise HarnessError("jacov needs a batch of at least 2 examples (it is the covariance of their Jacobians)")
     device = next(model.parameters()).device
@@ -268,14 +275,18 @@ def _layer_scores(model, input_ids: torch.Tensor, criteria: tuple[str, ...], cou
 
     work = torch.promote_types(next(model.parameters()).dtype, torch.float32)
     read = torch.ones(batch, seq, dtype=torch.bool, device=device) if read is None else read.to(device).bool()
+    examples = torch.arange(batch, device=device)
+    picked = None if at is None else at.to(device)
+    width = seq if picked is None else 1  # the positions scored per example
     with torch.no_grad():
         for l, layer in enumerate(capture.layers):
             def view(t, scale=None):
-                t = t.detach().to(work).reshape(batch, seq, -1)
+                t = t.detach().reshape(batch, seq, -1)
+                t = (t if picked is None else t[examples, picked].unsqueeze(1)).to(work)
                 return t if scale is None else t / scale.to(t.device, work).view(batch, 1, 1)
             a, ga = view(capture.store[("A", l)]), view(grad[("A", l)], count)
             act, gact = view(capture.store[("act", l)]), view(grad[("act", l)], count)
-            a4, ga4 = a.view(batch, seq, num_heads, head_dim), ga.view(batch, seq, num_heads, head_dim)
+            a4, ga4 = a.view(batch, width, num_heads, head_dim), ga.view(batch, width, num_heads, head_dim)
             x = view(capture.store[("x", l)])
             # the up-projection parts of the neurons (OPT: fc1; SwiGLU: gate and up) and ∂L/∂ their outputs
             parts = family.up_parts(layer)
@@ -306,11 +317,11 @@ def _layer_scores(model, input_ids: torch.Tensor, criteria: tuple[str, ...], cou
                     gy = view(grad[("Y", l)], count)
                     w = family.linear(layer, "o").weight.detach().to(work)
                     col = gy.abs() @ w.abs()  # Σ_i |gY[t,i]| |W[i,c]|
-                    heads = (col * a.abs()).view(batch, seq, num_heads, head_dim).sum(-1)
+                    heads = (col * a.abs()).view(batch, width, num_heads, head_dim).sum(-1)
                     out[c] = {"heads": heads, "neurons": _parts_sum(g.abs() * (r + b) for g, r, b in zip(gpres, rows, biases))}
                 elif c == "grasp":
                     square = count.to(device, work).square()
-                    ha = view(hess[("A", l)], square).view(batch, seq, num_heads, head_dim)
+                    ha = view(hess[("A", l)], square).view(batch, width, num_heads, head_dim)
                     hact = view(hess[("act", l)], square)
                     out[c] = {"heads": (ha * a4).abs().sum(-1), "neurons": (hact * act).abs()}
                 elif c == "gradnorm_act":
@@ -485,16 +496,20 @@ def _target_batch(examples):
 
 
 def _target_passes(model, examples: Sequence, criteria, batch_size: int, features=()):
-    """(batch examples, index, per-layer list of (scores, feats)) for each pass over `examples`."""
+    """(batch examples, index, where, per-layer list of (scores, feats)) for each pass over `examples`: index[b] is
+    example b's last context token and scores[..][b, where[b]] its value there. Without jacov the per-token scores
+    are computed at that token alone (`_layer_scores(at=...)`: T = 1, where all 0); with it, where = index."""
     if not examples:
         raise HarnessError("no calibration examples")
+    per_position = not ({ALIASES.get(c, c) for c in criteria} & set(STATIC_ONLY))
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         input_ids, mask, counted, index = _target_batch(chunk)
         read = torch.zeros_like(counted)
         read[torch.arange(len(chunk)), index] = True
-        yield chunk, index, _layer_scores(model, input_ids, criteria, counted=counted, attention_mask=mask,
-                                          read=read, features=features)
+        layers = _layer_scores(model, input_ids, criteria, counted=counted, attention_mask=mask, read=read,
+                               features=features, at=index if per_position else None)
+        yield chunk, index, (torch.zeros_like(index) if per_position else index), layers
 
 
 def score_targets(model, examples: Sequence, criteria: Iterable[str] = CRITERIA, *, batch_size: int = 8,
@@ -523,16 +538,16 @@ def score_targets(model, examples: Sequence, criteria: Iterable[str] = CRITERIA,
     parts = {c: {u: [] for u in UNITS} for c in criteria}
     feats: dict = {f: [] for f in features}
     indices = []
-    for chunk, index, layers in _target_passes(model, examples, criteria, batch_size, features):
+    for chunk, index, where, layers in _target_passes(model, examples, criteria, batch_size, features):
         rows = torch.arange(len(chunk))
         per = {c: {u: [] for u in UNITS} for c in criteria}
         per_f: dict = {f: [] for f in features}
         for _, scores, layer_feats in layers:
             for c in criteria:
                 for u in UNITS:
-                    per[c][u].append(scores[c][u][rows, index.to(scores[c][u].device)].cpu())
+                    per[c][u].append(scores[c][u][rows, where.to(scores[c][u].device)].cpu())
             for f, value in layer_feats.items():
-                per_f[f].append(value[rows, index.to(value.device)].cpu())
+                per_f[f].append(value[rows, where.to(value.device)].cpu())
         for c in criteria:
             for u in UNITS:
                 parts[c][u].append(torch.stack(per[c][u], dim=1))
@@ -562,14 +577,14 @@ def aggregate_targets(model, examples: Sequence, criteria: Iterable[str] = ALL_C
         asked = criteria if len(chunk) >= 2 else tuple(c for c in criteria if c not in jacov)
         if not asked:
             continue
-        for _, index, layers in _target_passes(model, chunk, asked, len(chunk)):
+        for _, _, where, layers in _target_passes(model, chunk, asked, len(chunk)):
             rows = torch.arange(len(chunk))
             for l, scores, _ in layers:
                 for c in asked:
                     for u in UNITS:
                         value = scores[c][u].double()
                         if c not in jacov:
-                            value = value[rows, index.to(value.device)].sum(0)
+                            value = value[rows, where.to(value.device)].sum(0)
                         sums[c][u][l] += value.cpu()
         count += len(chunk)
         groups += len(chunk) >= 2
@@ -669,7 +684,9 @@ def fit_target_scores(ctx, fewshot, criterion: str, max_tokens: int = SCORE_TOKE
         from harness.progress import stage
 
         heads, neurons, feats = [], [], []
-        passes = target_passes(fewshot.examples, max_tokens)
+        # shortest first, so that a pass pads little (an example's scores do not depend on its pass)
+        order = sorted(range(len(fewshot.examples)), key=lambda i: int(fewshot.examples[i].target[1]))
+        passes = target_passes([fewshot.examples[i] for i in order], max_tokens)
         with stage(f"few-shot scores ({criterion}, loss on the target, read at the last context token)",
                    len(fewshot.examples), ctx.log, unit="examples") as bar:
             for chunk in passes:
@@ -678,7 +695,10 @@ def fit_target_scores(ctx, fewshot, criterion: str, max_tokens: int = SCORE_TOKE
                 neurons.append(got.scores[criterion]["neurons"].float().to(torch.bfloat16))
                 feats.append(got.features["attn_output0"].float())
                 bar.advance(len(chunk))
-        tensors = {"heads": torch.cat(heads), "neurons": torch.cat(neurons), "attn_output0": torch.cat(feats)}
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        tensors = {"heads": torch.cat(heads)[inverse], "neurons": torch.cat(neurons)[inverse],
+                   "attn_output0": torch.cat(feats)[inverse]}
         return tensors, {"criterion": criterion, "examples": len(fewshot.examples), "passes": len(passes),
                          "fewshot": fewshot.describe()}
 

@@ -568,3 +568,32 @@ def test_static_footprint_is_per_criterion_group_and_jacov_refuses_at_30b():
     assert check(needs["plainact"], **kwargs)["gpu_gb"] < 139
     with pytest.raises(HarnessError, match="importance_batch"):
         check(needs["jacov"], **kwargs)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_scores_at_one_position_per_example_equal_the_full_form_there(family):
+    """_layer_scores(at=...) (what ShadowLLM's few-shot scoring uses) computes each per-token criterion at one
+    token per example; it equals the full (B, T) form at those tokens, features included, for both families."""
+    from methods.criteria import _layer_scores
+    from tests.test_families import tiny_llama
+
+    net = (tiny_opt() if family == "opt" else tiny_llama().double()).eval()
+    net.requires_grad_(False)
+    batch = torch.randint(3, 200, (3, 9), generator=torch.Generator().manual_seed(4))
+    at = torch.tensor([4, 8, 2])
+    counted = torch.zeros(3, 9, dtype=torch.bool)
+    counted[0, 4:8], counted[1, 8:], counted[2, 2:6] = True, False, True
+    counted[1, 5:8] = True
+    full = list(_layer_scores(net, batch, CRITERIA, counted=counted, features=("attn_output0",)))
+    one = list(_layer_scores(net, batch, CRITERIA, counted=counted, features=("attn_output0",), at=at))
+    rows = torch.arange(3)
+    for (l, whole, feats), (_, picked, feats_at) in zip(full, one):
+        for c in CRITERIA:
+            for unit in UNITS:
+                assert picked[c][unit].shape[1] == 1
+                torch.testing.assert_close(picked[c][unit][:, 0], whole[c][unit][rows, at], rtol=1e-9, atol=1e-12,
+                                           msg=f"{family} layer {l} {c} {unit}")
+        if l == 0:
+            torch.testing.assert_close(feats_at["attn_output0"][:, 0], feats["attn_output0"][rows, at])
+    with pytest.raises(HarnessError, match="per-position form"):
+        list(_layer_scores(net, batch, ("jacov",), at=at))

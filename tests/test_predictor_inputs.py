@@ -317,3 +317,21 @@ def test_timewise_predictors_have_two_hidden_layers_of_256(session):
                       "net.4.bias": (heads,)}
     predictor = method.policy(ctx, Allocation(heads=0.5), artefact).predictors[1]
     assert [type(m).__name__ for m in predictor.net] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+
+
+def test_few_shot_scores_are_rows_in_the_examples_order(model_dir, data, tmp_path):
+    """fit_target_scores packs the examples shortest first; its rows still follow the examples' order and equal
+    score_targets of each example alone."""
+    from harness.fewshot import calibration_set
+    from methods.criteria import fit_target_scores, score_targets
+
+    session = make_session(model_dir, data, tmp_path / "cache")
+    ctx = session.fit_context("shadow")
+    fewshot = calibration_set(ctx, ctx.settings)
+    lengths = [int(e.target[1]) for e in fewshot.examples]
+    assert lengths != sorted(lengths)  # packing reorders them
+    got = fit_target_scores(ctx, fewshot, "plainact", max_tokens=512)
+    alone = score_targets(ctx.model, fewshot.examples, ("plainact",), batch_size=1)
+    torch.testing.assert_close(got["heads"], alone.scores["plainact"]["heads"].float(), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(got["neurons"].float(), alone.scores["plainact"]["neurons"].float(), rtol=1e-2, atol=1e-8)
+    torch.testing.assert_close(got["attn_output0"], alone.features["attn_output0"].float(), rtol=1e-4, atol=1e-6)
