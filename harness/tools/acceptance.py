@@ -32,8 +32,12 @@ WINDOW = 2048
 SELECTION_COMPARED = ("dejavu", "random", "shadow")
 
 
+T0 = time.perf_counter()
+
+
 def log(message: str) -> None:
-    print(message, flush=True)
+    """Print with the seconds since the script started (the fits' stage lines then give a timeline)."""
+    print(f"[{time.perf_counter() - T0:6.1f}s] {message}", flush=True)
 
 
 def sync() -> None:
@@ -62,6 +66,15 @@ def plain_hf_tokens_per_s(model, ids: torch.Tensor, windows: int, seqlen: int = 
             model(input_ids=batch, use_cache=False).logits
         sync()
     return windows * seqlen / (time.perf_counter() - start)
+
+
+def checkpoint(report: dict, out: Path, name: str, cache_dir: Path, started: float, stage: str) -> None:
+    """Write the report so far (json and md), after every stage: a call stopped by its timeout keeps what ran."""
+    report["cache_gb"] = cache_sizes(cache_dir)
+    report["elapsed_s"] = time.perf_counter() - started
+    report["stage"] = stage
+    (out / f"acceptance-{name}.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / f"acceptance-{name}.md").write_text(render(report))
 
 
 def cache_sizes(root: Path) -> dict:
@@ -229,8 +242,10 @@ def main(argv=None) -> None:
         collect_scores(ctx, lmtext[0].criterion)
         report["scores_s"] = time.perf_counter() - clock
     report["traces_peak_gpu_gb"] = peak_gb()
-
-    rows = []
+    name = spec.label
+    rows = report["perplexity"] = []
+    save = lambda stage: checkpoint(report, out, name, cache_dir, started, stage)  # noqa: E731
+    save("traces")
     for job in jobs:
         spec_ = MethodSpec.parse(job.method)
         fit_ctx = session.fit_context(spec_.name, job.seed)
@@ -250,7 +265,9 @@ def main(argv=None) -> None:
                      "ppl": record["value"], "achieved_heads": record["achieved_heads"],
                      "achieved_neurons": record["achieved_neurons"], "eval_peak_gpu_gb": record["peak_gpu_gb"],
                      "calib_tokens": record.get("calib_tokens")})
+        rows[-1]["vs_plain_hf"] = rows[-1]["tokens_per_s"] / report["plain_hf_before"]  # until the "after" pass
         log(f"{job.method}: fit {fit_s:.1f} s, {rows[-1]['tokens_per_s']:.0f} tokens/s, ppl {record['value']:.1f}")
+        save(f"perplexity: {job.method}")
     for job in jobs:  # the same jobs with the torch selection (HARNESS_SELECT=torch), side by side
         if (torch.cuda.is_available() and not args.no_selection_compare
                 and MethodSpec.parse(job.method).name in SELECTION_COMPARED):
@@ -265,32 +282,35 @@ def main(argv=None) -> None:
                          "ppl": record["value"], "achieved_heads": record["achieved_heads"],
                          "achieved_neurons": record["achieved_neurons"], "eval_peak_gpu_gb": record["peak_gpu_gb"],
                          "calib_tokens": record.get("calib_tokens")})
+            rows[-1]["vs_plain_hf"] = rows[-1]["tokens_per_s"] / report["plain_hf_before"]
             log(f"{rows[-1]['method']}: {rows[-1]['tokens_per_s']:.0f} tokens/s, ppl {record['value']:.1f}")
+            save(f"perplexity: {rows[-1]['method']}")
     report["plain_hf_after"] = plain_hf_tokens_per_s(model, ids, args.windows)
     plain = (report["plain_hf_before"] + report["plain_hf_after"]) / 2
     for row in rows:
         row["vs_plain_hf"] = row["tokens_per_s"] / plain
-    report["perplexity"] = rows
-    report["cache_gb"] = cache_sizes(cache_dir)
+    save("perplexity")
 
     if not args.no_profile:
         report["profiles"] = {}
         for job in jobs:
             if MethodSpec.parse(job.method).name in args.profile_methods.split(","):
                 report["profiles"][job.method] = profile_window(session, job, ids)
+                save(f"profile: {job.method}")
 
-    report["zero_shot"] = {"error": "not run (--no-zero-shot)"} if args.no_zero_shot else zero_shot(session, args, started, out)
+    if args.no_zero_shot:
+        report["zero_shot"] = {"error": "not run (--no-zero-shot)"}
+    else:
+        zero_shot(session, args, started, out, report, save)
     report["total_s"] = time.perf_counter() - started
-    name = spec.label
-    (out / f"acceptance-{name}.json").write_text(json.dumps(report, indent=1, default=str))
-    text = render(report)
-    (out / f"acceptance-{name}.md").write_text(text)
-    print(text)
+    save("done")
+    print((out / f"acceptance-{name}.md").read_text())
     shutil.rmtree(cache_dir, ignore_errors=True)
 
 
-def zero_shot(session, args, started, out) -> dict:
-    """Each zero-shot method on every task through the harness, then lm-eval's own hf model (dense baseline)."""
+def zero_shot(session, args, started, out, report: dict, save) -> None:
+    """lm-eval's own hf model (the dense baseline) on every task, then each zero-shot method task by task through
+    the harness, into report["zero_shot"], saved after every task."""
     from dataclasses import replace
 
     from harness.lmeval import ZERO_SHOT, run_lm_eval, task_manager
@@ -300,7 +320,8 @@ def zero_shot(session, args, started, out) -> dict:
     try:
         import lm_eval  # noqa: F401
     except ImportError as exc:
-        return {"error": f"lm-eval is not installed: {exc}"}
+        report["zero_shot"] = {"error": f"lm-eval is not installed: {exc}"}
+        return
     tasks = args.zero_shot_tasks.split(",")
     config = replace(session.config, tasks=tasks, limit=args.zero_shot_limit,
                      methods=args.zero_shot_methods.split(","))
@@ -308,7 +329,8 @@ def zero_shot(session, args, started, out) -> dict:
     zs.__dict__["model"], zs.__dict__["tokenizer"] = session.model, session.tokenizer
     zs._memo = session._memo
     zs.run_dir = out / "zero-shot"
-    result: dict = {"limit": args.zero_shot_limit, "tasks": tasks, "harness": {}, "lm_eval_hf": {}, "not_run": []}
+    result = report["zero_shot"] = {"limit": args.zero_shot_limit, "tasks": tasks, "harness": {}, "lm_eval_hf": {},
+                                    "not_run": []}
     from lm_eval.models.huggingface import HFLM
 
     def in_time():
@@ -325,6 +347,7 @@ def zero_shot(session, args, started, out) -> dict:
         seconds = time.perf_counter() - clock
         n = res.get("n-samples", {}).get(ZERO_SHOT[task].local_task, {}).get("effective")
         result["lm_eval_hf"][task] = {"s": seconds, "n": n}
+        save(f"zero-shot: lm-eval hf {task}")
     order = {task: i for i, task in enumerate(tasks)}  # task by task, so a cut budget leaves every method some tasks
     for job in sorted(expand_jobs(config, {}), key=lambda job: order[job.task]):
         if not in_time():
@@ -334,7 +357,7 @@ def zero_shot(session, args, started, out) -> dict:
         result["harness"].setdefault(job.method, {})[job.task] = {
             "s": record["timings"]["eval_s"], "n": record["n"], record["metric"]: record["value"]}
         log(f"zero-shot {job.method} {job.task}: {record['metric']} {record['value']:.3f} in {record['timings']['eval_s']:.1f} s")
-    return result
+        save(f"zero-shot: {job.method} {job.task}")
 
 
 def render(report: dict) -> str:
@@ -346,9 +369,14 @@ def render(report: dict) -> str:
              + (f"; criterion scores {report['scores_s']:.1f} s" if "scores_s" in report else "")
              + f"; trace collection peak GPU {report['traces_peak_gpu_gb']:.1f} GiB.", "",
              f"Plain HF forward over the same {report['windows']} windows of {WINDOW}: "
-             f"{report['plain_hf_before']:.0f} tokens/s before the methods, {report['plain_hf_after']:.0f} after.", "",
+             f"{report['plain_hf_before']:.0f} tokens/s before the methods, "
+             + (f"{report['plain_hf_after']:.0f} after." if "plain_hf_after" in report else
+                "not yet measured after them (ratios below are to the 'before' figure)."), "",
              "| method | fit s (after traces) | fit peak GPU GiB | eval tokens/s | vs plain HF | eval peak GPU GiB | ppl | "
              "achieved heads / neurons |", "|---|---|---|---|---|---|---|---|"]
+    if "total_s" not in report:
+        lines[2:2] = [f"**Partial report:** written after stage '{report.get('stage')}', {report.get('elapsed_s', 0):.0f} s "
+                      "into the run; the stages after it did not finish.", ""]
     for r in report["perplexity"]:
         lines.append(f"| {r['method']} | {r['fit_s']:.1f} | {r['fit_peak_gpu_gb']:.1f} | {r['tokens_per_s']:.0f} | "
                      f"{r['vs_plain_hf']:.2f}× | {r['eval_peak_gpu_gb'] or 0:.1f} | {r['ppl']:.1f} | "
@@ -362,7 +390,7 @@ def render(report: dict) -> str:
     for label, rows in report.get("profiles", {}).items():
         lines += ["", f"One window of {label} (host issue time, window time, then CUDA time by op): "
                   + "; ".join(f"{name} {ms:.1f} ms" for name, ms in rows[:8])]
-    zs = report["zero_shot"]
+    zs = report.get("zero_shot", {"error": "not reached"})
     if "error" in zs:
         lines += ["", f"Zero-shot: {zs['error']}"]
     else:
@@ -389,7 +417,8 @@ def render(report: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {summary} |")
         if zs["not_run"]:
             lines += ["", "Not run (time budget): " + ", ".join(zs["not_run"])]
-    lines += ["", f"Total {report['total_s']:.0f} s."]
+    if "total_s" in report:
+        lines += ["", f"Total {report['total_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
