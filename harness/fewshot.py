@@ -228,10 +228,13 @@ def build_examples(tokenizer, data_dir, *, tasks=TASKS, examples: int = DEFAULT_
     if not found:
         raise HarnessError(f"no calibration documents for any of {', '.join(tasks)}: " +
                            "; ".join(f"{t}: {why}" for t, why in left_out.items()))
+    from harness.lmeval import compiled_templates
+
     quota = quotas({name: len(docs) for name, (_, docs, _) in found.items()}, examples)
     out, info = [], {}
     for name, (task, docs, where) in found.items():
-        made = task_examples(name, task, docs, tokenizer, quota[name], shots, seed, max_length)
+        with compiled_templates():  # the same prompts, each template compiled once (lm-eval recompiles per call)
+            made = task_examples(name, task, docs, tokenizer, quota[name], shots, seed, max_length)
         out.extend(made)
         info[name] = {"examples": len(made), "documents": len(docs), "source": where}
         if log is not None:

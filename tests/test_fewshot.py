@@ -103,3 +103,25 @@ def test_the_hub_path_reads_the_training_split(monkeypatch, tokenizer, data):
         text = tokenizer.decode(e.ids, skip_special_tokens=True)
         assert "train goal" in text and "validation goal" not in text
     assert set(TASKS) == {"piqa", "copa", "openbookqa", "winogrande", "rte", "hellaswag", "arc_easy"}
+
+
+def test_compiled_templates_render_as_lm_eval_does_and_restore_it():
+    """harness.lmeval.compiled_templates compiles each prompt template once, with lm-eval's own Environment: the
+    same strings (its regex_replace filter, StrictUndefined), and lm-eval's function is back afterwards."""
+    import jinja2
+    from lm_eval import utils
+
+    from harness.lmeval import compiled_templates
+
+    original = utils.apply_template
+    doc = {"q": "Is it  wet? ", "choices": ["yes", "no way"], "n": 3}
+    templates = ["Question: {{q}}\nAnswer:", "{{choices[1] | regex_replace('way', 'thanks')}}", "{{n + 1}} {{q|trim}}"]
+    expected = [original(t, doc) for t in templates]
+    with compiled_templates():
+        assert utils.apply_template is not original
+        with compiled_templates():  # nested: still the cached one
+            got = [utils.apply_template(t, doc) for t in templates * 3]
+        with pytest.raises(jinja2.exceptions.UndefinedError):
+            utils.apply_template("{{missing}}", doc)
+    assert got == expected * 3 and expected[1] == "no thanks"
+    assert utils.apply_template is original
