@@ -4,11 +4,11 @@ One program per row holds the row's 16-bit scores in registers as order-preservi
 power-of-two blocks, so a 20480-wide row pads nothing), finds the key of the `skip`-th smallest by a 16-step
 bisection on the key's bits (each step one count of the keys below a candidate), and writes the keep mask:
 keys below the threshold are skipped, and among keys equal to it the highest indices (the kept ties are the
-lowest indices, as in `lowest_k_mask` and the decode engine), found by a second bisection on the index only
-when the ties outnumber the units still to skip. It reads the scores once and writes the mask once. On the
-H200 at (2048, 20480) it takes 0.33-0.38 ms on spread scores and 0.54-0.74 ms on a narrow, tie-heavy range
-(the tie search), against 2.4-2.9 ms for the kthvalue form and 1.45-1.50 ms for an earlier kernel built on two
-256-bin histograms per row (results/reports/acceptance-h200.md, run 4).
+lowest indices, as in `lowest_k_mask` and the decode engine), by one prefix sum over the tie flags. It reads
+the scores once and writes the mask once. On the H200 at (2048, 20480) it took 0.33-0.38 ms on spread scores and
+0.54-0.74 ms on a narrow, tie-heavy range, when the ties were cut by a second 15-step bisection on the index
+(replaced since by the prefix sum, not yet timed), against 2.4-2.9 ms for the kthvalue form and 1.45-1.50 ms for
+an earlier kernel built on two 256-bin histograms per row (results/reports/acceptance-h200.md, run 4).
 
 `harness.engine.lowest_k_mask` uses it for fp16/bf16 rows on CUDA when Triton is installed; HARNESS_SELECT=torch
 selects the torch form (kthvalue) instead.
@@ -42,13 +42,12 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 if triton is not None:
     @triton.jit
-    def _lowest_k_keep_kernel(scores_ptr, keep_ptr, n, stride, skip, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                              INDEX_BITS: tl.constexpr):
+    def _lowest_k_keep_kernel(scores_ptr, keep_ptr, n, stride, skip, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
         """The search of `kernels.topk` (16-bit keys, ties skipped from the highest index), written as a mask."""
         row = tl.program_id(0).to(tl.int64)
         key_a, off_a, in_a = load_keys16(scores_ptr + row * stride, 0, n, BLOCK_A)
         key_b, off_b, in_b = load_keys16(scores_ptr + row * stride, BLOCK_A, n, BLOCK_B)
-        threshold, cut = skip_cut(key_a, key_b, off_a, off_b, skip, 16, INDEX_BITS)
+        threshold, cut = skip_cut(key_a, key_b, off_a, off_b, skip, 16)
         keep_a = ~((key_a < threshold) | ((key_a == threshold) & (off_a >= cut)))
         keep_b = ~((key_b < threshold) | ((key_b == threshold) & (off_b >= cut)))
         tl.store(keep_ptr + row * n + off_a, keep_a.to(tl.int8), mask=in_a)
@@ -65,7 +64,7 @@ def lowest_k_keep(scores: torch.Tensor, skip: int, num_warps: int | None = None)
     block_a, block_b = blocks(n)
     warps = num_warps or warps_for(n)
     _lowest_k_keep_kernel[(rows.shape[0],)](rows, keep, n, rows.stride(0), skip, BLOCK_A=block_a, BLOCK_B=block_b,
-                                            INDEX_BITS=max(1, (n - 1).bit_length()), num_warps=warps)
+                                            num_warps=warps)
     return keep.view(torch.bool).view(scores.shape)
 
 

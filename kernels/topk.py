@@ -5,14 +5,15 @@
 
 Half-precision rows (the predictors run in the model's dtype) are read once as order-preserving 16-bit keys held
 in registers as two power-of-two blocks (a 20480-wide row pads nothing); the key of the k-th largest score is
-found by a 16-step bisection on the key's bits (each step one count), ties at it go to the lowest indices (a
-second bisection, on the index, only when the ties outnumber the units still to choose), and the chosen indices
-are compacted in ascending order with one prefix sum. This is exactly the masked engine's `lowest_k_mask` (the
-kept units are the complement of the n − k lowest, same tie rule), so both engines choose the same units. It
-replaces torch.topk's several launches (and its int64 → int32 copy) for neuron rows as for head rows. fp32 rows
-use the same search on 32-bit keys (32 steps). On the H200 one 20480-wide row took 76 µs this way, the largest
-part of a Deja Vu decode step (results/reports/latency-h200.md); `search="histogram"` (KERNELS_TOPK) finds the
-same 16-bit threshold with two 256-bin histograms instead of 16 counts (tested, not yet timed).
+found by a 16-step bisection on the key's bits (each step one count), ties at it go to the lowest indices (one
+prefix sum over the tie flags), and the chosen indices are compacted in ascending order with one prefix sum.
+This is exactly the masked engine's `lowest_k_mask` (the kept units are the complement of the n − k lowest, same
+tie rule), so both engines choose the same units. It replaces torch.topk's several launches (and its int64 →
+int32 copy) for neuron rows as for head rows. fp32 rows use the same search on 32-bit keys (32 steps). On the
+H200 one 20480-wide row took 76 µs, the largest part of a Deja Vu decode step (results/reports/latency-h200.md),
+when ties were still cut by a second bisection on the index (up to 15 more block-wide counts; the prefix sum
+replaced it, not yet timed); `search="histogram"` (KERNELS_TOPK) finds the same 16-bit threshold with two
+256-bin histograms instead of 16 counts (tested, not yet timed).
 
 The batch shares one index set (the engine's kernels read one index list). `combine` says how it is chosen
 from the batch's scores, and is part of every latency record:
@@ -37,8 +38,9 @@ except ImportError:  # pragma: no cover - the CPU install has triton; keep the t
 COMBINE = ("mean", "union")
 SEARCHES = ("bisect", "histogram")
 #: how a half-precision row's threshold key is found. On the H200 the bisection took 76 µs on a 20480-wide row
-#: (results/reports/latency-h200.md, run 2); the histogram search is built and tested (CPU interpreter, PTX) but
-#: not yet timed, so it is not the default.
+#: (results/reports/latency-h200.md, run 2), when ties were still cut by a second, 15-step bisection on the index
+#: (now one prefix sum, not yet timed); the histogram search is built and tested (CPU interpreter, PTX) but not
+#: yet timed, so it is not the default.
 SEARCH = os.environ.get("KERNELS_TOPK", "bisect")
 MAX_ROW = 65536  #: longest row one program holds in registers
 
@@ -64,35 +66,39 @@ if triton is not None:
         return tl.sum(a.to(tl.int32), axis=0) + tl.sum(b.to(tl.int32), axis=0)
 
     @triton.jit
-    def tie_cut(key_a, key_b, off_a, off_b, threshold, skip, INDEX_BITS: tl.constexpr):
+    def tie_cut(key_a, key_b, off_a, off_b, threshold, skip):
         """Given the key of the skip-th smallest, the cut among the keys tied at it: the `missing` tied units of
-        highest index are skipped, i.e. those at or after the smallest cut with count(tied at index >= cut) <=
-        missing (an index bisection, run only when the ties outnumber the units still to skip)."""
+        highest index are skipped, i.e. those whose count of ties at or after them is <= missing. One prefix sum
+        over the tie flags (no serial search): the cut is the lowest index of a skipped tie."""
         tied_a, tied_b = key_a == threshold, key_b == threshold
         missing = skip - count2(key_a < threshold, key_b < threshold)  # ties to skip (>= 1)
-        last = skip * 0 - 1
-        if count2(tied_a, tied_b) > missing:
-            last = skip * 0
-            for bit in tl.static_range(INDEX_BITS):
-                at = last | (1 << (INDEX_BITS - 1 - bit))
-                after = count2(tied_a & (off_a >= at), tied_b & (off_b >= at))
-                last = tl.where(after > missing, at, last)
-        return last + 1
+        ta, tb = tied_a.to(tl.int32), tied_b.to(tl.int32)
+        in_a = tl.sum(ta, axis=0)
+        total = in_a + tl.sum(tb, axis=0)
+        after_a = total - (tl.cumsum(ta, axis=0) - ta)  # ties at or after each unit, itself included
+        after_b = total - in_a - (tl.cumsum(tb, axis=0) - tb)
+        none = tl.max(off_b, axis=0) + 1  # above every index
+        cut_a = tl.min(tl.where(tied_a & (after_a <= missing), off_a, none), axis=0)
+        cut_b = tl.min(tl.where(tied_b & (after_b <= missing), off_b, none), axis=0)
+        return tl.minimum(cut_a, cut_b)
 
     @triton.jit
-    def skip_cut(key_a, key_b, off_a, off_b, skip, KEY_BITS: tl.constexpr, INDEX_BITS: tl.constexpr):
+    def skip_cut(key_a, key_b, off_a, off_b, skip, KEY_BITS: tl.constexpr):
         """The `skip` lowest of the keys (two blocks), ties at the threshold skipped from the highest index:
         returns (threshold, cut); unit i is skipped iff key < threshold or (key == threshold and i >= cut).
-        The threshold by bisection on the key's bits: KEY_BITS block-wide counts."""
-        threshold = (skip * 0).to(tl.int64)
+        The threshold by bisection on the key's bits: KEY_BITS block-wide counts (int32 for 16-bit keys)."""
+        if KEY_BITS == 32:
+            threshold = (skip * 0).to(tl.int64)
+        else:
+            threshold = skip * 0
         for bit in tl.static_range(KEY_BITS):  # the largest t with count(key < t) < skip
             candidate = threshold | (1 << (KEY_BITS - 1 - bit))
             below = count2(key_a < candidate, key_b < candidate)
             threshold = tl.where(below < skip, candidate, threshold)
-        return threshold, tie_cut(key_a, key_b, off_a, off_b, threshold, skip, INDEX_BITS)
+        return threshold, tie_cut(key_a, key_b, off_a, off_b, threshold, skip)
 
     @triton.jit
-    def skip_cut_hist(key_a, key_b, off_a, off_b, skip, INDEX_BITS: tl.constexpr):
+    def skip_cut_hist(key_a, key_b, off_a, off_b, skip):
         """`skip_cut` for 16-bit keys by two 256-bin histograms (the high byte, then the low byte within the
         threshold's high-byte bin) instead of 16 counts; the same threshold and cut."""
         bins = tl.arange(0, 256)
@@ -104,8 +110,8 @@ if triton is not None:
         lo_a, lo_b = key_a & 0xFF, key_b & 0xFF
         hist = tl.histogram(lo_a, 256, mask=in_a & (hi_a == high)) + tl.histogram(lo_b, 256, mask=in_b & (hi_b == high))
         low = tl.sum((tl.cumsum(hist, 0) < skip - below).to(tl.int32), 0)
-        threshold = (high * 256 + low).to(tl.int64)
-        return threshold, tie_cut(key_a, key_b, off_a, off_b, threshold, skip, INDEX_BITS)
+        threshold = high * 256 + low
+        return threshold, tie_cut(key_a, key_b, off_a, off_b, threshold, skip)
 
     @triton.jit
     def _row_keys(s_ptr, stride_b, b0, B, start, n, BLOCK: tl.constexpr, MEAN: tl.constexpr,
@@ -137,7 +143,7 @@ if triton is not None:
     @triton.jit
     def _topk_kernel(s_ptr, out_ptr, count_ptr, B, n, k, stride_b, stride_r, stride_o,
                      UNION: tl.constexpr, MEAN: tl.constexpr, KIND: tl.constexpr, KEY_BITS: tl.constexpr,
-                     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, INDEX_BITS: tl.constexpr, HIST: tl.constexpr):
+                     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HIST: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = s_ptr + row * stride_r
         skip = n - k
@@ -150,18 +156,18 @@ if triton is not None:
                 key_a, _, in_a = _row_keys(base, stride_b, b, B, 0, n, BLOCK_A, False, KIND)
                 key_b, _, in_b = _row_keys(base, stride_b, b, B, BLOCK_A, n, BLOCK_B, False, KIND)
                 if HIST:
-                    threshold, cut = skip_cut_hist(key_a, key_b, off_a, off_b, skip, INDEX_BITS)
+                    threshold, cut = skip_cut_hist(key_a, key_b, off_a, off_b, skip)
                 else:
-                    threshold, cut = skip_cut(key_a, key_b, off_a, off_b, skip, KEY_BITS, INDEX_BITS)
+                    threshold, cut = skip_cut(key_a, key_b, off_a, off_b, skip, KEY_BITS)
                 keep_a |= ~((key_a < threshold) | ((key_a == threshold) & (off_a >= cut))) & in_a
                 keep_b |= ~((key_b < threshold) | ((key_b == threshold) & (off_b >= cut))) & in_b
         else:
             key_a, off_a, in_a = _row_keys(base, stride_b, 0, B, 0, n, BLOCK_A, MEAN, KIND)
             key_b, off_b, in_b = _row_keys(base, stride_b, 0, B, BLOCK_A, n, BLOCK_B, MEAN, KIND)
             if HIST:
-                threshold, cut = skip_cut_hist(key_a, key_b, off_a, off_b, skip, INDEX_BITS)
+                threshold, cut = skip_cut_hist(key_a, key_b, off_a, off_b, skip)
             else:
-                threshold, cut = skip_cut(key_a, key_b, off_a, off_b, skip, KEY_BITS, INDEX_BITS)
+                threshold, cut = skip_cut(key_a, key_b, off_a, off_b, skip, KEY_BITS)
             keep_a = ~((key_a < threshold) | ((key_a == threshold) & (off_a >= cut))) & in_a
             keep_b = ~((key_b < threshold) | ((key_b == threshold) & (off_b >= cut))) & in_b
         first = tl.sum(keep_a.to(tl.int32), axis=0)
@@ -230,8 +236,8 @@ def select(scores: torch.Tensor, k: int, *, combine: str = "mean", out: torch.Te
     block_a, block_b = blocks(n)
     _topk_kernel[(rows,)](flat, view, counts if union else view, B, n, k, flat.stride(0), flat.stride(1),
                           view.stride(0), UNION=union, MEAN=B > 1 and not union, KIND=kind, KEY_BITS=key_bits,
-                          BLOCK_A=block_a, BLOCK_B=block_b, INDEX_BITS=max(1, (n - 1).bit_length()),
-                          HIST=search == "histogram" and key_bits == 16, num_warps=warps_for(n))
+                          BLOCK_A=block_a, BLOCK_B=block_b, HIST=search == "histogram" and key_bits == 16,
+                          num_warps=warps_for(n))
     return out.view(1, *scores.shape[1:-1], width) if combine == "mean" else out
 
 
