@@ -1,6 +1,7 @@
 """GPU checks and figures of the sparse kernels and the sparse decode engine (issue 7).
 
     KERNELS_AUTOTUNE=0 python -m kernels.bench.gpu --part checks  # (a) kernel checks at OPT-13B/30B shapes, fp16/bf16/fp32
+    python -m kernels.bench.gpu --part topk                       # (e) the predictors' top-k, each search, ties
     python -m kernels.bench.gpu --part perf                       # (b) kernel bandwidth at OPT-30B shapes, 25% density
                                                                   # (c) engine vs masked engine, opt-13b shape, 3 layers
                                                                   # (d) decode ms/token, random-weight OPT-13B, CUDA graph
@@ -485,10 +486,39 @@ def part_configs(small, top=8):
                     row("configs", tag, f"{ms * 1e3:.1f} us", config)
 
 
+@guarded
+def part_topk(small):
+    """(e) The predictors' top-k (kernels.topk.select) per search, on spread and on tie-heavy (rounded) fp16 scores,
+    at Deja Vu's row widths (a neuron row of 20480, a head row of 40; batch 1 and 4 with the batch mean), kernel
+    time from a cold L2; then the masked engine's selection (harness.selection.lowest_k_keep) of (2048, 20480)
+    scores, skip half. The sets of both searches are compared."""
+    from harness import selection
+    from kernels.topk import SEARCHES, select
+
+    device = "cuda" if cuda() else "cpu"
+    neurons, heads = (256, 8) if small else (20480, 40)
+    g = torch.Generator(device=device).manual_seed(0)
+    kinds = {"spread": lambda shape: torch.randn(shape, device=device, generator=g),
+             "tie-heavy": lambda shape: (torch.randn(shape, device=device, generator=g) * 3).round()}
+    for label, make in kinds.items():
+        for batch, n, k in ((1, neurons, neurons // 10), (1, heads, heads // 2), (4, neurons, neurons // 10)):
+            scores = make((batch, 1, n)).half()
+            sets = {}
+            for search in SEARCHES:
+                fn = lambda search=search: select(scores, k, search=search, triton_kernel=True)  # noqa: E731
+                sets[search] = fn()
+                row("topk", f"select {label} B={batch} n={n} k={k} {search}", f"{kernel_ms(fn) * 1e3:.1f} us")
+            row("topk", f"select {label} B={batch} n={n}: searches agree", bool(torch.equal(*sets.values())))
+        if selection.available(make((1, 8)).half()) or small:
+            rows = make((1 if small else 2048, neurons)).half()
+            fn = lambda rows=rows: selection.lowest_k_keep(rows, neurons // 2)  # noqa: E731
+            row("topk", f"masked-engine selection {label} {tuple(rows.shape)}, skip half", f"{kernel_ms(fn) * 1e3:.1f} us")
+
+
 def main():
     global LOG
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["checks", "perf", "bandwidth", "equivalence", "configs", "all"],
+    parser.add_argument("--part", choices=["checks", "perf", "bandwidth", "equivalence", "configs", "topk", "all"],
                         default="all", help="perf = bandwidth + equivalence (engine vs masked engine) + decode timing; "
                         "configs = every candidate block config of the step's GEMVs, timed (not in all)")
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
@@ -523,6 +553,9 @@ def main():
     if args.part == "configs":
         part_configs(args.small)
         log(f"configs done at {time.time() - T0:.0f} s")
+    if args.part in ("topk", "all"):
+        part_topk(args.small)
+        log(f"topk done at {time.time() - T0:.0f} s")
     if args.part in ("perf", "all"):
         part_decode_timing(args.small, copy_bw)
         log(f"decode timing done at {time.time() - T0:.0f} s")
