@@ -95,12 +95,13 @@ class _Demonstrations:
         return self
 
 
-def _lm_eval_task(name: str, data_dir):
-    """lm-eval's task object (prompt functions and, for lm-eval's own tasks, its data set)."""
+def _lm_eval_task(name: str, data_dir, local: bool = False):
+    """lm-eval's task object (prompt functions and, for lm-eval's own tasks, its data set); local: an offline task
+    file of the harness (its manager does not index lm-eval's own tasks)."""
     from harness.lmeval import _quiet, task_manager
 
     with _quiet():
-        return task_manager(data_dir).load([name])["tasks"][name]
+        return task_manager(data_dir, local_only=local).load([name])["tasks"][name]
 
 
 _DOCUMENTS: dict = {}
@@ -132,7 +133,7 @@ def _load_documents(name: str, data_dir, chosen: str):
     if found is None:
         return None, [], "no calibration documents offline: its only local split is evaluated and too small to split", chosen
     rows, where = found
-    task = _lm_eval_task(spec.local_task, data_dir)
+    task = _lm_eval_task(spec.local_task, data_dir, local=True)
     docs = rows
     if task.config.process_docs is not None:
         import datasets

@@ -62,9 +62,13 @@ def requests_of(task, limit):
 
 @pytest.mark.parametrize("name", sorted(n for n, t in ZERO_SHOT.items() if t.local_task))
 def test_offline_task_builds_lm_evals_requests(name, manager, data_root):
+    """Our offline task, loaded by the local-only manager (the harness's, which does not index lm-eval's own
+    tasks), against lm-eval's own task from the full index."""
     spec = ZERO_SHOT[name]
     converted = evaluation_rows(spec.converter, data_root)
-    ours = manager.load([spec.local_task])["tasks"][spec.local_task]
+    local = task_manager(data_root, local_only=True)
+    assert spec.local_task in local.task_index and spec.lm_eval_task not in local.task_index
+    ours = local.load([spec.local_task])["tasks"][spec.local_task]
     theirs = original_task(manager, spec.lm_eval_task, converted)
     assert ours.OUTPUT_TYPE == theirs.OUTPUT_TYPE
     limit = LIMITS[name]

@@ -337,7 +337,7 @@ def zero_shot(session, args, started, out, report: dict, save) -> None:
         return time.perf_counter() - started < args.budget
 
     baseline = HFLM(pretrained=session.model, tokenizer=session.tokenizer, batch_size="auto")
-    manager = task_manager(session.data.root)
+    manager = task_manager(session.data.root, local_only=True)  # the offline tasks (ZERO_SHOT[task].local_task)
     for task in tasks:  # the baseline first: its ratio is what the dense rows are judged by
         if not in_time():
             result["not_run"].append(f"lm-eval hf {task}")
