@@ -345,7 +345,7 @@ def hopper_ptx(name: str, pdl: bool, prefetch: bool = False) -> str:
     return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 
 
-def topk_ptx(kind: int, union: bool, mean: bool, hist: bool = False) -> str:
+def topk_ptx(kind: int, union: bool, mean: bool, search: int = 0) -> str:
     """PTX of `kernels.topk`'s kernel for sm_90 (small blocks): kind 0 fp16, 1 bf16, 2 fp32 scores."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -360,7 +360,7 @@ def topk_ptx(kind: int, union: bool, mean: bool, hist: bool = False) -> str:
     signature = dict(s_ptr=["*fp16", "*bf16", "*fp32"][kind], out_ptr="*i32", count_ptr="*i32", B="i32", n="i32",
                      k="i32", stride_b="i32", stride_r="i32", stride_o="i32")
     constants = dict(UNION=union, MEAN=mean, KIND=kind, KEY_BITS=32 if kind == 2 else 16, BLOCK_A=64, BLOCK_B=16,
-                     HIST=hist)
+                     SEARCH=search)
     source = ASTSource(fn=JITFunction(fn), signature={**signature, **{k: "constexpr" for k in constants}},
                        constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]

@@ -12,8 +12,9 @@ tie rule), so both engines choose the same units. It replaces torch.topk's sever
 int32 copy) for neuron rows as for head rows. fp32 rows use the same search on 32-bit keys (32 steps). On the
 H200 one 20480-wide row took 76 µs, the largest part of a Deja Vu decode step (results/reports/latency-h200.md),
 when ties were still cut by a second bisection on the index (up to 15 more block-wide counts; the prefix sum
-replaced it, not yet timed); `search="histogram"` (KERNELS_TOPK) finds the same 16-bit threshold with two
-256-bin histograms instead of 16 counts (tested, not yet timed).
+replaced it, not yet timed). Two other searches find the same threshold (KERNELS_TOPK; tested, not yet timed):
+`radix4` takes two bits a step with the three candidates counted in one reduction (half the serial
+reductions), and `histogram` uses two 256-bin histograms for 16-bit keys instead of 16 counts.
 
 The batch shares one index set (the engine's kernels read one index list). `combine` says how it is chosen
 from the batch's scores, and is part of every latency record:
@@ -36,7 +37,7 @@ except ImportError:  # pragma: no cover - the CPU install has triton; keep the t
     triton = None
 
 COMBINE = ("mean", "union")
-SEARCHES = ("bisect", "histogram")
+SEARCHES = ("bisect", "histogram", "radix4")
 #: how a half-precision row's threshold key is found. On the H200 the bisection took 76 µs on a 20480-wide row
 #: (results/reports/latency-h200.md, run 2), when ties were still cut by a second, 15-step bisection on the index
 #: (now one prefix sum, not yet timed); the histogram search is built and tested (CPU interpreter, PTX) but not
@@ -98,6 +99,30 @@ if triton is not None:
         return threshold, tie_cut(key_a, key_b, off_a, off_b, threshold, skip)
 
     @triton.jit
+    def _add3(a0, a1, a2, b0, b1, b2):
+        return a0 + b0, a1 + b1, a2 + b2
+
+    @triton.jit
+    def _below3(keys, c1, c2, c3):
+        """(count(keys < c1), count(keys < c2), count(keys < c3)) in one block-wide reduction."""
+        return tl.reduce(((keys < c1).to(tl.int32), (keys < c2).to(tl.int32), (keys < c3).to(tl.int32)), 0, _add3)
+
+    @triton.jit
+    def skip_cut_radix4(key_a, key_b, off_a, off_b, skip):
+        """`skip_cut` for 16-bit keys, two bits a step: the three candidates of a step are counted in one
+        reduction (of three sums), so 8 reductions per block instead of 16; the same threshold and cut."""
+        KEY_BITS: tl.constexpr = 16
+        threshold = skip * 0
+        for step in tl.static_range(KEY_BITS // 2):  # the largest t with count(key < t) < skip, two bits at a time
+            unit = 1 << (KEY_BITS - 2 - 2 * step)  # a compile-time constant (step is one)
+            c1, c2, c3 = threshold | unit, threshold | (2 * unit), threshold | (3 * unit)
+            a1, a2, a3 = _below3(key_a, c1, c2, c3)
+            b1, b2, b3 = _below3(key_b, c1, c2, c3)
+            threshold = tl.where(a3 + b3 < skip, c3, tl.where(a2 + b2 < skip, c2, tl.where(a1 + b1 < skip, c1,
+                                                                                           threshold)))
+        return threshold, tie_cut(key_a, key_b, off_a, off_b, threshold, skip)
+
+    @triton.jit
     def skip_cut_hist(key_a, key_b, off_a, off_b, skip):
         """`skip_cut` for 16-bit keys by two 256-bin histograms (the high byte, then the low byte within the
         threshold's high-byte bin) instead of 16 counts; the same threshold and cut."""
@@ -112,6 +137,18 @@ if triton is not None:
         low = tl.sum((tl.cumsum(hist, 0) < skip - below).to(tl.int32), 0)
         threshold = high * 256 + low
         return threshold, tie_cut(key_a, key_b, off_a, off_b, threshold, skip)
+
+    @triton.jit
+    def find_cut(key_a, key_b, off_a, off_b, skip, KEY_BITS: tl.constexpr, SEARCH: tl.constexpr):
+        """(threshold, cut) of the `skip` lowest keys by SEARCH: 0 bisection, 1 two histograms, 2 bisection two
+        bits a step (SEARCHES' order; 1 and 2 for 16-bit keys only, see `search_id`)."""
+        if SEARCH == 1:
+            threshold, cut = skip_cut_hist(key_a, key_b, off_a, off_b, skip)
+        elif SEARCH == 2:
+            threshold, cut = skip_cut_radix4(key_a, key_b, off_a, off_b, skip)
+        else:
+            threshold, cut = skip_cut(key_a, key_b, off_a, off_b, skip, KEY_BITS)
+        return threshold, cut
 
     @triton.jit
     def _row_keys(s_ptr, stride_b, b0, B, start, n, BLOCK: tl.constexpr, MEAN: tl.constexpr,
@@ -143,7 +180,7 @@ if triton is not None:
     @triton.jit
     def _topk_kernel(s_ptr, out_ptr, count_ptr, B, n, k, stride_b, stride_r, stride_o,
                      UNION: tl.constexpr, MEAN: tl.constexpr, KIND: tl.constexpr, KEY_BITS: tl.constexpr,
-                     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HIST: tl.constexpr):
+                     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, SEARCH: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = s_ptr + row * stride_r
         skip = n - k
@@ -155,19 +192,13 @@ if triton is not None:
             for b in range(0, B):
                 key_a, _, in_a = _row_keys(base, stride_b, b, B, 0, n, BLOCK_A, False, KIND)
                 key_b, _, in_b = _row_keys(base, stride_b, b, B, BLOCK_A, n, BLOCK_B, False, KIND)
-                if HIST:
-                    threshold, cut = skip_cut_hist(key_a, key_b, off_a, off_b, skip)
-                else:
-                    threshold, cut = skip_cut(key_a, key_b, off_a, off_b, skip, KEY_BITS)
+                threshold, cut = find_cut(key_a, key_b, off_a, off_b, skip, KEY_BITS, SEARCH)
                 keep_a |= ~((key_a < threshold) | ((key_a == threshold) & (off_a >= cut))) & in_a
                 keep_b |= ~((key_b < threshold) | ((key_b == threshold) & (off_b >= cut))) & in_b
         else:
             key_a, off_a, in_a = _row_keys(base, stride_b, 0, B, 0, n, BLOCK_A, MEAN, KIND)
             key_b, off_b, in_b = _row_keys(base, stride_b, 0, B, BLOCK_A, n, BLOCK_B, MEAN, KIND)
-            if HIST:
-                threshold, cut = skip_cut_hist(key_a, key_b, off_a, off_b, skip)
-            else:
-                threshold, cut = skip_cut(key_a, key_b, off_a, off_b, skip, KEY_BITS)
+            threshold, cut = find_cut(key_a, key_b, off_a, off_b, skip, KEY_BITS, SEARCH)
             keep_a = ~((key_a < threshold) | ((key_a == threshold) & (off_a >= cut))) & in_a
             keep_b = ~((key_b < threshold) | ((key_b == threshold) & (off_b >= cut))) & in_b
         first = tl.sum(keep_a.to(tl.int32), axis=0)
@@ -177,6 +208,15 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + slot_b, off_b.to(tl.int32), mask=keep_b)
         if UNION:
             tl.store(count_ptr + row, first + tl.sum(keep_b.to(tl.int32), axis=0))
+
+
+def search_id(search: str, key_bits: int = 16) -> int:
+    """The kernels' SEARCH constant of a search name. 32-bit keys (fp32 rows) always bisect: the histogram search
+    is for 16-bit keys, and radix4's three-sum reduction on int64 keys gave wrong sets (and a heap error) in the
+    CPU interpreter, so it is not used there."""
+    if search not in SEARCHES:
+        raise ValueError(f"unknown top-k search {search!r}; valid: {', '.join(SEARCHES)}")
+    return SEARCHES.index(search) if key_bits == 16 else 0
 
 
 def blocks(n: int) -> tuple[int, int]:
@@ -205,8 +245,9 @@ def select(scores: torch.Tensor, k: int, *, combine: str = "mean", out: torch.Te
     combine="union": `out` (…, n) int32 and `counts` (…) int32 are required; the first counts[r] entries of
     row r of `out` are the union of the batch's top-k sets, ascending. `out` is written in place either way.
     `triton_kernel`: force the kernel (True; the CPU interpreter runs it on CPU tensors) or the torch form.
-    `search` (half-precision rows): "bisect" (16 block-wide counts) or "histogram" (two 256-bin histograms); the
-    same sets either way; default KERNELS_TOPK, else "bisect"."""
+    `search`: "bisect" (one block-wide count per key bit), "radix4" (two bits a step, three counts in one
+    reduction) or "histogram" (half-precision rows: two 256-bin histograms); the same sets every way; default
+    KERNELS_TOPK, else "bisect"."""
     if combine not in COMBINE:
         raise ValueError(f"unknown batch combine {combine!r}; valid: {', '.join(COMBINE)}")
     if scores.dim() == 1:
@@ -231,13 +272,10 @@ def select(scores: torch.Tensor, k: int, *, combine: str = "mean", out: torch.Te
         counts.fill_(k)
     kind, key_bits = _KIND[scores.dtype]
     search = search or SEARCH
-    if search not in SEARCHES:
-        raise ValueError(f"unknown top-k search {search!r}; valid: {', '.join(SEARCHES)}")
     block_a, block_b = blocks(n)
     _topk_kernel[(rows,)](flat, view, counts if union else view, B, n, k, flat.stride(0), flat.stride(1),
                           view.stride(0), UNION=union, MEAN=B > 1 and not union, KIND=kind, KEY_BITS=key_bits,
-                          BLOCK_A=block_a, BLOCK_B=block_b, HIST=search == "histogram" and key_bits == 16,
-                          num_warps=warps_for(n))
+                          BLOCK_A=block_a, BLOCK_B=block_b, SEARCH=search_id(search, key_bits), num_warps=warps_for(n))
     return out.view(1, *scores.shape[1:-1], width) if combine == "mean" else out
 
 

@@ -134,7 +134,7 @@ def _kept_by_lowest_k_mask(scores, k):
     return lowest_k_mask(scores, scores.shape[-1] - k)
 
 
-@pytest.mark.parametrize("search", ["bisect", "histogram"])
+@pytest.mark.parametrize("search", ["bisect", "histogram", "radix4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape,k", [((1, 40), 20), ((1, 2560), 256), ((3, 2, 300), 30)])
 def test_topk_select_is_the_masked_engines_choice_in_every_dtype(dtype, shape, k, search):
@@ -155,10 +155,10 @@ def test_topk_select_is_the_masked_engines_choice_in_every_dtype(dtype, shape, k
 
 def test_topk_kernel_compiles_for_hopper():
     """The compiler's front end checks what the interpreter does not (types across branches, names defined in a
-    loop): the top-k kernel builds to sm_90 PTX for every dtype and batch combine (a subprocess, as above)."""
+    loop): the top-k kernel builds to sm_90 PTX for every dtype, batch combine and search (a subprocess, as above)."""
     code = ("from kernels import checks\n"
-            "for case in [(0, False, False), (1, True, False), (0, False, True), (2, False, False), (0, False, False, True),\n"
-            "             (1, True, False, True)]:\n"
+            "for case in [(0, False, False), (1, True, False), (0, False, True), (2, False, False), (0, False, False, 1),\n"
+            "             (1, True, False, 1), (0, False, True, 2), (1, True, False, 2)]:\n"
             "    assert 'ret;' in checks.topk_ptx(*case)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
@@ -166,7 +166,7 @@ def test_topk_kernel_compiles_for_hopper():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("search", ["bisect", "histogram"])
+@pytest.mark.parametrize("search", ["bisect", "histogram", "radix4"])
 def test_topk_union_of_the_batch_has_a_device_count_and_each_sequences_set(search):
     from kernels.topk import select, select_triton
 
