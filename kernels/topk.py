@@ -40,8 +40,8 @@ COMBINE = ("mean", "union")
 SEARCHES = ("bisect", "histogram", "radix4")
 #: how a half-precision row's threshold key is found. On the H200 the bisection took 76 µs on a 20480-wide row
 #: (results/reports/latency-h200.md, run 2), when ties were still cut by a second, 15-step bisection on the index
-#: (now one prefix sum, not yet timed); the histogram search is built and tested (CPU interpreter, PTX) but not
-#: yet timed, so it is not the default.
+#: (now one prefix sum, not yet timed); the histogram and radix4 searches are built and tested (CPU interpreter,
+#: PTX) but not yet timed, so neither is the default (`python -m kernels.bench.gpu --part topk` times all three).
 SEARCH = os.environ.get("KERNELS_TOPK", "bisect")
 MAX_ROW = 65536  #: longest row one program holds in registers
 
