@@ -36,26 +36,29 @@ try:  # Triton is optional (the [gpu] extra); without it the engine uses the tor
     import triton
     import triton.language as tl
 
-    from kernels.topk import blocks, load_keys16, skip_cut, warps_for
+    from kernels.topk import SEARCH, blocks, find_cut, load_keys16, search_id, warps_for
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
 if triton is not None:
     @triton.jit
-    def _lowest_k_keep_kernel(scores_ptr, keep_ptr, n, stride, skip, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    def _lowest_k_keep_kernel(scores_ptr, keep_ptr, n, stride, skip, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                              SEARCH: tl.constexpr):
         """The search of `kernels.topk` (16-bit keys, ties skipped from the highest index), written as a mask."""
         row = tl.program_id(0).to(tl.int64)
         key_a, off_a, in_a = load_keys16(scores_ptr + row * stride, 0, n, BLOCK_A)
         key_b, off_b, in_b = load_keys16(scores_ptr + row * stride, BLOCK_A, n, BLOCK_B)
-        threshold, cut = skip_cut(key_a, key_b, off_a, off_b, skip, 16)
+        threshold, cut = find_cut(key_a, key_b, off_a, off_b, skip, 16, SEARCH)
         keep_a = ~((key_a < threshold) | ((key_a == threshold) & (off_a >= cut)))
         keep_b = ~((key_b < threshold) | ((key_b == threshold) & (off_b >= cut)))
         tl.store(keep_ptr + row * n + off_a, keep_a.to(tl.int8), mask=in_a)
         tl.store(keep_ptr + row * n + off_b, keep_b.to(tl.int8), mask=in_b)
 
 
-def lowest_k_keep(scores: torch.Tensor, skip: int, num_warps: int | None = None) -> torch.Tensor:
-    """Keep-mask (same shape, bool) with exactly `skip` of each row's lowest scores False; 0 < skip < n."""
+def lowest_k_keep(scores: torch.Tensor, skip: int, num_warps: int | None = None,
+                  search: str | None = None) -> torch.Tensor:
+    """Keep-mask (same shape, bool) with exactly `skip` of each row's lowest scores False; 0 < skip < n. search:
+    kernels.topk's (bisect, histogram, radix4; default KERNELS_TOPK, else bisect), the same mask every way."""
     n = scores.shape[-1]
     rows = scores.reshape(-1, n)
     if rows.stride(-1) != 1:
@@ -64,7 +67,7 @@ def lowest_k_keep(scores: torch.Tensor, skip: int, num_warps: int | None = None)
     block_a, block_b = blocks(n)
     warps = num_warps or warps_for(n)
     _lowest_k_keep_kernel[(rows.shape[0],)](rows, keep, n, rows.stride(0), skip, BLOCK_A=block_a, BLOCK_B=block_b,
-                                            num_warps=warps)
+                                            SEARCH=search_id(search or SEARCH), num_warps=warps)
     return keep.view(torch.bool).view(scores.shape)
 
 

@@ -214,9 +214,14 @@ def test_lowest_k_mask_skips_exactly_k_and_keeps_the_lowest_tied_indices():
     assert json.dumps(lowest_k_mask(tied, 6).tolist()) == "[[false, false, false, false, false, false]]"
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_selection_equals_lowest_k_mask_with_ties_and_signed_zeros(dtype):
+@pytest.mark.parametrize("dtype,search", [(torch.float16, "bisect"), (torch.bfloat16, "bisect"),
+                                          (torch.float16, "histogram"), (torch.bfloat16, "radix4")])
+def test_triton_selection_equals_lowest_k_mask_with_ties_and_signed_zeros(dtype, search):
+    from functools import partial
+
     from harness.selection import lowest_k_keep
+
+    lowest_k_keep = partial(lowest_k_keep, search=search)
 
     torch.manual_seed(1)
     for shape, skip in [((3, 37), 5), ((2, 100), 99), ((4, 64), 1), ((2, 3, 300), 150)]:
