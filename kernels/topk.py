@@ -78,9 +78,8 @@ if triton is not None:
         total = in_a + tl.sum(tb, axis=0)
         after_a = total - (tl.cumsum(ta, axis=0) - ta)  # ties at or after each unit, itself included
         after_b = total - in_a - (tl.cumsum(tb, axis=0) - tb)
-        none = tl.max(off_b, axis=0) + 1  # above every index
-        cut_a = tl.min(tl.where(tied_a & (after_a <= missing), off_a, none), axis=0)
-        cut_b = tl.min(tl.where(tied_b & (after_b <= missing), off_b, none), axis=0)
+        cut_a = tl.min(tl.where(tied_a & (after_a <= missing), off_a, 0x7FFFFFFF), axis=0)  # above every index
+        cut_b = tl.min(tl.where(tied_b & (after_b <= missing), off_b, 0x7FFFFFFF), axis=0)
         return tl.minimum(cut_a, cut_b)
 
     @triton.jit
