@@ -282,15 +282,8 @@ class SparseDecoder(StepLoop):
         self.masks = masks if masks is not None else DenseMasks(self.num_layers)
         if hasattr(self.masks, "bind"):
             self.masks.bind(self)
-        counts = getattr(self.masks, "counts", None)
-        heads_kept = _per_layer(heads_kept, self.num_layers) if heads_kept is not None else None
-        neurons_kept = _per_layer(neurons_kept, self.num_layers) if neurons_kept is not None else None
-        if heads_kept is None or neurons_kept is None:
-            if counts is None:
-                raise ValueError("give heads_kept and neurons_kept, or a mask source with `counts`")
-            heads_kept = heads_kept or [c[0] for c in counts]
-            neurons_kept = neurons_kept or [c[1] for c in counts]
-        self.heads_kept, self.neurons_kept = heads_kept, neurons_kept
+        self.heads_kept, self.neurons_kept = heads_kept, neurons_kept = kept_counts(
+            self.masks, heads_kept, neurons_kept, self.num_layers)
         self.head_buf = [torch.zeros(k, dtype=torch.int32, device=self.device) for k in heads_kept]
         self.neuron_buf = [torch.zeros(k, dtype=torch.int32, device=self.device) for k in neurons_kept]
         self.heads_used = [None] * self.num_layers  # the index tensors the last step read (fixed under a graph)
@@ -432,6 +425,20 @@ class SparseDecoder(StepLoop):
         ops.argmax(logits, out=self.token)  # the greedy next token, for step(engine.next_token)
         self.pos.add_(1)
         return logits
+
+def kept_counts(masks, heads_kept, neurons_kept, layers: int) -> tuple[list[int], list[int]]:
+    """The kept heads and neurons of every layer (each engine's index buffers are sized by them): the ones given
+    (an int for every layer, or one per layer), else the mask source's `counts` [(heads, neurons), ...]."""
+    counts = getattr(masks, "counts", None)
+    heads_kept = _per_layer(heads_kept, layers) if heads_kept is not None else None
+    neurons_kept = _per_layer(neurons_kept, layers) if neurons_kept is not None else None
+    if heads_kept is None or neurons_kept is None:
+        if counts is None:
+            raise ValueError("give heads_kept and neurons_kept, or a mask source with `counts`")
+        heads_kept = heads_kept or [c[0] for c in counts]
+        neurons_kept = neurons_kept or [c[1] for c in counts]
+    return heads_kept, neurons_kept
+
 
 def _per_layer(value, n):
     if isinstance(value, int):

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.families import LINEAR_SITES, family_of
-from kernels.decode import Counted, DenseMasks, StaticMasks, StepLoop, _per_layer  # noqa: F401 - shared with OPT's
+from kernels.decode import Counted, DenseMasks, StaticMasks, StepLoop, kept_counts  # noqa: F401 - shared with OPT's
 
 BACKENDS = ("triton", "torch")
 SITE_INDEX = {site: i for i, site in enumerate(LINEAR_SITES)}
@@ -172,15 +172,8 @@ class LlamaSparseDecoder(StepLoop):
         self.h = torch.zeros(B, self.hidden, dtype=torch.float32, device=self.device)
         self.kv_units = torch.arange(H, H + 2 * Hkv, dtype=torch.int32, device=self.device)
 
-        counts = getattr(self.masks, "counts", None)
-        heads_kept = _per_layer(heads_kept, self.num_layers) if heads_kept is not None else None
-        neurons_kept = _per_layer(neurons_kept, self.num_layers) if neurons_kept is not None else None
-        if heads_kept is None or neurons_kept is None:
-            if counts is None:
-                raise ValueError("give heads_kept and neurons_kept, or a mask source with `counts`")
-            heads_kept = heads_kept or [c[0] for c in counts]
-            neurons_kept = neurons_kept or [c[1] for c in counts]
-        self.heads_kept, self.neurons_kept = heads_kept, neurons_kept
+        self.heads_kept, self.neurons_kept = heads_kept, neurons_kept = kept_counts(
+            self.masks, heads_kept, neurons_kept, self.num_layers)
         # per layer: [kept heads | K heads | V heads] units of the QKV gather, and each kept head's K/V head
         self.unit_buf = [torch.cat([torch.zeros(k, dtype=torch.int32, device=self.device), self.kv_units])
                          for k in heads_kept]

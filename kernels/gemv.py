@@ -226,21 +226,17 @@ def _rows_kernel(x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, cache_ptr, pos_ptr, c
                 other=0.0)
     if DOT:  # tensor cores: the batch tile (>= 16 rows, padding masked to zero) times the weight tile
         acc = _dot(tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), x, w, IEEE)
-        for k0 in range(BLOCK_K, K_live, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            w = tl.load(w_ptr + rows[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
-                        other=0.0)
-            acc = _dot(acc, x, w, IEEE)
     else:
         acc = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-        for k0 in range(BLOCK_K, K_live, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            w = tl.load(w_ptr + rows[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
-                        other=0.0)
+    for k0 in range(BLOCK_K, K_live, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        w = tl.load(w_ptr + rows[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
+                    other=0.0)
+        if DOT:
+            acc = _dot(acc, x, w, IEEE)
+        else:
             acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     if PDL:  # the next kernel may launch once every program is past its weights (not earlier: it would hold slots)
         gdc_launch_dependents()

@@ -11,12 +11,13 @@ import json
 import pytest
 import torch
 
-from harness.engine import Allocation, MaskedEngine, MaskPolicy
+from harness.engine import Allocation, MaskedEngine
 from kernels.decode import SparseDecoder
 from kernels.equivalence import relative_errors, sparse_engine_logits
 from harness.decoding import source_for
 from kernels.sources import reference_source
 from tests.conftest import tiny_model
+from tests.method_policies import PromptDense, make_policy, masked_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -32,79 +33,6 @@ def _model():
             if param.dim() == 1:
                 param.add_(torch.randn_like(param) * 0.1)
     return model
-
-
-def _standardised(predictor, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in predictor.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        predictor.mean.copy_(torch.randn(predictor.mean.shape, generator=g))
-        predictor.std.copy_(torch.rand(predictor.std.shape, generator=g) + 0.5)
-    return predictor.eval()
-
-
-def make_policy(label, model):
-    """The method's own masked-engine policy with seeded (untrained) predictors of its architecture."""
-    from methods.dejavu import HEAD_INPUTS, DejaVuPolicy, LayerwiseShadowPolicy
-    from methods.predictors import low_rank, mlp
-    from methods.shadow import ShadowPolicy, shadow_predictor
-    from methods.static import StaticPolicy
-    from methods.timewise import DEFAULTS as TIMEWISE, TimewisePolicy, timewise_predictor
-
-    name, _, variant = label.partition(":")
-    if name == "static":
-        g = torch.Generator().manual_seed(11)
-        return StaticPolicy(torch.rand(L, H, generator=g), torch.rand(L, F_DIM, generator=g)), Allocation(0.5, 0.7)
-    if label == "dejavu:shadowllm":  # per-layer one-hidden-layer MLPs on layer 0's attention output, layer 0 dense
-        attn = {l: _standardised(mlp(D, 16, H), 500 + l) for l in range(1, L)}
-        mlp_ = {l: _standardised(mlp(D, 16, F_DIM), 600 + l) for l in range(1, L)}
-        return LayerwiseShadowPolicy(attn, mlp_, L), Allocation(0.5, 0.7, dense_layers=(0,))
-    if name == "dejavu":
-        attn = {l: _standardised(low_rank(D, 16, H), 100 + l) for l in range(L)}
-        mlp_ = {l: _standardised(low_rank(D, 16, F_DIM), 200 + l) for l in range(L)}
-        return DejaVuPolicy(attn, mlp_, HEAD_INPUTS[variant or None]), Allocation(0.5, 0.7)
-    if name == "shadow":
-        predictor = _standardised(shadow_predictor(model.config, 32), 300)
-        return ShadowPolicy(predictor, model.config), Allocation(0.5, 0.7, dense_layers=(0,))
-    predictors = {l: _standardised(timewise_predictor(D, H, {**TIMEWISE, "hidden": 16}), 400 + l) for l in range(L)}
-    return TimewisePolicy(variant, predictors, 1), Allocation(0.5, 0.0)
-
-
-class PromptDense(MaskPolicy):
-    """The method's policy, but every unit kept during the prompt (the sparse engine's prefill is dense); the
-    policy still sees the prompt (timewise:time carries the last prompt token's state). Records kept sets."""
-
-    def __init__(self, inner):
-        self.inner, self.needs, self.decoding, self.kept = inner, inner.needs, False, []
-
-    def begin(self, state):
-        self.decoding = state.shape[1] == 1
-        self.inner.begin(state)
-
-    def head_scores(self, layer, state, head_out):
-        scores = self.inner.head_scores(layer, state, head_out)
-        if self.decoding and scores is not None:
-            self.kept.append(("heads", layer, scores))
-        return scores if self.decoding else None
-
-    def neuron_scores(self, layer, state, act):
-        scores = self.inner.neuron_scores(layer, state, act)
-        return scores if self.decoding else None
-
-
-@torch.no_grad()
-def masked_logits(model, policy, allocation, prompt, tokens):
-    engine = MaskedEngine(model, policy, allocation)
-    out = []
-    with engine.applied():
-        res = model(input_ids=prompt, use_cache=True)
-        past, out = res.past_key_values, [res.logits[:, -1].float()]
-        for token in tokens:
-            res = model(input_ids=token.view(1, 1), past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            out.append(res.logits[:, -1].float())
-    return out
 
 
 @pytest.fixture(scope="module")

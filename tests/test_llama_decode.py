@@ -11,11 +11,12 @@ earlier step's logits; Qwen2's q/k/v biases, Mistral and Llama-3's "llama3" rope
 import pytest
 import torch
 
-from harness.engine import Allocation, MaskedEngine, MaskPolicy
+from harness.engine import Allocation
 from kernels.decode import DenseMasks, StaticMasks
 from kernels.decode_llama import InputThresholdMasks, LlamaSparseDecoder, sparse_decoder
 from kernels.equivalence import (ScheduleSource, masked_engine_logits, random_schedule, relative_errors,
                                  sparse_engine_logits)
+from tests.method_policies import PromptDense, make_policy, masked_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -61,42 +62,6 @@ def setup():
 def _triton(backend):
     if backend == "triton":
         pytest.importorskip("triton")
-
-
-class PromptDense(MaskPolicy):
-    """A head/neuron policy with every unit kept during the prompt (the sparse engine's prefill is dense)."""
-
-    def __init__(self, inner):
-        self.inner, self.needs, self.decoding = inner, inner.needs, False
-        self.token_independent = inner.token_independent
-
-    def begin(self, state):
-        self.decoding = state.shape[1] == 1
-        self.inner.begin(state)
-
-    def head_scores(self, layer, state, head_out):
-        scores = self.inner.head_scores(layer, state, head_out)
-        return scores if self.decoding else None
-
-    def neuron_scores(self, layer, state, act):
-        scores = self.inner.neuron_scores(layer, state, act)
-        return scores if self.decoding else None
-
-
-@torch.no_grad()
-def masked_logits(model, policy, allocation, prompt, tokens, engine_out=None):
-    engine = MaskedEngine(model, policy, allocation)
-    out = []
-    with engine.applied():
-        res = model(input_ids=prompt, use_cache=True)
-        past, out = res.past_key_values, [res.logits[:, -1].float()]
-        for token in tokens:
-            res = model(input_ids=token.view(1, 1), past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            out.append(res.logits[:, -1].float())
-    if engine_out is not None:
-        engine_out.append(engine)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -169,49 +134,6 @@ def test_per_token_schedule_matches_masked_engine(setup, backend):
     assert max(errors) < 1e-5 and all(agree), errors
     dense = LlamaSparseDecoder(model, DenseMasks(L), max_len=16, backend="torch", layers=engine.layers)
     assert engine.weight_bytes() < dense.weight_bytes()
-
-
-def _seeded(predictor, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in predictor.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        predictor.mean.copy_(torch.randn(predictor.mean.shape, generator=g))
-        predictor.std.copy_(torch.rand(predictor.std.shape, generator=g) + 0.5)
-    return predictor.eval()
-
-
-def make_policy(label, model):
-    from methods.dejavu import DejaVuPolicy
-    from methods.predictors import low_rank
-    from methods.shadow import ShadowPolicy, shadow_predictor
-    from methods.static import StaticPolicy
-
-    if label == "static":
-        g = torch.Generator().manual_seed(11)
-        return StaticPolicy(torch.rand(L, H, generator=g), torch.rand(L, F_DIM, generator=g)), Allocation(0.5, 0.7)
-    if label == "dejavu":
-        attn = {l: _seeded(low_rank(D, 16, H), 100 + l) for l in range(L)}
-        mlp = {l: _seeded(low_rank(D, 16, F_DIM), 200 + l) for l in range(L)}
-        return DejaVuPolicy(attn, mlp), Allocation(0.5, 0.7)
-    if label == "random":
-        from methods.random import RandomPolicy
-
-        return RandomPolicy(5, {"heads": H, "neurons": F_DIM}, L), Allocation(0.5, 0.7)
-    if label == "dejavu:shadowllm":
-        from methods.dejavu import LayerwiseShadowPolicy
-        from methods.predictors import mlp as mlp_predictor
-
-        attn = {l: _seeded(mlp_predictor(D, 16, H), 500 + l) for l in range(1, L)}
-        mlp = {l: _seeded(mlp_predictor(D, 16, F_DIM), 600 + l) for l in range(1, L)}
-        return LayerwiseShadowPolicy(attn, mlp, L), Allocation(0.5, 0.7, dense_layers=(0,))
-    if label.startswith("timewise"):
-        from methods.timewise import DEFAULTS as TIMEWISE, TimewisePolicy, timewise_predictor
-
-        predictors = {l: _seeded(timewise_predictor(D, H, {**TIMEWISE, "hidden": 16}), 400 + l) for l in range(L)}
-        return TimewisePolicy(label.split(":")[1], predictors, 1), Allocation(0.5, 0.0)
-    predictor = _seeded(shadow_predictor(model.config, 32), 300)
-    return ShadowPolicy(predictor, model.config), Allocation(0.5, 0.7, dense_layers=(0,))
 
 
 @pytest.mark.parametrize("label, backend", [("static", "torch"), ("dejavu", "torch"), ("shadow", "torch"),

@@ -13,7 +13,8 @@ from harness.errors import HarnessError
 from kernels.decode import SparseDecoder, StaticMasks
 from kernels.equivalence import relative_errors, sparse_engine_logits
 from methods import REGISTRY, Method, discover, has_decode_source, register
-from tests.test_latency import F_DIM, H, L, PromptDense, _model, masked_logits
+from tests.method_policies import PromptDense, masked_logits
+from tests.test_latency import F_DIM, H, L, _model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
