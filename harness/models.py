@@ -176,8 +176,10 @@ def _module_device(name: str, device_map: dict):
 
 
 def load_model(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
-               attn_implementation: str = "sdpa", device_map=None):
+               attn_implementation: str = "sdpa", device_map=None, layers: int | None = None):
     """Build the model: seeded random weights of the exact architecture, or pretrained via from_pretrained.
+
+    layers: random weights only, the first `layers` decoder layers of the architecture (profiling scripts).
 
     device_map: None (all on `device`), "auto" (accelerate fills the GPUs in order, decoder layers whole), or
     a dict {module name: device} as accelerate takes it.
@@ -185,8 +187,12 @@ def load_model(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype = tor
     from transformers import AutoModelForCausalLM
 
     family = family_of(spec.config())  # an unsupported family is refused before any weight is read
+    if layers is not None and spec.weights != "random":
+        raise HarnessError("layers= builds a truncated model of random weights only")
     if spec.weights == "random":
         config = spec.config()
+        if layers is not None:
+            config.num_hidden_layers = int(layers)
         config._attn_implementation = attn_implementation
         with torch.device("meta"):  # no memory and no init until each parameter has its device
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)

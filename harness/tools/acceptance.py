@@ -188,6 +188,9 @@ def main(argv=None) -> None:
     parser.add_argument("--profile-methods", default="dejavu,shadow",
                         help="methods profiled on one window (CUDA time by op, host issue time)")
     parser.add_argument("--no-zero-shot", action="store_true")
+    parser.add_argument("--method-settings", default="{}",
+                        help='JSON of per-method settings, as a suite\'s method_settings, e.g. '
+                             '\'{"shadow": {"examples": 300, "epochs": 10}}\' (recorded in the report)')
     parser.add_argument("--device", default="cuda", help="cpu only to check the script itself")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -206,8 +209,15 @@ def main(argv=None) -> None:
     from methods import MethodSpec, get_method
 
     dtype = "float16" if args.device.startswith("cuda") else "float32"
+    try:
+        method_settings = json.loads(args.method_settings)
+    except json.JSONDecodeError as exc:
+        parser.error(f"--method-settings is not JSON: {exc}")
+    if not isinstance(method_settings, dict) or not all(isinstance(v, dict) for v in method_settings.values()):
+        parser.error('--method-settings must map a method name to its settings, e.g. {"shadow": {"epochs": 10}}')
     config = RunConfig(suite="acceptance", model=args.model, weights="random", device=args.device, dtype=dtype,
-                       methods=args.methods.split(","), sparsity=[args.sparsity], tasks=["wikitext2"], limit=args.windows)
+                       methods=args.methods.split(","), sparsity=[args.sparsity], tasks=["wikitext2"], limit=args.windows,
+                       method_settings=method_settings)
     config.validate()
     data = DataDir.resolve(args.data_dir)
     spec = ModelSpec(config.model, config.weights)
@@ -215,9 +225,11 @@ def main(argv=None) -> None:
     jobs = expand_jobs(config, identity)
     report: dict = {"model": args.model, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "windows": args.windows,
                     "sparsity": args.sparsity, "calib_budget_gb": config.calib_budget_gb,
-                    "calib": f"{config.calib_samples} x {config.calib_seqlen} tokens of {config.calib_data}"}
-    report["mask_selection_ms"] = mask_selection_ms()  # first: a broken kernel shows before the model is built
-    log(f"mask selection: {report['mask_selection_ms']}")
+                    "calib": f"{config.calib_samples} x {config.calib_seqlen} tokens of {config.calib_data}",
+                    "method_settings": method_settings}
+    if not args.no_selection_compare:  # first: a broken kernel shows before the model is built
+        report["mask_selection_ms"] = mask_selection_ms()
+        log(f"mask selection: {report['mask_selection_ms']}")
     report["estimate"] = check_run(config, jobs, spec, cache_dir)
     log(f"fit estimate: {report['estimate']}")
     session = Session(config, data, ArtefactCache(cache_dir, log=log), log=log)
@@ -383,10 +395,13 @@ def render(report: dict) -> str:
                      f"{r['achieved_heads']:.3f} / {r['achieved_neurons']:.3f} |")
     cache = report["cache_gb"]
     lines += ["", f"Artefact cache on disk: {sum(cache.values()):.2f} GiB in all; "
-              + ", ".join(f"{k} {v:.2f}" for k, v in cache.items()) + " GiB.", "",
-              "Mask selection of (2048, 20480) fp16 scores, skip 10240 (medians of 10): "
-              + ", ".join(f"{k} {v:.2f} ms" if not isinstance(v, bool) else f"{k}: {v}"
-                         for k, v in report["mask_selection_ms"].items()) + "."]
+              + ", ".join(f"{k} {v:.2f}" for k, v in cache.items()) + " GiB."]
+    if report.get("method_settings"):
+        lines += ["", f"Method settings (not the defaults where named): {json.dumps(report['method_settings'])}."]
+    if "mask_selection_ms" in report:
+        lines += ["", "Mask selection of (2048, 20480) fp16 scores, skip 10240 (medians of 10): "
+                  + ", ".join(f"{k} {v:.2f} ms" if not isinstance(v, bool) else f"{k}: {v}"
+                              for k, v in report["mask_selection_ms"].items()) + "."]
     for label, rows in report.get("profiles", {}).items():
         lines += ["", f"One window of {label} (host issue time, window time, then CUDA time by op): "
                   + "; ".join(f"{name} {ms:.1f} ms" for name, ms in rows[:8])]

@@ -53,9 +53,10 @@ def replay_ms(engine, state, n=20, repeats=5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def layer_timeline(events, marker="_layer_norm_kernel"):
-    """The kernels from the 3rd to the 5th `marker` launch (two layer norms per layer: the second layer)."""
-    at = [i for i, e in enumerate(events) if e[0].startswith(marker)]
+def layer_timeline(events, markers=("_layer_norm_kernel", "_rms_norm_kernel")):
+    """The kernels from the 3rd to the 5th norm launch (two norms per layer, OPT's LayerNorm or Llama's RMSNorm:
+    the second layer)."""
+    at = [i for i, e in enumerate(events) if e[0].startswith(markers)]
     if len(at) < 5:
         return events[:16]
     return events[at[2]:at[4]]
@@ -106,7 +107,18 @@ def main(argv=None):
     from kernels.decode import DenseMasks, SparseDecoder
     from harness.decoding import source_for
 
-    model = build_model(False, layers=args.layers, name=args.model)
+    from harness.families import family_of
+    from harness.models import ModelSpec, load_model
+
+    spec = ModelSpec(args.model, "random")
+    llama = family_of(spec.config()).name == "llama"
+    if llama:  # the Llama-family engine (RMSNorm, RoPE, GQA, SwiGLU)
+        from kernels.decode_llama import LlamaSparseDecoder as Decoder
+
+        model = load_model(spec, device="cuda", dtype=torch.float16, layers=args.layers)
+    else:
+        Decoder = SparseDecoder
+        model = build_model(False, layers=args.layers, name=args.model)
     c = model.config
     prompt = torch.randint(0, c.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0)).cuda()
     print(f"{args.model} shape, {c.num_hidden_layers} layers, {'eager steps' if args.no_graph else 'CUDA graph replays'}")
@@ -124,8 +136,9 @@ def main(argv=None):
         else:
             source = source_for(method, lb.predictors(method, model), Allocation(args.heads, args.neurons), model)
         kv = "all" if method == "dense" else (args.kv or "recompute")
-        engine = SparseDecoder(model, source, max_len=args.prompt + 64, kv=kv, cuda_graph=not args.no_graph,
-                               layers=layers)
+        options = dict(backend="triton", device="cuda", dtype=torch.float16) if llama else dict(kv=kv)
+        engine = Decoder(model, source, max_len=args.prompt + 64, cuda_graph=not args.no_graph, layers=layers,
+                         **options)
         layers = engine.layers
         engine.prefill(prompt)
         state = snapshot(engine)
