@@ -665,13 +665,14 @@ def target_passes(examples: Sequence, max_tokens: int) -> list[list]:
     return passes
 
 
-def fit_target_scores(ctx, fewshot, criterion: str, max_tokens: int = SCORE_TOKENS) -> dict:
+def fit_target_scores(ctx, fewshot, criterion: str, max_tokens: int = SCORE_TOKENS, keep: bool = True) -> dict:
     """`score_targets` of every few-shot example for one criterion, cached (kind `target_scores`): {"heads": (N, L, H)
     float32, "neurons": (N, L, F) bfloat16 (float32's range: no score becomes 0), "attn_output0": (N, E) float32},
     one row per example of `fewshot` (a harness.fewshot.FewShotSet), read at its last context token.
 
     The key holds the model, its dtype, the examples' content hash (FewShotSet.fingerprint), the criterion and
-    CRITERIA_VERSION: changed examples or a changed definition are never served from an older artefact."""
+    CRITERIA_VERSION: changed examples or a changed definition are never served from an older artefact.
+    keep=False: in the session's memory only, never written to the cache (harness.fewshot.keep_scores)."""
     criterion = ALIASES.get(criterion, criterion)
     _check((criterion,), CRITERIA)
     from harness.models import dtype_name
@@ -702,5 +703,7 @@ def fit_target_scores(ctx, fewshot, criterion: str, max_tokens: int = SCORE_TOKE
         return tensors, {"criterion": criterion, "examples": len(fewshot.examples), "passes": len(passes),
                          "fewshot": fewshot.describe()}
 
+    if not keep:
+        return ctx.session.memo(("target_scores", fewshot.fingerprint, criterion), lambda: build()[0])
     return ctx.session.memo(("target_scores", fewshot.fingerprint, criterion),
                             lambda: ctx.cache.get_or_build("target_scores", inputs, build).tensors)

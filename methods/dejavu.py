@@ -419,9 +419,11 @@ class DejaVu(Method):
 
     def _fewshot_targets(self, ctx, fewshot, unit, layers):
         """(N, layers, n) per-layer min-max normalised L2Norm of every example (stored precision) and (N, E) inputs."""
+        from harness.fewshot import keep_scores
         from methods.criteria import fit_target_scores
 
-        scores = fit_target_scores(ctx, fewshot, SHADOWLLM_CRITERION, self.hp()["score_tokens"])
+        scores = fit_target_scores(ctx, fewshot, SHADOWLLM_CRITERION, self.hp()["score_tokens"],
+                                   keep_scores(self.settings))
         return scores["heads" if unit == "attn" else "neurons"][:, layers], scores["attn_output0"]
 
     def _train_shadowllm(self, ctx, fewshot, unit, layers):
@@ -472,6 +474,7 @@ class DejaVu(Method):
         return report
 
     def _footprint_shadowllm(self, model_config, run_config, allocation, seed):
+        from harness.fewshot import keep_scores
         from harness.footprint import Need, predictor_training_gpu
         from harness.traces import backward_bytes, run_dtype, score_bytes_per_token, store_bytes
 
@@ -481,7 +484,7 @@ class DejaVu(Method):
         layers = model_config.num_hidden_layers - len(set(allocation.dense_layers))
         scores = examples * (score_bytes_per_token(model_config) + 4 * d)
         needs = {("target_scores", SHADOWLLM_CRITERION): Need(
-            f"{SHADOWLLM_CRITERION} scores of {examples} few-shot examples", host=scores, disk=scores,
+            f"{SHADOWLLM_CRITERION} scores of {examples} few-shot examples", host=scores, disk=scores if keep_scores(self.settings) else 0,
             gpu=backward_bytes(model_config, hp["score_tokens"]), settings="examples,score_tokens")}
         for unit, fraction, out in (("attn", allocation.heads, model_config.num_attention_heads),
                                     ("mlp", allocation.neurons, model_config.ffn_dim)):

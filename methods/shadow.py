@@ -203,11 +203,11 @@ class Shadow(Method):
         stored precision, train index, validation index, what the records say about the calibration)."""
         hp = self.hp()
         if self.protocol == "fewshot":
-            from harness.fewshot import calibration_set, record_fields
+            from harness.fewshot import calibration_set, keep_scores, record_fields
             from methods.criteria import fit_target_scores
 
             fewshot = calibration_set(ctx, self.settings)
-            scores = fit_target_scores(ctx, fewshot, self.criterion, hp["score_tokens"])
+            scores = fit_target_scores(ctx, fewshot, self.criterion, hp["score_tokens"], keep_scores(self.settings))
             train, val = example_split(scores["heads"].shape[0], hp["val_fraction"], ctx.seed)
             return (scores["attn_output0"], {u: scores[u] for u in ("heads", "neurons")}, train, val,
                     record_fields(fewshot))
@@ -267,6 +267,7 @@ class Shadow(Method):
         return ctx.cache.get_or_build("shadow", self._key(ctx), build)
 
     def footprint(self, model_config, run_config, allocation, seed):
+        from harness.fewshot import keep_scores
         from harness.footprint import Need, predictor_training_gpu
         from harness.traces import (backward_bytes, kept_tokens, run_dtype, score_bytes_per_token, score_need,
                                     store_bytes, trace_need)
@@ -281,7 +282,7 @@ class Shadow(Method):
             rows = int(hp["fewshot"]["examples"])
             size = rows * (score_bytes_per_token(model_config) + 4 * d)
             needs = {("target_scores", criterion): Need(
-                f"{criterion} scores of {rows} few-shot examples", host=size, disk=size,
+                f"{criterion} scores of {rows} few-shot examples", host=size, disk=size if keep_scores(self.settings) else 0,
                 gpu=backward_bytes(model_config, hp["score_tokens"]), settings="examples,score_tokens")}
         else:
             rows = kept_tokens(model_config, run_config)

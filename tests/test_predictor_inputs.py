@@ -235,7 +235,7 @@ def test_a_changed_protocol_never_reuses_a_stale_fit(model_dir, data, tmp_path, 
     allocation = Allocation(heads=0.5, neurons=0.5, dense_layers=(0,))
 
     def fit(label="shadow", **settings):
-        session = make_session(model_dir, data, root, shadow=settings)
+        session = make_session(model_dir, data, root, shadow={"keep_scores": True, **settings})
         spec = MethodSpec.parse(label)
         ctx = session.fit_context(spec.name)
         return get_method(spec, ctx.settings).fit(ctx, allocation)
@@ -253,6 +253,42 @@ def test_a_changed_protocol_never_reuses_a_stale_fit(model_dir, data, tmp_path, 
     monkeypatch.undo()
     lmtext = fit("shadow:lmtext")  # the language-model-text protocol: its own artefact, never a few-shot one
     assert built(root, "shadow") == 5 and lmtext.path != first.path and built(root, "target_scores") == 4
+
+
+def test_fewshot_scores_stay_in_memory_unless_kept_and_give_the_same_predictor(model_dir, data, tmp_path, monkeypatch):
+    """By default the few-shot scores are never written to the cache (keep_scores: false): one scoring per session,
+    shared by every fit of it, and the same predictor weights as with the scores written and read back; the fit
+    estimate then counts no disk for them. A non-boolean keep_scores is refused."""
+    import methods.criteria as criteria
+
+    scored = []
+    original = criteria.score_targets
+    monkeypatch.setattr(criteria, "score_targets", lambda *a, **k: scored.append(1) or original(*a, **k))
+    allocation = Allocation(heads=0.5, neurons=0.5, dense_layers=(0,))
+
+    def fit(root, seed=0, **settings):
+        session = make_session(model_dir, data, root, shadow=settings)
+        ctx = session.fit_context("shadow", seed)
+        method = get_method(MethodSpec("shadow"), ctx.settings)
+        return session, method, method.fit(ctx, allocation)
+
+    session, method, memory = fit(tmp_path / "memory")
+    passes = len(scored)
+    assert passes > 0 and built(tmp_path / "memory", "target_scores") == 0 and built(tmp_path / "memory", "shadow") == 1
+    ctx = session.fit_context("shadow", 1)  # another seed in the same session: scored once, from memory
+    get_method(MethodSpec("shadow"), ctx.settings).fit(ctx, allocation)
+    assert len(scored) == passes and built(tmp_path / "memory", "shadow") == 2
+    _, kept_method, kept = fit(tmp_path / "kept", keep_scores=True)
+    assert built(tmp_path / "kept", "target_scores") == 1 and len(scored) == 2 * passes
+    assert memory.tensors.keys() == kept.tensors.keys()
+    assert all(torch.equal(memory.tensors[k], kept.tensors[k]) for k in memory.tensors)
+    config = session.model.config
+    def need(m):
+        return next(n for key, n in m.footprint(config, session.config, allocation, 0).items() if key[0] == "target_scores")
+
+    assert need(method).disk == 0 and need(kept_method).disk > 0 and need(method).host == need(kept_method).host
+    with pytest.raises(HarnessError, match="keep_scores"):
+        fit(tmp_path / "bad", keep_scores="yes")
 
 
 # -- dejavu:shadowllm ---------------------------------------------------------------------------------------------
